@@ -1,0 +1,21 @@
+"""Evaluation: label log-likelihood classification, perplexity, and the speed/memory probes benchmarks share."""
+
+from patchlm.evaluate.classify import evaluate_classification, label_scores, encode_verbalizers
+from patchlm.evaluate.perplexity import perplexity
+from patchlm.evaluate.probes import MemoryProbe, Timer, peak_rss_bytes
+
+__all__ = ["evaluate_classification", "label_scores", "encode_verbalizers", "perplexity", "MemoryProbe", "Timer",
+           "peak_rss_bytes", "evaluate"]
+
+
+def evaluate(model, tokenizer, task, split: str = "test", limit: int | None = None, batch_size: int = 16,
+             bf16: bool = False, max_length: int = 512) -> dict:
+    """Metrics of `model` on a task split: accuracy/macro-F1 for classification, perplexity otherwise."""
+    if task.kind == "classification":
+        return evaluate_classification(model, tokenizer, task, split=split, limit=limit, batch_size=batch_size,
+                                       bf16=bf16, max_length=max_length)
+    from patchlm.train.objectives import example_text
+
+    examples = task.split(split)[: limit or None]
+    texts = [example_text(task, e, tokenizer) for e in examples]
+    return perplexity(model, tokenizer, texts, block_size=max_length, batch_size=max(1, batch_size // 2), bf16=bf16)

@@ -1,0 +1,241 @@
+"""The Patch artifact: a directory with patch.json and tensors.safetensors, and the registry of kinds.
+
+A patch is made against one base (name, architecture, fingerprint). Its kind (lora, mos, merged, drop,
+router, ...) says how its tensors turn into modules on that base. Kinds register by decorator or by the
+`patchlm.kinds` entry-point group, so a new kind never touches this file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from patchlm.errors import BaseMismatchError, PatchFormatError, UnknownNameError, did_you_mean
+from patchlm.paths import atomic_dir
+
+FORMAT_VERSION = 1
+META_FILE = "patch.json"
+TENSOR_FILE = "tensors.safetensors"
+
+
+# ---------------------------------------------------------------- kinds
+class PatchKind:
+    """How one kind of patch attaches to a model. Subclasses register with @register_kind("name")."""
+
+    name: ClassVar[str] = ""
+
+    def attach(self, model: torch.nn.Module, spec: dict, tensors: dict[str, torch.Tensor] | None = None,
+               seed: int = 0) -> None:
+        """Install the patch's modules on `model` (fresh init from `seed` when tensors is None)."""
+        raise NotImplementedError
+
+    def detach(self, model: torch.nn.Module) -> None:
+        """Remove what attach installed, restoring the base modules."""
+        raise NotImplementedError
+
+    def state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors to save (detached, contiguous, on CPU)."""
+        raise NotImplementedError
+
+    def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """Parameters an optimizer should update."""
+        return []
+
+    def count_trainable(self, spec: dict, tensors: dict[str, torch.Tensor]) -> int:
+        """Number of trainable parameters the saved patch represents."""
+        return sum(t.numel() for t in tensors.values())
+
+    def summary(self, spec: dict, tensors: dict[str, torch.Tensor]) -> dict:
+        """Kind-specific facts for `patchlm info` (e.g. the equivalent LoRA rank)."""
+        return {}
+
+
+_KINDS: dict[str, type[PatchKind]] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register_kind(name: str):
+    """Class decorator: make a PatchKind available under `name`."""
+
+    def deco(cls: type[PatchKind]) -> type[PatchKind]:
+        cls.name = name
+        _KINDS[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for ep in entry_points(group="patchlm.kinds"):
+        if ep.name not in _KINDS:
+            try:
+                ep.load()
+            except ImportError:  # a plugin with a missing dependency must not break the others
+                continue
+
+
+def get_kind(name: str) -> PatchKind:
+    """An instance of the registered kind `name`."""
+    if name not in _KINDS:
+        _load_entry_points()
+    if name not in _KINDS:
+        raise UnknownNameError(f"unknown patch kind {name!r}; {did_you_mean(name, kinds())}")
+    return _KINDS[name]()
+
+
+def kinds() -> list[str]:
+    _load_entry_points()
+    return sorted(_KINDS)
+
+
+# ---------------------------------------------------------------- the artifact
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def provenance(**extra: Any) -> dict:
+    """Who made a patch and with what: versions, time, and whatever the caller adds (command, data, seed)."""
+    import platform
+    import sys
+
+    import transformers
+
+    from patchlm import __version__
+
+    prov = {"patchlm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("patchlm") else None}
+    prov.update({k: v for k, v in extra.items() if v is not None})
+    return prov
+
+
+@dataclass
+class Patch:
+    """A patch: a kind, the base it was made for, its spec, its tensors, and where it came from."""
+
+    kind: str
+    base: dict
+    spec: dict
+    tensors: dict[str, torch.Tensor]
+    provenance: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    signatures: list = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+    path: Path | None = None
+
+    # -- facts
+    @property
+    def trainable_params(self) -> int:
+        return get_kind(self.kind).count_trainable(self.spec, self.tensors)
+
+    def info(self) -> dict:
+        """What `patchlm info` prints."""
+        out = {"kind": self.kind, "base": self.base, "trainable_params": self.trainable_params,
+               "num_tensors": len(self.tensors), "spec": self.spec, "metrics": self.metrics,
+               "provenance": self.provenance, "format_version": self.format_version}
+        out.update(get_kind(self.kind).summary(self.spec, self.tensors))
+        if self.path is not None:
+            f = Path(self.path) / TENSOR_FILE
+            out["file_bytes"] = f.stat().st_size if f.exists() else None
+            out["path"] = str(self.path)
+        return out
+
+    # -- base checks
+    def check_base(self, base, force: bool = False) -> None:
+        """Refuse a base other than the one this patch was made for (architecture always, weights unless force)."""
+        arch, fp = base.architecture, base.fingerprint
+        if self.base.get("architecture") and self.base["architecture"] != arch:
+            raise BaseMismatchError(f"patch was made for a {self.base['architecture']} ({self.base.get('name')}), "
+                                    f"not for {base.name} ({arch})")
+        if not force and self.base.get("fingerprint") and self.base["fingerprint"] != fp:
+            raise BaseMismatchError(f"patch was made for base {self.base.get('name')} with fingerprint "
+                                    f"{self.base['fingerprint']}, but {base.name} has fingerprint {fp}; "
+                                    "use the base it was trained on (or port it, or pass --force)")
+
+    def apply(self, base, force: bool = False, seed: int | None = None) -> torch.nn.Module:
+        """Attach this patch onto `base.model` (after checking the base) and return the model."""
+        self.check_base(base, force=force)
+        get_kind(self.kind).attach(base.model, self.spec, self.tensors,
+                                   seed=self.spec.get("seed", 0) if seed is None else seed)
+        return base.model
+
+    # -- I/O
+    def save(self, path: str | Path, force: bool = False) -> Path:
+        """Write the patch directory atomically (a temp dir renamed into place)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
+        with atomic_dir(path, force=force) as tmp:
+            save_file(tensors, str(tmp / TENSOR_FILE), metadata={"kind": self.kind, "format": "patchlm"})
+            meta = {"format_version": self.format_version, "kind": self.kind, "base": self.base,
+                    "spec": self.spec, "provenance": self.provenance, "metrics": self.metrics,
+                    "signatures": self.signatures, "tensors_sha256": _sha256(tmp / TENSOR_FILE),
+                    "trainable_params": get_kind(self.kind).count_trainable(self.spec, tensors)}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Patch":
+        """Read a patch directory, checking its files, checksum, format version and kind."""
+        from safetensors import SafetensorsError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_dir():
+            raise PatchFormatError(f"no patch at {path}: expected a directory with {META_FILE} and {TENSOR_FILE}")
+        meta_f, ten_f = path / META_FILE, path / TENSOR_FILE
+        for f in (meta_f, ten_f):
+            if not f.exists():
+                raise PatchFormatError(f"patch {path} is missing {f.name}")
+        try:
+            meta = json.loads(meta_f.read_text())
+        except json.JSONDecodeError as e:
+            raise PatchFormatError(f"{meta_f} is not valid JSON ({e.msg} at line {e.lineno})") from e
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise PatchFormatError(f"{meta_f} has format_version {version!r}; this patchlm reads {FORMAT_VERSION}")
+        for key in ("kind", "base", "spec"):
+            if key not in meta:
+                raise PatchFormatError(f"{meta_f} has no {key!r} field")
+        get_kind(meta["kind"])  # unknown kind -> clear error
+        want = meta.get("tensors_sha256")
+        if want and _sha256(ten_f) != want:
+            raise PatchFormatError(f"{ten_f} does not match the checksum in {META_FILE}: truncated or corrupt")
+        try:
+            tensors = load_file(str(ten_f))
+        except (SafetensorsError, OSError, ValueError) as e:
+            raise PatchFormatError(f"{ten_f} is not a readable safetensors file: {e}") from e
+        return cls(kind=meta["kind"], base=meta["base"], spec=meta["spec"], tensors=tensors,
+                   provenance=meta.get("provenance", {}), metrics=meta.get("metrics", {}),
+                   signatures=meta.get("signatures", []), format_version=version, path=path)
+
+
+def _json_default(o):
+    if isinstance(o, (torch.dtype, Path)):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def load_patch(path: str | Path) -> Patch:
+    return Patch.load(path)

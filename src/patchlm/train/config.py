@@ -1,0 +1,56 @@
+"""Training hyper-parameters: one typed config that the CLI options and YAML recipes map onto."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from patchlm.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup: float = field(default=0.06, metadata={"help": "warm-up: a fraction of steps (<1) or a step count"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant (after warm-up)"})
+    max_length: int = field(default=256, metadata={"help": "max tokens per example"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
+    eval_every: int = field(default=0, metadata={"help": "validate every N steps (0 = only at the end)"})
+    eval_limit: int = field(default=200, metadata={"help": "validation examples per evaluation"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps"})
+    log_every: int = field(default=10, metadata={"help": "log training metrics every N steps"})
+    seed: int = field(default=0, metadata={"help": "seed for init, data order and dropout"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (about 2x faster on CPUs with AVX-512 BF16)"})
+    objective: str = field(default="auto", metadata={"help": "auto | classification | lm | chat"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "eval_limit", "warmup", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choices: cosine, linear, constant")
+        if self.objective not in ("auto", "classification", "lm", "chat"):
+            raise ConfigError(f"unknown objective {self.objective!r}; choices: auto, classification, lm, chat")
+
+    def warmup_steps(self) -> int:
+        return int(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {', '.join(sorted(unknown))}; choices: {', '.join(sorted(names))}")
+        return cls(**d)
