@@ -194,7 +194,7 @@ class Patch:
     @classmethod
     def load(cls, path: str | Path) -> "Patch":
         """Read a patch directory, checking its files, checksum, format version and kind."""
-        from safetensors import SafetensorsError
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -220,7 +220,7 @@ class Patch:
             raise PatchFormatError(f"{ten_f} does not match the checksum in {META_FILE}: truncated or corrupt")
         try:
             tensors = load_file(str(ten_f))
-        except (SafetensorsError, OSError, ValueError) as e:
+        except (SafetensorError, OSError, ValueError) as e:
             raise PatchFormatError(f"{ten_f} is not a readable safetensors file: {e}") from e
         return cls(kind=meta["kind"], base=meta["base"], spec=meta["spec"], tensors=tensors,
                    provenance=meta.get("provenance", {}), metrics=meta.get("metrics", {}),

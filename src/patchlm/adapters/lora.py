@@ -85,6 +85,14 @@ def unmerge_lora(model: nn.Module) -> None:
         m.unmerge()
 
 
+def bake_lora(model: nn.Module) -> None:
+    """Merge every LoRA module into its base weight for good and remove the wrappers (for export)."""
+    for m in wrapped_modules(model, LoraLinear).values():
+        m.merge()
+        m._original = None
+    unwrap_modules(model, LoraLinear)
+
+
 def lora_modules_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """module name -> (A, B) from a LoRA patch's tensors, checking each has both halves."""
     names = {k.rsplit(".", 1)[0] for k in tensors}

@@ -1,0 +1,151 @@
+"""Commands: models, data, info, eval, export."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from patchlm.cli.common import load_task_opts, print_json, print_table, status
+
+
+def models(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """List the built-in base models.
+
+    Example: `patchlm models --json`
+    """
+    from patchlm.models import list_models
+
+    rows = list_models()
+    if json_out:
+        print_json(rows)
+    else:
+        print_table(rows, ["name", "params", "kind", "installed", "cached", "description"], "built-in models")
+
+
+def data(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+         sizes: Annotated[bool, typer.Option("--sizes", help="load each dataset to count its splits (slower)")] = False
+         ) -> None:
+    """List the built-in datasets (tasks).
+
+    Example: `patchlm data --json`
+    """
+    from patchlm.data import list_tasks, load_task
+
+    rows = list_tasks()
+    if sizes:
+        for r in rows:
+            r["sizes"] = load_task(r["name"]).info().get("sizes")
+    if json_out:
+        print_json(rows)
+    else:
+        for r in rows:
+            r["labels"] = ", ".join(r.get("labels") or []) or "-"
+        print_table(rows, ["name", "kind", "labels", "description"], "built-in datasets")
+
+
+def info(patch: Annotated[Path, typer.Argument(help="patch directory")],
+         json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Show a patch: kind, base, trainable parameters, spec, metrics.
+
+    Example: `patchlm info runs/demo/patch --json`
+    """
+    from patchlm.patch import Patch
+
+    d = Patch.load(patch).info()
+    if json_out:
+        print_json(d)
+    else:
+        for k in ("kind", "base", "trainable_params", "file_bytes", "num_tensors", "metrics"):
+            typer.echo(f"{k}: {d.get(k)}")
+        for k, v in d.items():
+            if k not in ("kind", "base", "trainable_params", "file_bytes", "num_tensors", "metrics", "spec",
+                         "provenance", "path", "format_version"):
+                typer.echo(f"{k}: {v}")
+
+
+def eval_cmd(model: Annotated[str, typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")],
+             task: Annotated[str, typer.Option("--task", "-t", help="built-in task or a local data file")],
+             patch: Annotated[Optional[list[Path]], typer.Option("--patch", "-p", help="patch dir(s) to apply")] = None,
+             split: Annotated[str, typer.Option(help="train | validation | test")] = "test",
+             limit: Annotated[Optional[int], typer.Option(help="evaluate the first N examples of the split")] = None,
+             batch_size: Annotated[int, typer.Option(help="examples per forward pass")] = 16,
+             max_length: Annotated[int, typer.Option(help="max tokens per example")] = 512,
+             bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast")] = False,
+             seed: Annotated[int, typer.Option(help="data split seed")] = 0,
+             text_column: Annotated[Optional[str], typer.Option(help="text column of a local file")] = None,
+             label_column: Annotated[Optional[str], typer.Option(help="label column of a local file")] = None,
+             force: Annotated[bool, typer.Option("--force", help="apply a patch made for another base")] = False,
+             json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False) -> None:
+    """Evaluate a base model, optionally with patches: accuracy/macro-F1 or perplexity.
+
+    Example: `patchlm eval --model smollm2-135m --task rotten_tomatoes --patch runs/demo/patch --limit 200 --json`
+    """
+    from patchlm.errors import ConfigError
+    from patchlm.evaluate import evaluate
+    from patchlm.models import load_base
+    from patchlm.patch import Patch
+
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"--limit must be positive, got {limit}")
+    t = load_task_opts(task, seed=seed, text_column=text_column, label_column=label_column)
+    patches = [Patch.load(p) for p in (patch or [])]
+    base = load_base(model)
+    for p in patches:
+        p.apply(base, force=force)
+    t0 = time.perf_counter()
+    res = evaluate(base.model, base.tokenizer, t, split=split, limit=limit, batch_size=batch_size, bf16=bf16,
+                   max_length=max_length)
+    res.update({"model": model, "task": t.name, "patch": [str(p) for p in (patch or [])] or None,
+                "seconds": round(time.perf_counter() - t0, 3)})
+    if json_out:
+        print_json(res)
+    else:
+        print_table([res], [k for k in ("accuracy", "macro_f1", "perplexity", "n", "seconds") if k in res],
+                    f"{model} on {t.name} ({split})")
+
+
+def export(patch: Annotated[Path, typer.Argument(help="patch directory")],
+           out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
+           fmt: Annotated[str, typer.Option("--format", help="peft (adapter dir) | merged (full HF checkpoint)")] = "peft",
+           model: Annotated[Optional[str], typer.Option(help="base for --format merged (default: the patch's base)")] = None,
+           force: Annotated[bool, typer.Option("--force", help="overwrite OUT")] = False) -> None:
+    """Export a patch: as a PEFT LoRA adapter, or merged into its base as a Hugging Face checkpoint.
+
+    Example: `patchlm export runs/demo/patch --format peft --out runs/demo/peft`
+    """
+    from patchlm.errors import ConfigError
+    from patchlm.patch import Patch
+    from patchlm.paths import atomic_dir, check_output
+
+    check_output(out, force)
+    p = Patch.load(patch)
+    if fmt == "peft":
+        from patchlm.adapters.peft_io import export_peft
+
+        export_peft(p, out, force=force)
+    elif fmt == "merged":
+        from patchlm.adapters.lora import bake_lora
+        from patchlm.adapters.peft_io import to_lora_patch
+        from patchlm.models import load_base
+
+        p = to_lora_patch(p)
+        base = load_base(model or p.base["name"])
+        p.apply(base, force=force)
+        bake_lora(base.model)
+        with atomic_dir(out, force=force) as tmp:
+            base.model.save_pretrained(tmp, safe_serialization=True)
+            base.tokenizer.save_pretrained(tmp)
+    else:
+        raise ConfigError(f"unknown export format {fmt!r}; choices: peft, merged")
+    status(f"wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("models")(models)
+    app.command("data")(data)
+    app.command("info")(info)
+    app.command("eval")(eval_cmd)
+    app.command("export")(export)

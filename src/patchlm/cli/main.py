@@ -1,0 +1,77 @@
+"""Entry point: builds the typer app from every command module and turns errors into one line + exit 2."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  help="patchlm: train, merge, port, federate and slim LLM patches. "
+                       "Add --debug anywhere to see tracebacks.")
+
+
+def _register_all() -> None:
+    import patchlm.cli as pkg
+
+    for mod in sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)):
+        if mod in ("main", "common"):
+            continue
+        module = importlib.import_module(f"patchlm.cli.{mod}")
+        if hasattr(module, "register"):
+            module.register(app)
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - quieting is best effort
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    import click
+
+    from patchlm.errors import PatchlmError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    _quiet()
+    _register_all()
+    try:
+        app(args=argv, prog_name="patchlm", standalone_mode=False)
+    except PatchlmError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if e.exit_code in (1, 2) else e.exit_code)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted (a training run resumes with --resume)", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001
+        if debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else ""
+        print(f"error: {type(e).__name__}: {msg} (run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
