@@ -50,7 +50,6 @@ def export_peft(patch: Patch, out: str | Path, force: bool = False) -> Path:
         "rank_pattern": {n: k for n, k in ranks.items() if k != r},
         "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha},
         "base_model_name_or_path": patch.base.get("name"),
-        "patchlm": {"base": patch.base, "kind": patch.kind},
     }
     tensors = {}
     for n, (a, b) in mods.items():
@@ -59,6 +58,8 @@ def export_peft(patch: Patch, out: str | Path, force: bool = False) -> Path:
     with atomic_dir(out, force=force) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        # PEFT ignores this sidecar; import_peft reads the base fingerprint back from it.
+        (tmp / "patchlm.json").write_text(json.dumps({"base": patch.base, "kind": patch.kind}, indent=2) + "\n")
     return Path(out)
 
 
@@ -110,8 +111,9 @@ def import_peft(path: str | Path, base=None) -> Patch:
         s0 = alpha / r
         for n, s in scalings.items():
             tensors[f"{n}.lora_B"] = tensors[f"{n}.lora_B"] * (s / s0)
-    base_ref = base.ref() if base is not None else (cfg.get("patchlm", {}).get("base")
-                                                     or {"name": cfg.get("base_model_name_or_path")})
+    side = path / "patchlm.json"
+    base_ref = base.ref() if base is not None else (json.loads(side.read_text())["base"] if side.exists()
+                                                     else {"name": cfg.get("base_model_name_or_path")})
     return Patch(kind="lora", base=base_ref, spec=spec, tensors=tensors,
                  provenance=provenance(imported_from=str(path), format="peft"))
 

@@ -38,8 +38,6 @@ def _quiet() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import click
-
     from patchlm.errors import PatchlmError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -54,18 +52,21 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(2 if e.exit_code in (1, 2) else e.exit_code)
-    except click.exceptions.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
     except KeyboardInterrupt:
         print("interrupted (a training run resumes with --resume)", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001
+        # typer ships its own copy of click: recognise its exceptions by shape, not by class.
+        name = type(e).__name__
+        if name == "Exit":
+            sys.exit(getattr(e, "exit_code", 0))
+        if name == "Abort":
+            print("aborted", file=sys.stderr)
+            sys.exit(130)
+        if hasattr(e, "show") and hasattr(e, "exit_code"):  # usage errors: bad option or value
+            msg = e.format_message() if hasattr(e, "format_message") else str(e)
+            print(f"error: {msg} (see --help)", file=sys.stderr)
+            sys.exit(2)
         if debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else ""

@@ -1,0 +1,44 @@
+"""Shared fixtures: the deterministic tiny random Llama and small synthetic tasks (fast, offline)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture()
+def tiny():
+    """A fresh tiny-random-llama Base (cheap: ~0.1 s after the first build)."""
+    from patchlm.models import load_base
+
+    return load_base("tiny-random-llama")
+
+
+@pytest.fixture()
+def toy_task():
+    """A 2-label classification task small enough for a few training steps."""
+    from patchlm.data.task import Task
+
+    pos = [f"I loved it, great film number {i}" for i in range(24)]
+    neg = [f"I hated it, awful film number {i}" for i in range(24)]
+    ex = [{"text": t, "label": 0} for t in pos] + [{"text": t, "label": 1} for t in neg]
+    ex = [ex[i] for i in (list(range(0, 48, 2)) + list(range(1, 48, 2)))]
+    return Task(name="toy", kind="classification", train=ex[:32], validation=ex[32:40], test=ex[40:],
+                labels=["pos", "neg"], verbalizers=[" positive", " negative"],
+                template="Review: {text}\nSentiment:")
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run the patchlm CLI in-process; return (exit code, stdout, stderr)."""
+    from patchlm.cli.main import main
+
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -1,0 +1,116 @@
+"""The CLI contract of the foundation issue, and every bad input it names."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+TRAIN = ["train", "--model", "tiny-random-llama", "--task", "sms_spam", "--method", "lora", "--rank", "4",
+         "--steps", "6", "--batch-size", "2", "--eval-limit", "8", "--max-examples", "200", "-q"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from patchlm.cli.main import main
+
+    out = tmp_path_factory.mktemp("cli") / "run"
+    try:
+        main(TRAIN + ["--out", str(out)])
+    except SystemExit as e:
+        assert e.code in (0, None)
+    return out
+
+
+def test_models_and_data_json(capsys):
+    code, out, _ = run_cli(["models", "--json"], capsys)
+    assert code == 0
+    assert {"smollm2-135m", "tiny-random-llama", "minilm-l6", "gemma3-270m"} <= {m["name"] for m in json.loads(out)}
+    code, out, _ = run_cli(["data", "--json"], capsys)
+    names = {d["name"] for d in json.loads(out)}
+    assert {"rotten_tomatoes", "movie_sentiment", "tweet_sentiment", "sms_spam", "trec", "bbc_news",
+            "health_tweets", "news_corpus", "sharegpt", "gsm8k"} <= names
+
+
+def test_train_writes_a_patch(trained):
+    assert (trained / "patch" / "patch.json").exists()
+    assert (trained / "patch" / "tensors.safetensors").exists()
+    assert (trained / "metrics.jsonl").exists()
+
+
+def test_eval_info_export(trained, tmp_path, capsys):
+    code, out, _ = run_cli(["eval", "--model", "tiny-random-llama", "--task", "sms_spam", "--patch",
+                            str(trained / "patch"), "--limit", "16", "--json"], capsys)
+    assert code == 0
+    res = json.loads(out)
+    assert 0 <= res["accuracy"] <= 1 and res["n"] == 16
+    code, out, _ = run_cli(["info", str(trained / "patch"), "--json"], capsys)
+    d = json.loads(out)
+    assert d["kind"] == "lora" and d["base"]["name"] == "tiny-random-llama"
+    assert d["trainable_params"] == 4 * sum(i + o for i, o in [(64, 64), (64, 32), (64, 32), (64, 64),
+                                                               (64, 128), (64, 128), (128, 64)]) * 4
+    code, _, _ = run_cli(["export", str(trained / "patch"), "--format", "peft", "--out", str(tmp_path / "peft")], capsys)
+    assert code == 0
+    assert (tmp_path / "peft" / "adapter_config.json").exists()
+    assert (tmp_path / "peft" / "adapter_model.safetensors").exists()
+    code, _, _ = run_cli(["export", str(trained / "patch"), "--format", "merged", "--out", str(tmp_path / "hf")], capsys)
+    assert code == 0
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+
+
+def _bad(capsys, argv, must_mention, tmp_path=None):
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2, (code, err)
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert must_mention in lines[0], lines[0]
+
+
+def test_bad_inputs(trained, tmp_path, capsys):
+    out = tmp_path / "o"
+    _bad(capsys, TRAIN[:2] + ["nope-model"] + TRAIN[3:] + ["--out", str(out)], "nope-model")
+    _bad(capsys, ["train", "--model", "tiny-random-llama", "--task", "imbd", "--out", str(out)], "imbd")
+    _bad(capsys, TRAIN + ["--targets", "qproj", "--out", str(out)], "qproj")
+    _bad(capsys, TRAIN[:7] + ["--rank=-3"] + TRAIN[9:] + ["--out", str(out)], "rank")
+    _bad(capsys, TRAIN[:9] + ["--steps=-5"] + TRAIN[11:] + ["--out", str(out)], "steps")
+    _bad(capsys, TRAIN + ["--no-such-flag", "--out", str(out)], "no-such-flag")
+    assert not out.exists()  # nothing half-written by any of the above
+    _bad(capsys, TRAIN + ["--out", str(trained)], "already exists")
+    csv = tmp_path / "d.csv"
+    csv.write_text("sentence,label\nhello,a\nworld,b\n")
+    _bad(capsys, ["train", "--model", "tiny-random-llama", "--task", str(csv), "--out", str(out)], "text")
+    assert not out.exists()
+
+
+def test_patch_for_another_base_and_truncated_file(trained, tmp_path, capsys):
+    import shutil
+
+    from patchlm.models import load_base
+
+    b = load_base("tiny-random-llama")
+    with __import__("torch").no_grad():
+        b.model.model.layers[0].self_attn.q_proj.weight.mul_(1.01)
+    b.model.save_pretrained(tmp_path / "other")
+    b.tokenizer.save_pretrained(tmp_path / "other")
+    _bad(capsys, ["eval", "--model", str(tmp_path / "other"), "--task", "sms_spam", "--patch", str(trained / "patch"),
+                  "--limit", "4"], "fingerprint")
+    broken = tmp_path / "broken"
+    shutil.copytree(trained / "patch", broken)
+    f = broken / "tensors.safetensors"
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    _bad(capsys, ["info", str(broken)], "truncated")
+
+
+def test_console_script_exit_code(tmp_path):
+    exe = Path(sys.executable).parent / "patchlm"
+    r = subprocess.run([str(exe), "eval", "--model", "tiny-random-llama", "--task", "nope"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    r = subprocess.run([str(exe), "--debug", "eval", "--model", "tiny-random-llama", "--task", "nope"],
+                       capture_output=True, text=True, timeout=120)
+    assert "Traceback" in r.stderr
