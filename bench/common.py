@@ -1,0 +1,101 @@
+"""Shared benchmark plumbing: machine description, per-row cache with resume, and result pages.
+
+Every study writes docs/benchmarks/<study>.json ({"study","command","machine","date","rows"}) and a .md page.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "benchmarks"
+CACHE = ROOT / "bench" / ".cache"
+
+
+def machine() -> str:
+    """One line: CPU model, cores, memory, torch version, device."""
+    import torch
+
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {dev}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads")
+
+
+def command() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+
+
+class RowCache:
+    """Finished rows of a study, one JSON file each, so an interrupted study resumes where it stopped."""
+
+    def __init__(self, study: str, tag: str = "full"):
+        self.dir = CACHE / study / tag
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _f(self, key: str) -> Path:
+        return self.dir / (key.replace("/", "_") + ".json")
+
+    def get(self, key: str) -> dict | None:
+        f = self._f(key)
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def put(self, key: str, row: dict) -> dict:
+        tmp = self._f(key).with_suffix(".tmp")
+        tmp.write_text(json.dumps(row, indent=1))
+        os.replace(tmp, self._f(key))
+        return row
+
+    def run(self, key: str, fn) -> dict:
+        """The cached row for key, or fn() computed now and cached."""
+        hit = self.get(key)
+        if hit is not None:
+            return hit
+        return self.put(key, fn())
+
+
+def write_results(study: str, rows: list[dict], markdown: str, extra: dict | None = None,
+                  suffix: str = "") -> tuple[Path, Path]:
+    """Write docs/benchmarks/<study><suffix>.json and .md (the md gets a header with machine/command/date)."""
+    DOCS.mkdir(parents=True, exist_ok=True)
+    meta = {"study": study, "command": command(), "machine": machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    data = {**meta, **(extra or {}), "rows": rows}
+    jf, mf = DOCS / f"{study}{suffix}.json", DOCS / f"{study}{suffix}.md"
+    jf.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    head = (f"# Benchmark: {study}\n\n- machine: {meta['machine']}\n- command: `{meta['command']}`\n"
+            f"- date: {meta['date']}\n- raw rows: [`{jf.name}`]({jf.name})\n\n")
+    mf.write_text(head + markdown.strip() + "\n")
+    return jf, mf
+
+
+def md_table(rows: list[dict], cols: list[str], fmt: dict | None = None) -> str:
+    """A markdown table of the given columns (floats to 4 significant digits unless fmt says otherwise)."""
+    fmt = fmt or {}
+
+    def cell(r, c):
+        v = r.get(c)
+        if v is None:
+            return "-"
+        if c in fmt:
+            return fmt[c](v)
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
