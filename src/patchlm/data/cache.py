@@ -41,6 +41,7 @@ def write_cache(name: str, examples: list[dict]) -> Path | None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for ex in examples:
                 f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is ordinary data
         os.replace(tmp, path)
         return path
     except OSError:

@@ -79,7 +79,8 @@ def check_ratios(split_ratios: Sequence[float]) -> tuple[float, float, float]:
     try:
         ratios = tuple(float(r) for r in split_ratios)
     except (TypeError, ValueError):
-        raise ConfigError(f"split_ratios must be three numbers (train, validation, test), got {split_ratios!r}")
+        raise ConfigError(f"split_ratios must be three numbers (train, validation, test), "
+                          f"got {split_ratios!r}") from None
     if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
         raise ConfigError(f"split_ratios must be three non-negative numbers with a positive sum, "
                           f"got {split_ratios!r}; e.g. (0.8, 0.1, 0.1)")
@@ -88,7 +89,8 @@ def check_ratios(split_ratios: Sequence[float]) -> tuple[float, float, float]:
 
 
 def split_examples(examples: Sequence[dict], seed: int = 0,
-                   split_ratios: Sequence[float] = DEFAULT_RATIOS) -> tuple[list[dict], list[dict], list[dict]]:
+                   split_ratios: Sequence[float] = DEFAULT_RATIOS
+                   ) -> tuple[list[dict], list[dict], list[dict]]:
     """Shuffle with random.Random(seed) and cut into train/validation/test by the ratios."""
     r_train, r_val, _ = check_ratios(split_ratios)
     order = list(range(len(examples)))
@@ -112,7 +114,8 @@ def cap_splits(splits: Sequence[list[dict]], max_examples: int | None) -> list[l
     sizes = [int(len(s) * max_examples / total) for s in splits]
     # Hand out what flooring left over, largest remainders first, never beyond a split's length.
     rest = max_examples - sum(sizes)
-    by_remainder = sorted(range(len(splits)), key=lambda i: -(len(splits[i]) * max_examples / total - sizes[i]))
+    wanted = [len(s) * max_examples / total for s in splits]
+    by_remainder = sorted(range(len(splits)), key=lambda i: sizes[i] - wanted[i])
     for i in by_remainder:
         if rest == 0:
             break
@@ -154,7 +157,7 @@ class Task:
             raise DataError(f"task {self.name!r}: template {self.template!r} has no '{{text}}' placeholder")
 
     def prompt(self, example: dict) -> str:
-        """The classification prompt for one example (text cut to max_chars); verbalizers are scored after it."""
+        """The classification prompt for one example (text cut to max_chars); verbalizers follow it."""
         if "text" in example:
             text = example["text"]
         elif "question" in example:
