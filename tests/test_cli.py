@@ -114,3 +114,26 @@ def test_console_script_exit_code(tmp_path):
     r = subprocess.run([str(exe), "--debug", "eval", "--model", "tiny-random-llama", "--task", "nope"],
                        capture_output=True, text=True, timeout=120)
     assert "Traceback" in r.stderr
+
+
+def test_yaml_recipe_and_flag_override(tmp_path, capsys):
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "lora-tiny-smoke.yml"
+    code, out, err = run_cli(["train", "--config", str(recipe), "--steps", "3", "--max-examples", "100", "-q",
+                              "--out", str(tmp_path / "r"), "--json"], capsys)
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["spec"]["r"] == 2 and info["metrics"]["steps"] == 3  # flag beats the recipe's 4 steps
+    assert all(t.split(".")[-1] in {"q_proj", "k_proj", "v_proj", "o_proj"} for t in info["spec"]["targets"])
+    bad = tmp_path / "bad.yml"
+    bad.write_text("model: tiny-random-llama\ntask: sms_spam\ntrian: {steps: 3}\n")
+    _bad(capsys, ["train", "--config", str(bad), "--out", str(tmp_path / "b")], "trian")
+
+
+def test_flags_override_recipe_spec(tmp_path, capsys):
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "lora-tiny-smoke.yml"
+    code, out, err = run_cli(["train", "--config", str(recipe), "--rank", "3", "--targets", "mlp", "--max-examples",
+                              "100", "-q", "--out", str(tmp_path / "r"), "--json"], capsys)
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["spec"]["r"] == 3 and info["spec"]["alpha"] == 4  # alpha from the recipe, rank from the flag
+    assert all(t.split(".")[-1] in {"gate_proj", "up_proj", "down_proj"} for t in info["spec"]["targets"])

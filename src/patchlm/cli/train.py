@@ -13,14 +13,19 @@ from patchlm.cli.common import load_task_opts, print_json, status
 from patchlm.errors import ConfigError, UnknownNameError, did_you_mean
 
 
-def _lora_spec(o: dict) -> dict:
-    if o["rank"] <= 0:
-        raise ConfigError(f"--rank must be positive, got {o['rank']}")
-    return {"r": o["rank"], "alpha": o["alpha"] if o["alpha"] is not None else 2 * o["rank"],
-            "dropout": o["dropout"], "targets": o["targets"]}
+def _lora_spec(o: dict, recipe: dict) -> dict:
+    """LoRA spec: defaults < the recipe's `spec` < flags given on the command line."""
+    given = {"r": o["rank"], "alpha": o["alpha"], "dropout": o["dropout"], "targets": o["targets"]}
+    spec = {"r": 8, "dropout": 0.0, "targets": "all-linear", **recipe, **{k: v for k, v in given.items() if v is not None}}
+    if int(spec["r"]) <= 0:
+        raise ConfigError(f"--rank must be positive, got {spec['r']}")
+    spec.setdefault("alpha", 2 * int(spec["r"]))
+    if o["alpha"] is None and "alpha" not in recipe:
+        spec["alpha"] = 2 * int(spec["r"])
+    return spec
 
 
-# method name -> (patch kind, function from the CLI options to the kind's spec)
+# method name -> (patch kind, function(CLI options, recipe spec) -> the kind's spec)
 METHODS: dict[str, tuple[str, Callable[[dict], dict]]] = {"lora": ("lora", _lora_spec)}
 
 
@@ -46,10 +51,10 @@ def train(
     task: Annotated[Optional[str], typer.Option("--task", "-t", help="built-in task or a local data file")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run directory; the patch goes to OUT/patch")] = None,
     method: Annotated[Optional[str], typer.Option(help="adapter method: lora")] = None,
-    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank")] = 8,
-    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default 2 x rank)")] = None,
-    dropout: Annotated[float, typer.Option(help="adapter dropout")] = 0.0,
-    targets: Annotated[str, typer.Option(help="modules: names (q_proj,v_proj) or a preset: attn, mlp, qv, all-linear")] = "all-linear",
+    rank: Annotated[Optional[int], typer.Option("--rank", "-r", help="LoRA rank [8]")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha [2 x rank]")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="adapter dropout [0]")] = None,
+    targets: Annotated[Optional[str], typer.Option(help="modules: names (q_proj,v_proj) or a preset: attn, mlp, qv, all-linear [all-linear]")] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimizer steps [200]")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="examples per micro-batch [8]")] = None,
     grad_accum: Annotated[Optional[int], typer.Option(help="micro-batches per step [1]")] = None,
@@ -100,8 +105,7 @@ def train(
     cfg = TrainConfig.from_dict(train_opts)
     kind, build = METHODS[method]
     opts = dict(locals())
-    spec = build(opts)
-    spec.update(recipe.get("spec", {}))
+    spec = build(opts, dict(recipe.get("spec") or {}))
     t = load_task_opts(task, seed=cfg.seed, text_column=text_column, label_column=label_column,
                        max_examples=max_examples)
     base = load_base(model)
