@@ -25,8 +25,25 @@ def _lora_spec(o: dict, recipe: dict) -> dict:
     return spec
 
 
+def _mos_spec(o: dict, recipe: dict) -> dict:
+    """MoS spec: defaults < the recipe's `spec` < flags. alpha defaults to 2 x r (the MoS rank)."""
+    from patchlm.adapters.mos import DEFAULTS, mos_config
+
+    if o.get("rank") is not None:
+        raise ConfigError("--rank is LoRA's; MoS takes --mos-r (its rank) and --mos-e (the equivalent LoRA rank)")
+    given = {"r": o.get("mos_r"), "e": o.get("mos_e"), "p": o.get("mos_p"), "l": o.get("mos_l"),
+             "alpha": o.get("alpha"), "dropout": o.get("dropout"), "targets": o.get("targets"),
+             "subset_selection": o.get("subset_selection"), "pair_dissociation": o.get("pair_dissociation"),
+             "vector_sharding": o.get("vector_sharding"), "privatization": o.get("privatization")}
+    spec = {**DEFAULTS, **recipe, **{k: v for k, v in given.items() if v is not None}}
+    if spec.get("alpha") is None:
+        spec["alpha"] = 2 * int(spec["r"])
+    mos_config(spec)  # bad values fail here, before the model loads
+    return spec
+
+
 # method name -> (patch kind, function(CLI options, recipe spec) -> the kind's spec)
-METHODS: dict[str, tuple[str, Callable[[dict], dict]]] = {"lora": ("lora", _lora_spec)}
+METHODS: dict[str, tuple[str, Callable[[dict], dict]]] = {"lora": ("lora", _lora_spec), "mos": ("mos", _mos_spec)}
 
 
 def _load_recipe(path: Path | None) -> dict:
@@ -50,10 +67,26 @@ def train(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")] = None,
     task: Annotated[Optional[str], typer.Option("--task", "-t", help="built-in task or a local data file")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run directory; the patch goes to OUT/patch")] = None,
-    method: Annotated[Optional[str], typer.Option(help="adapter method: lora")] = None,
+    method: Annotated[Optional[str], typer.Option(help="adapter method: lora | mos (Mixture of Shards) [lora]")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank", "-r", help="LoRA rank [8]")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha [2 x rank]")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="adapter alpha, scaling = alpha / rank (LoRA --rank, MoS --mos-r) [2 x rank]")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="adapter dropout [0]")] = None,
+    mos_r: Annotated[Optional[int], typer.Option("--mos-r", help="MoS: rank of each module's A/B [16]")] = None,
+    mos_e: Annotated[Optional[int], typer.Option("--mos-e", help="MoS: equivalent LoRA rank, the parameter budget [2]")] = None,
+    mos_p: Annotated[Optional[int], typer.Option("--mos-p", help="MoS: private rank per layer [1]")] = None,
+    mos_l: Annotated[Optional[int], typer.Option("--mos-l", help="MoS: shards per vector [4]")] = None,
+    subset_selection: Annotated[Optional[bool], typer.Option(
+        "--subset-selection/--no-subset-selection",
+        help="MoS: each layer picks its own subset of public shards (off: all layers use the same ones) [on]")] = None,
+    pair_dissociation: Annotated[Optional[bool], typer.Option(
+        "--pair-dissociation/--no-pair-dissociation",
+        help="MoS: A and B draw their shard indices independently (off: B uses A's indices) [on]")] = None,
+    vector_sharding: Annotated[Optional[bool], typer.Option(
+        "--vector-sharding/--no-vector-sharding",
+        help="MoS: each rank vector is l concatenated shards (off: l=1, whole vectors) [on]")] = None,
+    privatization: Annotated[Optional[bool], typer.Option(
+        "--privatization/--no-privatization",
+        help="MoS: each layer owns p private rank vectors (off: p=0, all shards public). All four off = pure sharing [on]")] = None,
     targets: Annotated[Optional[str], typer.Option(help="modules: names (q_proj,v_proj) or a preset: attn, mlp, qv, all-linear [all-linear]")] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimizer steps [200]")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="examples per micro-batch [8]")] = None,
@@ -80,6 +113,9 @@ def train(
     """Train a patch on a task and write it to OUT/patch (checkpoints and metrics.jsonl beside it).
 
     Example: `patchlm train --model tiny-random-llama --task sms_spam --method lora --rank 4 --steps 20 --out runs/t`
+
+    MoS: `patchlm train -m tiny-random-llama -t sms_spam --method mos --mos-r 4 --mos-e 2 --mos-p 1 --mos-l 2 --steps 20 --out runs/m`
+    (add --no-subset-selection, --no-pair-dissociation, --no-vector-sharding, --no-privatization for ablations).
     """
     from patchlm.models import load_base
     from patchlm.train import TrainConfig, Trainer
