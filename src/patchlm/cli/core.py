@@ -93,7 +93,8 @@ def eval_cmd(model: Annotated[str, typer.Option("--model", "-m", help="built-in 
     t = load_task_opts(task, seed=seed, text_column=text_column, label_column=label_column)
     patches = [Patch.load(p) for p in (patch or [])]
     base = load_base(model)
-    for p in patches:
+    # Weight patches (LoRA, MoS, merged) first, then depth patches (drop, router), each group in the given order.
+    for p in sorted(patches, key=lambda p: p.kind in ("drop", "router")):
         p.apply(base, force=force)
     t0 = time.perf_counter()
     res = evaluate(base.model, base.tokenizer, t, split=split, limit=limit, batch_size=batch_size, bf16=bf16,

@@ -1,0 +1,232 @@
+"""Commands: `patchlm drop score|apply` (LLM-Drop) and `patchlm skip train|stats` (MindSkip routers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from patchlm.cli.common import print_json, print_table, status
+
+drop_app = typer.Typer(no_args_is_help=True, help="LLM-Drop: score modules and drop attention / MLP / blocks.")
+skip_app = typer.Typer(no_args_is_help=True, help="MindSkip: train routers that skip attention per sequence.")
+
+DEPTH_KINDS = ("drop", "router")
+
+
+def apply_patches(base, paths: list[Path] | None, force: bool = False) -> list:
+    """Load and apply patches: weight patches (LoRA, MoS, merged...) first, then drop/router patches, each
+    group in the order given. Fingerprints are checked against the base's weights at load time."""
+    from patchlm.patch import Patch
+
+    patches = [Patch.load(p) for p in (paths or [])]
+    for p in sorted(patches, key=lambda p: p.kind in DEPTH_KINDS):
+        p.apply(base, force=force)
+    return patches
+
+
+def _load(model: str, patch, force: bool, dtype: str = "float32"):
+    from patchlm.models import load_base
+    from patchlm.patch import Patch
+
+    for p in patch or []:  # read patches before the model loads: a bad path fails fast
+        Patch.load(p)
+    base = load_base(model)
+    apply_patches(base, patch, force)
+    return base
+
+
+@drop_app.command("score")
+def score(model: Annotated[str, typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")],
+          calib: Annotated[str, typer.Option(help="calibration task (its train split text)")] = "news_corpus",
+          samples: Annotated[int, typer.Option(help="calibration blocks")] = 32,
+          seq_len: Annotated[int, typer.Option(help="tokens per block")] = 256,
+          batch_size: Annotated[int, typer.Option(help="blocks per forward pass")] = 8,
+          patch: Annotated[Optional[list[Path]], typer.Option("--patch", "-p", help="patch(es) to apply first (LoRA, merged...)")] = None,
+          bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast")] = False,
+          force: Annotated[bool, typer.Option("--force", help="apply patches made for another base")] = False,
+          json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Similarity of every attention module, MLP module and block (higher = changes its input less).
+
+    Example: `patchlm drop score --model smollm2-135m --calib news_corpus --samples 16 --json`
+    """
+    from patchlm.depth.scores import calibration_blocks, similarity_scores
+
+    base = _load(model, patch, force)
+    blocks = calibration_blocks(base.tokenizer, calib, samples, seq_len)
+    sc = similarity_scores(base.model, blocks, batch_size=batch_size, bf16=bf16)
+    if json_out:
+        print_json(sc)
+    else:
+        rows = [{"layer": i, "attention": sc["attention"][i], "mlp": sc["mlp"][i], "block": sc["block"][i]}
+                for i in range(len(sc["block"]))]
+        print_table(rows, ["layer", "attention", "mlp", "block"], f"{model}: cosine similarity (input vs output)")
+
+
+@drop_app.command("apply")
+def apply(model: Annotated[str, typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")],
+          out: Annotated[Path, typer.Option("--out", "-o", help="where to write the drop patch")],
+          attn: Annotated[int, typer.Option("--attn", help="attention modules to drop")] = 0,
+          mlp: Annotated[int, typer.Option("--mlp", help="MLP modules to drop")] = 0,
+          blocks: Annotated[int, typer.Option("--blocks", help="whole blocks to drop")] = 0,
+          modules: Annotated[int, typer.Option("--modules", help="--method joint: modules to drop, attention and MLP ranked together")] = 0,
+          method: Annotated[str, typer.Option(help="one-shot | iterative | joint | consecutive (baseline)")] = "one-shot",
+          layers: Annotated[Optional[str], typer.Option(help="explicit plan instead of scores, e.g. 'attention=3,5;mlp=7;block=20'")] = None,
+          calib: Annotated[str, typer.Option(help="calibration task")] = "news_corpus",
+          samples: Annotated[int, typer.Option(help="calibration blocks")] = 32,
+          seq_len: Annotated[int, typer.Option(help="tokens per block")] = 256,
+          batch_size: Annotated[int, typer.Option(help="blocks per forward pass")] = 8,
+          patch: Annotated[Optional[list[Path]], typer.Option("--patch", "-p", help="patch(es) to apply before scoring (LoRA, merged...)")] = None,
+          export_hf: Annotated[Optional[Path], typer.Option("--export-hf", help="also write a HF checkpoint without the dropped blocks")] = None,
+          bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast while scoring")] = False,
+          force: Annotated[bool, typer.Option("--force", help="overwrite outputs / apply patches made for another base")] = False,
+          json_out: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False) -> None:
+    """Choose modules to drop from their scores and write a `drop` patch (apply it with `patchlm eval --patch`).
+
+    Example: `patchlm drop apply --model smollm2-135m --attn 8 --method one-shot --out runs/drop8`
+
+    Blocks, exported as a smaller checkpoint: `patchlm drop apply -m smollm2-135m --blocks 4 --out runs/b4 --export-hf runs/b4-hf`
+    """
+    from patchlm.depth.drop import TYPES, drop_patch, make_plan, validate_plan
+    from patchlm.depth.scores import calibration_blocks, similarity_scores
+    from patchlm.errors import ConfigError
+    from patchlm.paths import check_output
+
+    check_output(out, force)
+    if export_hf is not None:
+        check_output(export_hf, force)
+    explicit = _parse_plan(layers) if layers else None
+    base = _load(model, patch, force)
+    blocks_t = calibration_blocks(base.tokenizer, calib, samples, seq_len)
+    if explicit is not None:
+        if attn or mlp or blocks or modules:
+            raise ConfigError("--layers gives the plan: do not combine it with --attn/--mlp/--blocks/--modules")
+        plan = validate_plan(explicit, base.num_layers)
+        scores = similarity_scores(base.model, blocks_t, batch_size=batch_size, bf16=bf16)
+        method = "explicit"
+    else:
+        plan, scores = make_plan(base.model, blocks_t, method, attn=attn, mlp=mlp, blocks=blocks, modules=modules,
+                                 batch_size=batch_size, bf16=bf16, log=status)
+    calib_d = {"task": calib, "samples": int(blocks_t.shape[0]), "seq_len": seq_len}
+    p = drop_patch(base, plan, scores, method, calib_d, on_patches=[str(x) for x in (patch or [])])
+    if export_hf is not None:
+        from patchlm.adapters.lora import bake_lora
+        from patchlm.depth.drop import export_hf as do_export
+
+        a, m = set(plan["attention"]), set(plan["mlp"])
+        if a - set(plan["block"]) or m - set(plan["block"]):
+            raise ConfigError("--export-hf writes whole-block drops only; this plan also drops single sub-layers "
+                              "(use --blocks N)")
+        bake_lora(base.model)
+        do_export(base.model, base.tokenizer, plan["block"], export_hf, force=force)
+    p.save(out, force=force)
+    res = {**{t: plan[t] for t in TYPES}, "method": method, "patch": str(out),
+           "export_hf": str(export_hf) if export_hf else None}
+    if json_out:
+        print_json(res)
+    else:
+        status(f"wrote {out}: drops attention {plan['attention']}, mlp {plan['mlp']}, blocks {plan['block']}"
+               + (f"; checkpoint {export_hf}" if export_hf else ""))
+
+
+def _parse_plan(text: str) -> dict:
+    from patchlm.errors import ConfigError
+
+    plan = {}
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" not in part:
+            raise ConfigError(f"cannot read --layers {text!r}: use 'attention=3,5;mlp=7;block=20'")
+        k, v = part.split("=", 1)
+        k = {"attn": "attention", "blocks": "block"}.get(k.strip(), k.strip())
+        try:
+            plan[k] = [int(x) for x in v.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"cannot read layer indices {v!r} in --layers") from None
+    return plan
+
+
+@skip_app.command("train")
+def skip_train(model: Annotated[str, typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")],
+               out: Annotated[Path, typer.Option("--out", "-o", help="where to write the router patch")],
+               task: Annotated[str, typer.Option("--task", "-t", help="instruction data (chat objective)")] = "sharegpt",
+               samples: Annotated[int, typer.Option(help="training samples (one epoch)")] = 1000,
+               layers: Annotated[Optional[str], typer.Option(help="routed layers, e.g. '14-28' [the last --last but the final one]")] = None,
+               last: Annotated[Optional[int], typer.Option(help="route the last N layers but the final one [half the layers]")] = None,
+               granularity: Annotated[str, typer.Option(help="sequence (real skipping) | token (masked study variant)")] = "sequence",
+               lam: Annotated[float, typer.Option("--lambda", help="weight of the capacity term")] = 1.0,
+               target: Annotated[Optional[float], typer.Option(help="capacity target: penalise relu(mean(m) - target) instead of mean(m)")] = None,
+               lr: Annotated[float, typer.Option(help="router learning rate (AdamW)")] = 1e-3,
+               epochs: Annotated[int, typer.Option(help="passes over the samples")] = 1,
+               batch_size: Annotated[int, typer.Option(help="sequences per step")] = 8,
+               max_length: Annotated[int, typer.Option(help="max tokens per sample")] = 256,
+               seed: Annotated[int, typer.Option(help="seed for data order")] = 0,
+               patch: Annotated[Optional[list[Path]], typer.Option("--patch", "-p", help="patch(es) to apply first (LoRA, merged, drop...)")] = None,
+               bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast")] = False,
+               force: Annotated[bool, typer.Option("--force", help="overwrite OUT / apply patches made for another base")] = False,
+               quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+               json_out: Annotated[bool, typer.Option("--json", help="print the patch info as JSON")] = False) -> None:
+    """Train MindSkip routers (base frozen, routers only) and write a `router` patch.
+
+    Example: `patchlm skip train --model smollm2-135m --samples 1000 --target 0.3 --bf16 --out runs/skip`
+    """
+    from patchlm.data import load_task
+    from patchlm.depth.skip import SkipConfig, default_layers, parse_layers, train_routers
+    from patchlm.errors import ConfigError
+    from patchlm.paths import check_output
+
+    check_output(out, force)
+    if layers and last is not None:
+        raise ConfigError("give --layers or --last, not both")
+    cfg = SkipConfig(samples=samples, batch_size=batch_size, max_length=max_length, lr=lr, lam=lam, target=target,
+                     epochs=epochs, seed=seed, bf16=bf16)
+    t = load_task(task, seed=seed, max_examples=samples)
+    base = _load(model, patch, force)
+    n = base.num_layers
+    chosen = parse_layers(layers, n) if layers else default_layers(n, last)
+    p = train_routers(base, t, chosen, granularity, cfg, log=status, progress=not quiet)
+    p.spec["on_patches"] = [str(x) for x in (patch or [])]
+    p.save(out, force=force)
+    info = p.info()
+    if json_out:
+        print_json(info)
+    else:
+        status(f"wrote {out}: routers on layers {chosen}, capacity {p.metrics['final_capacity']:.2f}, "
+               f"LM loss {p.metrics['first_lm_loss']:.3f} -> {p.metrics['final_lm_loss']:.3f}")
+
+
+@skip_app.command("stats")
+def skip_stats(model: Annotated[str, typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")],
+               patch: Annotated[list[Path], typer.Option("--patch", "-p", help="router patch (and patches to apply first)")],
+               task: Annotated[str, typer.Option("--task", "-t", help="task whose prompts are routed")] = "rotten_tomatoes",
+               limit: Annotated[int, typer.Option(help="examples of the test split")] = 64,
+               bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast")] = False,
+               force: Annotated[bool, typer.Option("--force", help="apply patches made for another base")] = False,
+               json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Fraction of sequences that run each routed attention layer on a task's prompts.
+
+    Example: `patchlm skip stats --model smollm2-135m --patch runs/skip --task rotten_tomatoes --json`
+    """
+    from patchlm.data import load_task
+    from patchlm.depth.skip import reset_stats, route_stats
+    from patchlm.evaluate import evaluate
+
+    base = _load(model, patch, force)
+    reset_stats(base.model)
+    t = load_task(task)
+    res = evaluate(base.model, base.tokenizer, t, split="test", limit=limit, bf16=bf16)
+    st = route_stats(base.model)
+    out = {"executed_fraction": {str(k): v for k, v in st.items()},
+           "mean_executed": sum(st.values()) / max(1, len(st)), **{k: res[k] for k in ("accuracy", "perplexity") if k in res}}
+    if json_out:
+        print_json(out)
+    else:
+        print_table([{"layer": k, "executed": v} for k, v in st.items()], ["layer", "executed"], "MindSkip routing")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(drop_app, name="drop")
+    app.add_typer(skip_app, name="skip")

@@ -1,0 +1,268 @@
+"""MindSkip routers (Router-Tuning): learn which sequences may skip the attention of chosen layers.
+
+Per routed layer: s = sigmoid(w . mean_t(Norm(h)_t)), w in R^hidden, zero-initialised, no bias
+(token-level option: one score per token). Decision: run the attention when s >= 0.5, skip when s < 0.5;
+zero init gives s = 0.5 exactly, which runs it, so a fresh router changes nothing.
+Training: m = step(s - 0.5) with a straight-through gradient (forward m, backward ds), h = h + m * Attn(Norm(h)),
+loss = LM loss + lambda * capacity, capacity = mean(m) or relu(mean(m) - target); only routers train.
+Inference (sequence level): the batch is split and only selected sequences run the attention; the decision
+made at prefill is kept for that cache object and reused while decoding; a skipped layer writes no cache.
+Token-level routing is a masked study variant: it saves no compute.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from patchlm.depth import runtime
+from patchlm.depth.arch import check_indices, decoder_layers
+from patchlm.errors import ConfigError, PatchFormatError
+from patchlm.patch import Patch, PatchKind, provenance, register_kind
+
+GRANULARITIES = ("sequence", "token")
+
+
+@dataclass
+class Gate:
+    differentiable: bool
+    token_level: bool
+    mask: torch.Tensor | None = None   # float, [B,1,1] or [B,T,1], straight-through in training
+    keep: torch.Tensor | None = None   # bool [B] (sequence level, inference)
+
+
+class Router(nn.Module):
+    """A linear score from the (normed) hidden state; weight [1, hidden], no bias."""
+
+    def __init__(self, hidden: int, granularity: str = "sequence"):
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ConfigError(f"unknown router granularity {granularity!r}; choices: {', '.join(GRANULARITIES)}")
+        self.weight = nn.Parameter(torch.zeros(1, hidden, dtype=torch.float32))
+        self.granularity = granularity
+        self._cached: tuple | None = None  # (weakref to the cache, keep)
+        self.last_mask: torch.Tensor | None = None
+        self.stats = {"calls": 0, "kept": 0, "seen": 0}
+
+    def score(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        """s in (0,1): [B,1,1] (sequence) or [B,T,1] (token)."""
+        xf = x.float()
+        if self.granularity == "sequence":
+            mask = ctx.mask2d if ctx is not None else None
+            if mask is not None and mask.shape[0] == x.shape[0] and mask.shape[1] >= x.shape[1]:
+                m = mask[:, -x.shape[1]:].to(xf.dtype).unsqueeze(-1)
+                xf = (xf * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
+            else:
+                xf = xf.mean(1, keepdim=True)
+        return torch.sigmoid(xf @ self.weight.float().t())
+
+    def gate(self, x: torch.Tensor, ctx, cache) -> Gate:
+        token = self.granularity == "token"
+        if torch.is_grad_enabled() and self.weight.requires_grad and self.training:
+            s = self.score(x, ctx)
+            hard = (s >= 0.5).to(s.dtype)
+            m = hard + s - s.detach()
+            self.last_mask = m
+            return Gate(True, token, mask=m)
+        if token:
+            s = self.score(x, ctx)
+            m = (s >= 0.5).to(x.dtype)
+            self._count(int(m.sum()), m.numel())
+            return Gate(False, True, mask=m)
+        key = self._cached
+        if cache is not None and key is not None and key[0]() is cache and key[1].shape[0] == x.shape[0]:
+            return Gate(False, False, keep=key[1])  # decoding: reuse the prefill decision
+        keep = (self.score(x, ctx) >= 0.5).flatten()
+        ref = runtime.cache_key(cache)
+        self._cached = (ref, keep) if ref is not None else None
+        self._count(int(keep.sum()), keep.numel())
+        return Gate(False, False, keep=keep)
+
+    def _count(self, kept: int, seen: int) -> None:
+        self.stats["calls"] += 1
+        self.stats["kept"] += kept
+        self.stats["seen"] += seen
+
+
+def default_layers(num_layers: int, n: int | None = None) -> list[int]:
+    """The last n layers but the final one (n defaults to half the layers)."""
+    n = num_layers // 2 if n is None else n
+    if not 1 <= n <= num_layers - 2:
+        raise ConfigError(f"--last {n} is out of range: route between 1 and {num_layers - 2} layers "
+                          f"(the first and final layers stay unrouted) of this {num_layers}-layer model")
+    return list(range(num_layers - 1 - n, num_layers - 1))
+
+
+def parse_layers(text: str, num_layers: int) -> list[int]:
+    """'3,5,10-12' -> [3, 5, 10, 11, 12] (checked against the model's depth)."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out += list(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ConfigError(f"cannot read layer list {text!r}: use indices and ranges like 3,5,10-12") from None
+    return check_indices(out, num_layers, "routed")
+
+
+@register_kind("router")
+class RouterKind(PatchKind):
+    """spec: layers, granularity, hidden_size, num_layers (+ training facts). tensors: layers.<i>.router.weight."""
+
+    def attach(self, model, spec, tensors=None, seed=0):
+        n = len(decoder_layers(model))
+        if int(spec.get("num_layers", n)) != n:
+            raise PatchFormatError(f"router patch was made for a model with {spec['num_layers']} layers, this one has {n}")
+        hidden = int(model.config.hidden_size)
+        if int(spec.get("hidden_size", hidden)) != hidden:
+            raise PatchFormatError(f"router patch has hidden size {spec['hidden_size']}, the model {hidden}")
+        layers = check_indices(spec.get("layers") or default_layers(n), n, "routed")
+        spec["layers"] = layers
+        gran = spec.get("granularity", "sequence")
+        device = next(model.parameters()).device
+        rs = {}
+        for i in layers:
+            r = Router(hidden, gran).to(device)
+            if tensors is not None:
+                w = tensors.get(f"layers.{i}.router.weight")
+                if w is None:
+                    raise PatchFormatError(f"router patch has no tensor layers.{i}.router.weight")
+                if tuple(w.shape) != (1, hidden):
+                    raise PatchFormatError(f"router for layer {i} has shape {tuple(w.shape)}, expected (1, {hidden})")
+                with torch.no_grad():
+                    r.weight.copy_(w)
+            rs[i] = r
+        runtime.install_routers(model, rs)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for r in rs.values():
+            r.weight.requires_grad_(True)
+
+    def detach(self, model):
+        runtime.remove_routers(model)
+
+    def state(self, model):
+        return {f"layers.{i}.router.weight": r.weight.detach().float().cpu().contiguous()
+                for i, r in runtime.routers(model).items()}
+
+    def trainable_parameters(self, model):
+        return [r.weight for r in runtime.routers(model).values()]
+
+    def summary(self, spec, tensors):
+        return {"routed_layers": spec.get("layers"), "granularity": spec.get("granularity", "sequence")}
+
+
+def route_stats(model) -> dict[int, float]:
+    """Fraction of sequences (or tokens) that ran each routed attention since the last reset."""
+    return {i: (r.stats["kept"] / r.stats["seen"] if r.stats["seen"] else float("nan"))
+            for i, r in runtime.routers(model).items()}
+
+
+def reset_stats(model) -> None:
+    for r in runtime.routers(model).values():
+        r.stats = {"calls": 0, "kept": 0, "seen": 0}
+
+
+# ---------------------------------------------------------------- training
+@dataclass
+class SkipConfig:
+    samples: int = 1000        # instruction samples (one epoch over them)
+    batch_size: int = 8
+    max_length: int = 256
+    lr: float = 1e-3           # AdamW on the routers only
+    lam: float = 1.0           # weight of the capacity term
+    target: float | None = None  # None: capacity = mean(m); else relu(mean(m) - target)
+    epochs: int = 1
+    seed: int = 0
+    bf16: bool = False
+
+    def __post_init__(self):
+        for k in ("samples", "batch_size", "max_length", "epochs"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"{k} must be positive, got {getattr(self, k)}")
+        if self.lr <= 0 or self.lam < 0:
+            raise ConfigError(f"lr must be > 0 and lambda >= 0, got lr={self.lr}, lambda={self.lam}")
+        if self.target is not None and not 0.0 <= self.target <= 1.0:
+            raise ConfigError(f"capacity target must be in [0, 1], got {self.target}")
+
+
+def train_routers(base, task, layers: list[int] | None = None, granularity: str = "sequence",
+                  config: SkipConfig | None = None, log=None, progress: bool = False) -> Patch:
+    """Attach zero-initialised routers to `base.model` and train them (base frozen); return the router patch."""
+    import random
+
+    from patchlm.train.objectives import build_features, objective_for
+    from patchlm.train.trainer import causal_lm_loss, collate
+
+    cfg = config or SkipConfig()
+    log = log or (lambda m: None)
+    model = base.model
+    n = len(decoder_layers(model))
+    layers = check_indices(layers, n, "routed") if layers else default_layers(n)
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"unknown router granularity {granularity!r}; choices: {', '.join(GRANULARITIES)}")
+    objective = objective_for(task)
+    feats = build_features(task, "train", base.tokenizer, objective, cfg.max_length, limit=cfg.samples)
+    if not feats:
+        raise ConfigError(f"task {task.name} has no training examples for the routers")
+    spec = {"layers": layers, "granularity": granularity, "hidden_size": int(model.config.hidden_size),
+            "num_layers": n, "threshold": 0.5, "lambda": cfg.lam, "target": cfg.target, "lr": cfg.lr,
+            "samples": len(feats), "objective": objective, "epochs": cfg.epochs, "max_length": cfg.max_length, "seed": cfg.seed}
+    kind = RouterKind()
+    torch.manual_seed(cfg.seed)
+    kind.attach(model, spec, None)
+    params = kind.trainable_parameters(model)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    rs = runtime.routers(model)
+    order = list(range(len(feats)))
+    steps = cfg.epochs * math.ceil(len(feats) / cfg.batch_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="train routers", unit="step", leave=False)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+    model.train()
+    hist = []
+    try:
+        for ep in range(cfg.epochs):
+            random.Random(cfg.seed * 1009 + ep).shuffle(order)
+            for s in range(0, len(order), cfg.batch_size):
+                b = {k: v.to(device) for k, v in collate([feats[i] for i in order[s: s + cfg.batch_size]], pad).items()}
+                with ctx:
+                    lm, _ = causal_lm_loss(model, b)
+                used = torch.stack([r.last_mask.float().mean() for r in rs.values()]).mean()
+                cap = used if cfg.target is None else torch.relu(used - cfg.target)
+                loss = lm.float() + cfg.lam * cap
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                hist.append({"lm_loss": float(lm), "capacity": float(used)})
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(lm=f"{float(lm):.3f}", cap=f"{float(used):.2f}")
+    finally:
+        if bar:
+            bar.close()
+        model.eval()
+    for r in rs.values():
+        r.last_mask = None
+    tail = hist[-max(1, len(hist) // 10):]
+    metrics = {"steps": len(hist), "final_lm_loss": sum(h["lm_loss"] for h in tail) / len(tail),
+               "final_capacity": sum(h["capacity"] for h in tail) / len(tail),
+               "first_lm_loss": hist[0]["lm_loss"] if hist else None}
+    log(f"routers trained: {metrics}")
+    return Patch(kind="router", base=base.ref(), spec=spec, tensors=kind.state(model),
+                 provenance=provenance(task=task.name, seed=cfg.seed), metrics=metrics)
