@@ -1,0 +1,127 @@
+"""PortLLM: re-target a patch made on one base to an updated base of the same architecture, without training.
+
+The patch's tensors are kept as they are (theta' + dW); what changes is the base it is recorded against.
+Checks: the architecture matches and the patch attaches to the new base (every module exists with the
+right shape); the new base must look like an update of the patch's base (mean per-column cosine of the
+patched modules' weights above `min_similarity`, streamed from both checkpoints) unless `force`. The new
+patch records the old and the new fingerprints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from patchlm.errors import BaseMismatchError, PatchFormatError, PatchlmError
+from patchlm.patch import Patch, get_kind
+
+
+def _cached_fingerprint(path: Path) -> str | None:
+    meta = path / "patchlm.json"
+    if meta.exists():
+        try:
+            return json.loads(meta.read_text()).get("fingerprint")
+        except (json.JSONDecodeError, OSError):
+            return None
+    return None
+
+
+def lineage_similarity(old_ref: str, new_ref: str, modules: list[str]) -> float:
+    """Mean per-column cosine between the two checkpoints' weights of `modules` (one tensor pair at a time)."""
+    from patchlm.merge.glue import column_cosine
+    from patchlm.merge.stream import Checkpoint
+
+    old, new = Checkpoint(old_ref), Checkpoint(new_ref)
+    names = [f"{m}.weight" for m in modules if f"{m}.weight" in old.meta and f"{m}.weight" in new.meta]
+    if not names:
+        raise PatchlmError(f"{old_ref} and {new_ref} share none of the patch's modules")
+    total = 0.0
+    for n in names:
+        if old.meta[n][2] != new.meta[n][2]:
+            raise BaseMismatchError(f"{n} has shape {list(old.meta[n][2])} in {old_ref} but "
+                                    f"{list(new.meta[n][2])} in {new_ref}")
+        total += column_cosine(old.read(n), new.read(n))
+    return total / len(names)
+
+
+def check_attaches(patch: Patch, base) -> None:
+    """Attach the patch to `base` and detach it again: shape and module checks, no change left behind."""
+    kind = get_kind(patch.kind)
+    try:
+        kind.attach(base.model, dict(patch.spec), patch.tensors, seed=patch.spec.get("seed", 0))
+    except PatchFormatError as e:
+        raise BaseMismatchError(f"patch does not fit {base.name}: {e}") from e
+    finally:
+        try:
+            kind.detach(base.model)
+        except Exception:  # noqa: BLE001 - nothing attached
+            pass
+
+
+def patch_modules(patch: Patch) -> list[str]:
+    from patchlm.merge.patches import PatchDeltas
+
+    try:
+        return PatchDeltas(patch).modules
+    except PatchFormatError:
+        return sorted({k.rsplit(".", 1)[0] for k in patch.tensors})
+
+
+def port_patch(patch: Patch, new_base, old_base: str | None = None, force: bool = False,
+               min_similarity: float = 0.9) -> tuple[Patch, dict]:
+    """The patch re-targeted to `new_base` (a loaded Base) and a report of the checks.
+
+    old_base: the checkpoint the patch was made on (default: the name recorded in the patch).
+    """
+    t0 = time.perf_counter()
+    old = dict(patch.base)
+    new_ref = new_base.ref()
+    if old.get("architecture") and old["architecture"] != new_base.architecture:
+        raise BaseMismatchError(f"patch was made for a {old['architecture']} ({old.get('name')}), "
+                                f"but {new_base.name} is a {new_base.architecture}: porting needs the same architecture")
+    check_attaches(patch, new_base)
+    report = {"old_base": old.get("name"), "old_fingerprint": old.get("fingerprint"), "new_base": new_base.name,
+              "new_fingerprint": new_base.fingerprint, "identical_base": old.get("fingerprint") == new_base.fingerprint,
+              "similarity": None, "min_similarity": min_similarity, "forced": False}
+    if not report["identical_base"]:
+        old_src = old_base or old.get("name")
+        reason = None
+        try:
+            from patchlm.merge.stream import resolve_checkpoint
+
+            old_path = resolve_checkpoint(old_src) if old_src else None
+        except PatchlmError:
+            old_path = None
+        if old_path is None:
+            reason = (f"cannot check that {new_base.name} ({new_base.fingerprint}) is an update of the patch's base "
+                      f"{old.get('name')} ({old.get('fingerprint')}): that base is not available; give it with "
+                      "--from OLD_BASE")
+        else:
+            cached = _cached_fingerprint(old_path)
+            if cached and old.get("fingerprint") and cached != old["fingerprint"]:
+                reason = (f"--from {old_src} has fingerprint {cached}, but the patch was made on "
+                          f"{old.get('name')} with fingerprint {old.get('fingerprint')}")
+            else:
+                new_src = new_base.path or new_base.name
+                sim = lineage_similarity(str(old_path), str(new_src), patch_modules(patch))
+                report["similarity"] = sim
+                if sim < min_similarity:
+                    reason = (f"{new_base.name} ({new_base.fingerprint}) does not look like an update of the patch's "
+                              f"base {old.get('name')} ({old.get('fingerprint')}): weight similarity {sim:.4f} < "
+                              f"{min_similarity}")
+        if reason:
+            if not force:
+                raise BaseMismatchError(reason + "; pass --force to port anyway")
+            report["forced"] = True
+            report["forced_reason"] = reason
+    prov = dict(patch.provenance)
+    prov["ported"] = {"from_base": old, "to_base": new_ref, "old_fingerprint": old.get("fingerprint"),
+                      "new_fingerprint": new_base.fingerprint, "similarity": report["similarity"],
+                      "forced": report["forced"], "source_patch": str(patch.path) if patch.path else None,
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    metrics = {"metrics_on_old_base": patch.metrics} if patch.metrics else {}
+    ported = Patch(kind=patch.kind, base=new_ref, spec=dict(patch.spec), tensors=dict(patch.tensors),
+                   provenance=prov, metrics=metrics, signatures=[])
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    return ported, report
