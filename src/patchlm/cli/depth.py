@@ -183,7 +183,7 @@ def skip_train(model: Annotated[str, typer.Option("--model", "-m", help="built-i
         raise ConfigError("give --layers or --last, not both")
     cfg = SkipConfig(samples=samples, batch_size=batch_size, max_length=max_length, lr=lr, lam=lam, target=target,
                      epochs=epochs, seed=seed, bf16=bf16)
-    t = load_task(task, seed=seed, max_examples=samples)
+    t = load_task(task, seed=seed)
     base = _load(model, patch, force)
     n = base.num_layers
     chosen = parse_layers(layers, n) if layers else default_layers(n, last)

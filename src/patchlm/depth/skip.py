@@ -133,6 +133,7 @@ class RouterKind(PatchKind):
         rs = {}
         for i in layers:
             r = Router(hidden, gran).to(device)
+            r.train(model.training)
             if tensors is not None:
                 w = tensors.get(f"layers.{i}.router.weight")
                 if w is None:
@@ -249,7 +250,7 @@ def train_routers(base, task, layers: list[int] | None = None, granularity: str 
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                hist.append({"lm_loss": float(lm), "capacity": float(used)})
+                hist.append({"lm_loss": float(lm.detach()), "capacity": float(used.detach())})
                 if bar:
                     bar.update(1)
                     bar.set_postfix(lm=f"{float(lm):.3f}", cap=f"{float(used):.2f}")

@@ -1,0 +1,105 @@
+"""CLI: drop score/apply, skip train/stats, stacking with LoRA patches in eval, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from conftest import run_cli
+
+from patchlm.patch import Patch
+
+
+def _lora_patch(tiny, path):
+    """A LoRA patch with non-zero B (so it changes the outputs)."""
+    from patchlm.adapters.lora import LoraKind
+
+    kind = LoraKind()
+    spec = {"r": 2, "alpha": 4, "targets": "all-linear"}
+    kind.attach(tiny.model, spec, seed=0)
+    tensors = kind.state(tiny.model)
+    g = torch.Generator().manual_seed(1)
+    tensors = {k: (torch.randn(v.shape, generator=g) * 0.2 if k.endswith("lora_B") else v) for k, v in tensors.items()}
+    kind.detach(tiny.model)
+    Patch(kind="lora", base=tiny.ref(), spec=spec, tensors=tensors).save(path)
+    return path
+
+
+def test_drop_score_json(capsys):
+    code, out, err = run_cli(["drop", "score", "-m", "tiny-random-llama", "--samples", "2", "--seq-len", "32",
+                              "--json"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    assert set(d) == {"attention", "mlp", "block"} and all(len(v) == 4 for v in d.values())
+    assert all(-1.0 <= x <= 1.0 for v in d.values() for x in v)
+
+
+def test_drop_apply_eval_and_stack_with_lora(tiny, tmp_path, capsys):
+    lora = _lora_patch(tiny, tmp_path / "lora")
+    code, out, err = run_cli(["drop", "apply", "-m", "tiny-random-llama", "--attn", "2", "--samples", "2",
+                              "--seq-len", "32", "--patch", str(lora), "--out", str(tmp_path / "d"), "--json"], capsys)
+    assert code == 0, err
+    plan = json.loads(out)
+    assert len(plan["attention"]) == 2 and plan["method"] == "one-shot"
+    p = Patch.load(tmp_path / "d")
+    assert p.kind == "drop" and p.spec["scored_with_patches"] == [str(lora)]
+    # the drop patch is given first on the command line; eval applies the LoRA patch first anyway
+    args = ["eval", "-m", "tiny-random-llama", "-t", "sms_spam", "--limit", "8", "--json"]
+    code, out, err = run_cli(args + ["--patch", str(tmp_path / "d"), "--patch", str(lora)], capsys)
+    assert code == 0, err
+    stacked = json.loads(out)
+    from patchlm.evaluate import evaluate
+    from patchlm.data import load_task
+
+    Patch.load(lora).apply(tiny)
+    p.apply(tiny)
+    want = evaluate(tiny.model, tiny.tokenizer, load_task("sms_spam"), limit=8)
+    assert stacked["accuracy"] == want["accuracy"] and stacked["n"] == 8
+
+
+def test_drop_apply_blocks_export_hf(tmp_path, capsys):
+    code, out, err = run_cli(["drop", "apply", "-m", "tiny-random-llama", "--blocks", "1", "--method", "consecutive",
+                              "--samples", "2", "--seq-len", "32", "--out", str(tmp_path / "b"),
+                              "--export-hf", str(tmp_path / "hf"), "--json"], capsys)
+    assert code == 0, err
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tmp_path / "hf").num_hidden_layers == 3
+    assert (tmp_path / "hf" / "tokenizer_config.json").exists()
+
+
+def test_drop_apply_explicit_layers_and_bad_input(tmp_path, capsys):
+    base = ["drop", "apply", "-m", "tiny-random-llama", "--samples", "2", "--seq-len", "32"]
+    code, _, err = run_cli(base + ["--layers", "attention=1;mlp=2", "--out", str(tmp_path / "e")], capsys)
+    assert code == 0, err
+    assert Patch.load(tmp_path / "e").spec["attention"] == [1]
+    code, _, err = run_cli(base + ["--layers", "attention=1", "--out", str(tmp_path / "e")], capsys)
+    assert code == 2 and "already exists" in err
+    code, _, err = run_cli(base + ["--layers", "attention=9", "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "out of range" in err and not (tmp_path / "x").exists()
+    code, _, err = run_cli(base + ["--blocks", "4", "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "at least one must remain" in err
+    code, _, err = run_cli(base + ["--attn", "1", "--method", "greedy", "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "unknown drop method 'greedy'" in err
+    code, _, err = run_cli(base + ["--attn", "1", "--export-hf", str(tmp_path / "h"), "--out", str(tmp_path / "x")],
+                           capsys)
+    assert code == 2 and "whole-block" in err and not (tmp_path / "x").exists()
+    code, _, err = run_cli(["drop", "score", "-m", "minilm-l6", "--samples", "1", "--seq-len", "8"], capsys)
+    assert code == 2 and "not supported for" in err and "LlamaForCausalLM" in err
+
+
+def test_skip_train_and_stats(tmp_path, capsys):
+    code, out, err = run_cli(["skip", "train", "-m", "tiny-random-llama", "--task", "sharegpt", "--samples", "8",
+                              "--batch-size", "4", "--max-length", "64", "--last", "2", "--target", "0.5",
+                              "--out", str(tmp_path / "r"), "--quiet", "--json"], capsys)
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["kind"] == "router" and info["routed_layers"] == [1, 2] and info["trainable_params"] == 128
+    code, out, err = run_cli(["skip", "stats", "-m", "tiny-random-llama", "--patch", str(tmp_path / "r"),
+                              "--task", "sms_spam", "--limit", "8", "--json"], capsys)
+    assert code == 0, err
+    st = json.loads(out)
+    assert set(st["executed_fraction"]) == {"1", "2"} and 0.0 <= st["mean_executed"] <= 1.0
+    code, _, err = run_cli(["skip", "train", "-m", "tiny-random-llama", "--layers", "0-2",
+                            "--out", str(tmp_path / "bad"), "--samples", "4", "--quiet"], capsys)
+    assert code == 2 and "first remaining attention layer" in err and not (tmp_path / "bad").exists()

@@ -1,0 +1,174 @@
+"""MindSkip routers: exact at zero init, real skipping (no work, no cache), prefill decision reuse,
+straight-through gradient in closed form, training touches only routers, patch round trip, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patchlm.depth import runtime
+from patchlm.depth.drop import kv_cache_bytes
+from patchlm.depth.skip import (Router, RouterKind, SkipConfig, default_layers, parse_layers, route_stats,
+                                train_routers)
+from patchlm.errors import BaseMismatchError, ConfigError, PatchFormatError
+from patchlm.patch import Patch
+from test_depth import IDS, greedy_cached, greedy_reforward
+
+
+def _normed_means(model, layer: int, ids) -> torch.Tensor:
+    """Mean over tokens of the normed hidden state entering layer `layer`'s attention: [B, hidden]."""
+    got = {}
+    h = model.model.layers[layer].input_layernorm.register_forward_hook(lambda m, a, o: got.__setitem__("x", o))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    h.remove()
+    return got["x"].float().mean(1)
+
+
+def _split_weight(xbar: torch.Tensor) -> torch.Tensor:
+    """A router weight that keeps sequence 0 (w.x0 > 0) and skips sequence 1 (w.x1 < 0)."""
+    d, mid = xbar[0] - xbar[1], (xbar[0] + xbar[1]) / 2
+    w = d - (d @ mid) / (mid @ mid) * mid
+    return (w * 50).unsqueeze(0)
+
+
+def test_default_layers_and_parse():
+    assert default_layers(30) == list(range(14, 29))
+    assert default_layers(30, 4) == [25, 26, 27, 28]
+    assert parse_layers("3,5,10-12", 30) == [3, 5, 10, 11, 12]
+    with pytest.raises(ConfigError, match="out of range"):
+        parse_layers("29-31", 30)
+    with pytest.raises(ConfigError, match="--last 29"):
+        default_layers(30, 29)
+
+
+def test_zero_init_routers_give_exact_base_outputs(tiny):
+    ref = tiny.model(input_ids=IDS).logits
+    RouterKind().attach(tiny.model, {"layers": [1, 2]})
+    assert torch.equal(tiny.model(input_ids=IDS).logits, ref)
+    tiny.model.train()
+    assert torch.equal(tiny.model(input_ids=IDS).logits, ref)  # straight-through mask is exactly 1.0
+    tiny.model.eval()
+    assert route_stats(tiny.model) == {1: 1.0, 2: 1.0}
+    tok = Router(64, "token")
+    assert float(tok.score(torch.randn(2, 5, 64), None).detach().unique()) == 0.5
+    RouterKind().detach(tiny.model)
+    assert type(tiny.model.model.layers[1]).__name__ == "LlamaDecoderLayer"
+    assert not any("router" in n for n, _ in tiny.model.named_parameters())
+
+
+def test_token_level_zero_init_exact(tiny):
+    ref = tiny.model(input_ids=IDS).logits
+    RouterKind().attach(tiny.model, {"layers": [2], "granularity": "token"})
+    assert torch.equal(tiny.model(input_ids=IDS).logits, ref)
+
+
+def test_skipped_sequences_do_no_attention_work_and_keep_no_cache(tiny):
+    m = tiny.model
+    w = _split_weight(_normed_means(m, 2, IDS))
+    full_cache = m(input_ids=IDS, use_cache=True).past_key_values
+    seen = []
+    m.model.layers[2].self_attn.register_forward_hook(lambda mod, a, kw, o: seen.append(kw["hidden_states"].shape[0]),
+                                                      with_kwargs=True)
+    RouterKind().attach(m, {"layers": [2, 3]}, {"layers.2.router.weight": w,
+                                                "layers.3.router.weight": torch.zeros(1, 64)})
+    seen.clear()
+    out = m(input_ids=IDS, use_cache=True)
+    assert seen == [1]  # only the kept sequence went through layer 2's attention
+    layers = out.past_key_values.layers
+    assert layers[2].keys.shape[0] == 1 and layers[1].keys.shape[0] == 2
+    assert kv_cache_bytes(out.past_key_values) == kv_cache_bytes(full_cache) * 7 // 8
+    # all sequences skip: no call and no cache layer at all
+    with torch.no_grad():
+        runtime.routers(m)[2].weight.copy_(-100 * _normed_means(m, 2, IDS).mean(0))  # w.xbar_b < 0 for both
+    seen.clear()
+    out = m(input_ids=IDS, use_cache=True)
+    assert seen == [] and not out.past_key_values.layers[2].is_initialized
+    assert route_stats(m)[2] < 1.0
+
+
+def test_routed_generation_matches_reference(tiny):
+    """Batch of 2, sequence 1 skips layer 2 at prefill: cached greedy decoding equals, per sequence, the
+    no-cache re-forward of the model with (seq 1) or without (seq 0) layer 2's attention dropped."""
+    m = tiny.model
+    w = _split_weight(_normed_means(m, 2, IDS))
+    RouterKind().attach(m, {"layers": [2]}, {"layers.2.router.weight": w})
+    calls = []
+    runtime.routers(m)[2].score = (lambda orig: (lambda x, ctx: calls.append(1) or orig(x, ctx)))(
+        runtime.routers(m)[2].score)
+    toks, logits, cache = greedy_cached(m, IDS, 6)
+    assert len(calls) == 1  # decided once at prefill, reused for the 6 decoding steps
+    assert cache.layers[2].keys.shape[0] == 1 and cache.get_seq_length() == IDS.shape[1] + 6
+    RouterKind().detach(m)
+    ref0_toks, ref0_logits = greedy_reforward(m, IDS[:1], 6)
+    runtime.apply_drops(m, [2], [])
+    ref1_toks, ref1_logits = greedy_reforward(m, IDS[1:], 6)
+    assert torch.equal(toks[0], ref0_toks[0]) and torch.equal(toks[1], ref1_toks[0])
+    assert torch.allclose(logits[0], ref0_logits[0], atol=1e-4)
+    assert torch.allclose(logits[1], ref1_logits[0], atol=1e-4)
+
+
+def test_straight_through_gradient_closed_form(tiny):
+    """d mean(m) / dw = sigmoid'(0) * mean_b xbar_b / n_routers = 0.25 * mean_b xbar_b / 2 at zero init."""
+    m = tiny.model
+    xbars = {i: _normed_means(m, i, IDS) for i in (2, 3)}
+    RouterKind().attach(m, {"layers": [2, 3]})
+    m.train()
+    m(input_ids=IDS, use_cache=False)
+    rs = runtime.routers(m)
+    cap = torch.stack([r.last_mask.mean() for r in rs.values()]).mean()
+    assert float(cap.detach()) == 1.0
+    cap.backward()
+    for i, r in rs.items():
+        want = 0.25 * xbars[i].mean(0) / 2
+        assert torch.allclose(r.weight.grad[0], want, atol=1e-6)
+    assert all(p.grad is None for n, p in m.named_parameters() if "router" not in n)
+
+
+def test_train_routers_only_routers_change(tiny, toy_task, tmp_path):
+    before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
+    p = train_routers(tiny, toy_task, [2, 3], config=SkipConfig(samples=16, batch_size=8, lam=5.0, lr=0.05))
+    assert set(p.tensors) == {"layers.2.router.weight", "layers.3.router.weight"}
+    assert any(float(t.abs().sum()) > 0 for t in p.tensors.values())
+    assert p.metrics["steps"] == 2 and p.spec["layers"] == [2, 3] and p.trainable_params == 128
+    for n, q in tiny.model.named_parameters():
+        if "router" not in n:
+            assert torch.equal(q, before[n]), n
+    out_live = tiny.model(input_ids=IDS).logits
+    p.save(tmp_path / "r")
+    RouterKind().detach(tiny.model)
+    q = Patch.load(tmp_path / "r")
+    q.apply(tiny)
+    assert torch.equal(tiny.model(input_ids=IDS).logits, out_live)
+
+
+def test_routers_and_drops_stack(tiny):
+    runtime.apply_drops(tiny.model, [1], [])
+    RouterKind().attach(tiny.model, {"layers": [3]})
+    toks, _, cache = greedy_cached(tiny.model, IDS, 3)
+    assert sum(l.is_initialized for l in cache.layers) == 3
+    with pytest.raises(ConfigError, match="dropped"):
+        RouterKind().attach(tiny.model, {"layers": [1]})
+    with pytest.raises(ConfigError, match="MindSkip router"):
+        runtime.apply_drops(tiny.model, [3], [])
+    assert runtime.dropped(tiny.model) == ([1], [])  # failed calls changed nothing
+
+
+def test_router_bad_input(tiny):
+    with pytest.raises(ConfigError, match="first remaining attention layer"):
+        RouterKind().attach(tiny.model, {"layers": [0, 2]})
+    with pytest.raises(ConfigError, match="out of range"):
+        RouterKind().attach(tiny.model, {"layers": [7]})
+    with pytest.raises(PatchFormatError, match="hidden size"):
+        RouterKind().attach(tiny.model, {"layers": [2], "hidden_size": 576})
+    with pytest.raises(PatchFormatError, match="shape"):
+        RouterKind().attach(tiny.model, {"layers": [2]}, {"layers.2.router.weight": torch.zeros(1, 32)})
+    with pytest.raises(ConfigError, match="granularity"):
+        Router(64, "layer")
+    assert runtime.routers(tiny.model) == {}
+    p = Patch(kind="router", base={**tiny.ref(), "fingerprint": "blake2b:x"}, spec={"layers": [2]},
+              tensors={"layers.2.router.weight": torch.zeros(1, 64)})
+    with pytest.raises(BaseMismatchError):
+        p.apply(tiny)
+    with pytest.raises(ConfigError, match="capacity target"):
+        SkipConfig(target=1.5)
