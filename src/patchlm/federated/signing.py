@@ -57,10 +57,17 @@ def signed_message(tensors: dict, context: dict) -> bytes:
     return TAG + len(ctx).to_bytes(8, "little") + ctx + tensors_digest(tensors)
 
 
-def update_context(run_id: str, round_: int, client_id: str, num_samples: int, role: str = "update") -> dict:
-    """The binding context of a client update (or of the server broadcast with role='broadcast')."""
-    return {"run_id": str(run_id), "round": int(round_), "client_id": str(client_id), "role": role,
-            "num_samples": int(num_samples)}
+def update_context(run_id: str, round_: int, client_id: str, num_samples: int, role: str = "update",
+                   alpha: float | None = None) -> dict:
+    """The binding context of a client update (or of the server broadcast with role='broadcast').
+
+    num_samples (the aggregation weight) and alpha (the LoRA scaling alpha / r) are signed too: a client's
+    influence on the aggregate cannot be changed in transit."""
+    ctx = {"run_id": str(run_id), "round": int(round_), "client_id": str(client_id), "role": role,
+           "num_samples": int(num_samples)}
+    if alpha is not None:
+        ctx["alpha"] = float(alpha)
+    return ctx
 
 
 # ---------------------------------------------------------------- schemes
@@ -233,7 +240,9 @@ class UpdateVerifier:
                       f"this is run {self.run_id} round {round_}")
         if signature in self.seen:
             return no("replayed: this exact signed update was already accepted")
-        ctx = update_context(self.run_id, round_, cid, int(claimed.get("num_samples", 0)))
+        alpha = claimed.get("alpha")
+        ctx = update_context(self.run_id, round_, cid, int(claimed.get("num_samples", 0)),
+                             alpha=None if alpha is None else float(alpha))
         if not verify(scheme, pk, signed_message(tensors, ctx), signature):
             return no("bad signature: tensors or metadata were altered after signing (or signed by another key)")
         self.seen.add(signature)

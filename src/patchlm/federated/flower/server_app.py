@@ -1,0 +1,37 @@
+"""The Flower ServerApp: reads the run's federate.json (run config key `config`) and runs PatchlmStrategy.
+
+Run it on a SuperLink with `flwr run <app dir> <connection> --run-config 'config="/path/to/federate.json"'`
+(see README, "Federated training"); `patchlm federate` does all of that on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+def _log(msg: str) -> None:
+    print(f"[patchlm server] {msg}", flush=True)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from patchlm.federated.flower.strategy import PatchlmStrategy
+    from patchlm.federated.flower.task import FedConfig
+
+    path = Path(str(context.run_config.get("config", "")) or os.environ.get("PATCHLM_FED_CONFIG", ""))
+    if not path.is_file():
+        raise FileNotFoundError(f"federate.json not found at {path!s}; pass --run-config 'config=\"DIR/federate.json\"'")
+    cfg = FedConfig.from_dict(json.loads(path.read_text()))
+    strategy = PatchlmStrategy(cfg, cfg.out or path.parent, log=_log)
+    try:
+        strategy.start(grid)
+    except BaseException as e:  # leave a trace the launcher can read, then fail the run
+        (Path(cfg.out or path.parent) / "server-error.txt").write_text(f"{type(e).__name__}: {e}\n")
+        raise
