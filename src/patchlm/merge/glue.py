@@ -192,7 +192,11 @@ def similarity_selection(best: int, sim: Sequence[Sequence[float]], members: Seq
 def cmaes_search(members: Sequence[int], scorer: Scorer, trials: int = 200, sigma0: float = 1 / 6,
                  seed: int = 0, popsize: int | None = None, x0: Sequence[float] | None = None) -> Selection:
     """CMA-ES over the merge weights of `members` (start: uniform), maximizing the validation score."""
-    import cma
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cma warns when matplotlib (plots only) is missing
+        import cma
 
     n = len(members)
     if trials <= 0:

@@ -152,9 +152,12 @@ def magnitude_prune(delta: torch.Tensor, density: float, rescale=False) -> torch
         return delta
     k = max(1, int(density * n))
     flat = delta.reshape(-1)
-    idx = torch.topk(flat.abs().float(), k, sorted=False).indices
+    # a full descending sort (not topk) so that entries of equal magnitude at the cut are kept in the same
+    # order as mergekit's, and the outputs agree bit for bit
+    idx = torch.argsort(flat.abs().float(), descending=True)[:k]
     mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
     mask[idx] = True
+    del idx
     out = torch.where(mask, flat, torch.zeros((), dtype=delta.dtype)).reshape(delta.shape)
     return _rescale(delta, out, rescale, density)
 
@@ -182,7 +185,7 @@ def outlier_prune(delta: torch.Tensor, density: float, gamma: float, rescale=Fal
     n_top = int(gamma * n)
     n_bot = max(0, n - keep_n - n_top)
     flat = delta.reshape(-1)
-    order = torch.sort(flat.abs().float(), stable=True).indices
+    order = torch.sort(flat.abs().float(), descending=False).indices  # same tie order as mergekit
     mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
     mask[order[n_bot: n_bot + keep_n]] = True
     out = torch.where(mask, flat, torch.zeros((), dtype=delta.dtype)).reshape(delta.shape)
@@ -351,10 +354,19 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9
           **_) -> torch.Tensor:
     """SLERP: spherical interpolation between two tensors (the base at t=0, the other at t=1), lerp when colinear."""
     a32, b32 = a.float(), b.float()
-    na, nb = torch.linalg.vector_norm(a32), torch.linalg.vector_norm(b32)
-    na = na if na > eps else torch.ones(())
-    nb = nb if nb > eps else torch.ones(())
-    dot = float(((a32 / na) * (b32 / nb)).sum().clamp(-1, 1))
+    # norms and dot accumulated in float64, a chunk at a time (a float32 sum over millions of entries
+    # drifts by ~1e-4, which moves the result more than float tolerance)
+    fa, fb = a32.reshape(-1), b32.reshape(-1)
+    saa = sbb = sab = 0.0
+    for i in range(0, fa.numel(), 1 << 20):
+        x, y = fa[i: i + (1 << 20)].double(), fb[i: i + (1 << 20)].double()
+        saa += float(x @ x)
+        sbb += float(y @ y)
+        sab += float(x @ y)
+    na, nb = math.sqrt(saa), math.sqrt(sbb)
+    na = na if na > eps else 1.0
+    nb = nb if nb > eps else 1.0
+    dot = max(-1.0, min(1.0, sab / (na * nb)))
     if abs(dot) > dot_threshold:
         return (1 - t) * a32 + t * b32
     theta = math.acos(dot)

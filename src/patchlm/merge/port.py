@@ -94,9 +94,9 @@ def port_patch(patch: Patch, new_base, old_base: str | None = None, force: bool 
         except PatchlmError:
             old_path = None
         if old_path is None:
-            reason = (f"cannot check that {new_base.name} ({new_base.fingerprint}) is an update of the patch's base "
-                      f"{old.get('name')} ({old.get('fingerprint')}): that base is not available; give it with "
-                      "--from OLD_BASE")
+            reason = (f"cannot check that {new_base.name} (fingerprint {new_base.fingerprint}) is an update of the "
+                      f"patch's base {old.get('name')} (fingerprint {old.get('fingerprint')}): that base is not "
+                      "available; give it with --from OLD_BASE")
         else:
             cached = _cached_fingerprint(old_path)
             if cached and old.get("fingerprint") and cached != old["fingerprint"]:
@@ -107,9 +107,9 @@ def port_patch(patch: Patch, new_base, old_base: str | None = None, force: bool 
                 sim = lineage_similarity(str(old_path), str(new_src), patch_modules(patch))
                 report["similarity"] = sim
                 if sim < min_similarity:
-                    reason = (f"{new_base.name} ({new_base.fingerprint}) does not look like an update of the patch's "
-                              f"base {old.get('name')} ({old.get('fingerprint')}): weight similarity {sim:.4f} < "
-                              f"{min_similarity}")
+                    reason = (f"{new_base.name} (fingerprint {new_base.fingerprint}) does not look like an update of "
+                              f"the patch's base {old.get('name')} (fingerprint {old.get('fingerprint')}): weight "
+                              f"similarity {sim:.4f} < {min_similarity}")
         if reason:
             if not force:
                 raise BaseMismatchError(reason + "; pass --force to port anyway")
