@@ -112,3 +112,19 @@ def test_cli_port(tiny, bases, tmp_path, capsys):
     code, out, err = run_cli(["port", str(tmp_path / "p"), "--to", bases["unrelated"], "--out", str(tmp_path / "r")],
                              capsys)
     assert code == 2 and "fingerprint" in err and not (tmp_path / "r").exists()
+
+
+def test_streamed_inspection_matches_loading(bases, tmp_path):
+    from patchlm.merge.port import inspect_base
+
+    for ref in ("tiny-random-llama", bases["evolved"]):
+        info = inspect_base(ref)
+        loaded = load_base(ref)
+        assert info.fingerprint == loaded.fingerprint and info.architecture == loaded.architecture
+        assert next(info.model.parameters()).device.type == "meta"  # no weights were loaded
+
+
+def test_port_by_reference_without_loading(tiny, bases):
+    patch = lora_patch(tiny, 1)
+    ported, report = port_patch(patch, bases["evolved"])
+    assert ported.base["fingerprint"] == load_base(bases["evolved"]).fingerprint and report["similarity"] > 0.9

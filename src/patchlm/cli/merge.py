@@ -169,14 +169,13 @@ def port(patch: Annotated[Path, typer.Argument(help="patch dir made on the old b
     Example: `patchlm port runs/rt/patch --to runs/smollm2-evolved --out runs/rt-ported --json`
     """
     from patchlm.merge.port import port_patch
-    from patchlm.models import load_base
     from patchlm.patch import Patch
     from patchlm.paths import check_output
 
     check_output(out, force)
     p = Patch.load(patch)
-    new = load_base(to)
-    ported, report = port_patch(p, new, old_base=from_base, force=force, min_similarity=min_similarity)
+    # the new base is inspected by streaming its checkpoint (module shapes, fingerprint), never trained on
+    ported, report = port_patch(p, to, old_base=from_base, force=force, min_similarity=min_similarity)
     ported.save(out, force=force)
     report["out"] = str(out)
     if json_out:

@@ -9,12 +9,87 @@ patch records the old and the new fingerprints.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from patchlm.errors import BaseMismatchError, PatchFormatError, PatchlmError
 from patchlm.patch import Patch, get_kind
+
+
+@dataclass
+class BaseInfo:
+    """What porting needs to know about a base without loading its weights: a meta-device model (module
+    names and shapes), its architecture, and its fingerprint computed by streaming the checkpoint."""
+
+    name: str
+    path: str
+    model: Any
+    fingerprint: str
+
+    @property
+    def architecture(self) -> str:
+        archs = getattr(self.model.config, "architectures", None)
+        return archs[0] if archs else type(self.model).__name__
+
+    def ref(self) -> dict:
+        return {"name": self.name, "architecture": self.architecture, "fingerprint": self.fingerprint}
+
+
+def fingerprint_checkpoint(path: Path, meta_model) -> str | None:
+    """load_base's fingerprint (patchlm.models.base.fingerprint_state_dict) computed tensor by tensor from the
+    safetensors files, using a meta-device model for the state-dict names and weight tying. None when the
+    state dict has entries the files do not hold (then the model must be loaded)."""
+    from patchlm.merge.stream import Checkpoint
+
+    ck = Checkpoint(str(path))
+    sd = meta_model.state_dict(keep_vars=True)
+    owner: dict[int, list[str]] = {}
+    for name, t in sd.items():
+        owner.setdefault(id(t), []).append(name)
+    h = hashlib.blake2b(digest_size=16)
+    seen: dict[int, str] = {}
+    for name in sorted(sd):
+        t = sd[name]
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        key = id(t) if t.numel() else None
+        if key is not None and key in seen:
+            h.update(b"tied:" + seen[key].encode())
+            continue
+        if key is not None:
+            seen[key] = name
+        stored = next((n for n in [name] + owner.get(id(t), []) if n in ck.meta), None)
+        if stored is None:
+            return None
+        arr = ck.read(stored).to(torch.float32).contiguous().numpy()
+        h.update(memoryview(arr).cast("B"))
+        del arr
+    return "blake2b:" + h.hexdigest()
+
+
+def inspect_base(ref: str) -> BaseInfo:
+    """A BaseInfo for a built-in name or checkpoint dir, streaming instead of loading; falls back to load_base."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from patchlm.merge.stream import resolve_checkpoint
+
+    path = resolve_checkpoint(ref)
+    cfg = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    fp = _cached_fingerprint(path) or fingerprint_checkpoint(path, model)
+    if fp is None:
+        from patchlm.models import load_base
+
+        b = load_base(ref)
+        return BaseInfo(b.name, b.path or ref, b.model, b.fingerprint)
+    return BaseInfo(ref, str(path), model, fp)
 
 
 def _cached_fingerprint(path: Path) -> str | None:
@@ -70,11 +145,15 @@ def patch_modules(patch: Patch) -> list[str]:
 
 def port_patch(patch: Patch, new_base, old_base: str | None = None, force: bool = False,
                min_similarity: float = 0.9) -> tuple[Patch, dict]:
-    """The patch re-targeted to `new_base` (a loaded Base) and a report of the checks.
+    """The patch re-targeted to `new_base` and a report of the checks.
 
-    old_base: the checkpoint the patch was made on (default: the name recorded in the patch).
+    new_base: a loaded Base, or a built-in name / checkpoint dir (inspected by streaming: porting then needs
+    memory for a few tensors, not the model). old_base: the checkpoint the patch was made on (default: the
+    name recorded in the patch).
     """
     t0 = time.perf_counter()
+    if isinstance(new_base, (str, Path)):
+        new_base = inspect_base(str(new_base))
     old = dict(patch.base)
     new_ref = new_base.ref()
     if old.get("architecture") and old["architecture"] != new_base.architecture:
