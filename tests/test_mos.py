@@ -326,6 +326,10 @@ def test_cli_train_mos_and_info(tmp_path, capsys):
     assert info["kind"] == "mos" and info["trainable_params"] == 2 * 4 * 1024
     assert info["equivalent_lora_rank"] == 2 and info["strategies"]["pair_dissociation"] is False
     assert info["file_bytes"] > 0
+    code, out, err = run_cli(["export", str(tmp_path / "m" / "patch"), "--format", "peft", "--out",
+                              str(tmp_path / "peft")], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 4
     code, out, err = run_cli(["train", "-m", "tiny-random-llama", "-t", "sms_spam", "--method", "mos", "--mos-p", "5",
                               "--out", str(tmp_path / "bad")], capsys)
     assert code == 2 and "--mos-p" in err and not (tmp_path / "bad").exists()
