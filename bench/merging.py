@@ -217,7 +217,6 @@ def dense_checkpoints(members: dict[str, Path], tag: str) -> dict[str, Path]:
 
 def run_stream(args, cache: RowCache, members: dict[str, Path], tag: str) -> list[dict]:
     import yaml
-    from safetensors import safe_open
 
     from patchlm.models.base import BUILTIN_MODELS, _builtin_dir
 

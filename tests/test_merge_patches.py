@@ -33,7 +33,6 @@ def lora_patch(base, seed: int, r: int = 4, alpha: float = 8.0, targets=TARGETS,
 
 def weights_with(base, patch) -> dict[str, torch.Tensor]:
     """The effective linear weights of base + patch (the patch merged, then removed again)."""
-    from patchlm.adapters.lora import bake_lora
     from patchlm.adapters.peft_io import to_lora_patch
 
     lp = to_lora_patch(patch) if patch.kind != "merged" else patch

@@ -130,9 +130,10 @@ class CachedScorer:
     """Memoizes a scorer on rounded coefficients and counts real evaluations."""
 
     def __init__(self, fn: Scorer):
-        self.fn, self.cache, self.calls = fn, {}, 0
+        self.fn, self.cache, self.calls, self.requests = fn, {}, 0, 0
 
     def __call__(self, coefs: dict[int, float]) -> float:
+        self.requests += 1
         key = tuple(sorted((i, round(float(w), 6)) for i, w in coefs.items() if abs(w) > 1e-12))
         if key not in self.cache:
             self.calls += 1
@@ -292,7 +293,7 @@ def run_glue(base, patches, names: Sequence[str], tasks, heuristics: Sequence[st
     all_score = scorer(merge_all)
     for h in heuristics:
         log(h)
-        c0 = scorer.calls
+        c0, r0 = scorer.calls, scorer.requests
         if h == "average":
             sel = greedy_average(order, scorer)
         elif h == "coefficient":
@@ -301,8 +302,9 @@ def run_glue(base, patches, names: Sequence[str], tasks, heuristics: Sequence[st
             sel = similarity_selection(order[0], sim, fam, scorer)
         else:
             sel = cmaes_search(order, scorer, trials=trials, seed=seed)
-        sel.evaluations = scorer.calls - c0
+        sel.evaluations = scorer.requests - r0  # merges scored by this heuristic (cached ones included)
         results[h] = sel.to_dict(names)
+        results[h]["new_evaluations"] = scorer.calls - c0
     best_h = max(results, key=lambda h: results[h]["score"]) if results else None
     report = {
         "members": [{"name": names[i], "validation_score": single[i],
