@@ -6,8 +6,19 @@ import pytest
 import torch
 
 from patchlm.depth import runtime
-from patchlm.depth.drop import (DropKind, consecutive, drop_patch, effective, export_hf, joint, kv_cache_bytes,
-                                make_plan, one_shot, top_similar, validate_plan)
+from patchlm.depth.drop import (
+    DropKind,
+    consecutive,
+    drop_patch,
+    effective,
+    export_hf,
+    joint,
+    kv_cache_bytes,
+    make_plan,
+    one_shot,
+    top_similar,
+    validate_plan,
+)
 from patchlm.depth.scores import calibration_blocks, similarity_scores, span_similarity
 from patchlm.errors import BaseMismatchError, ConfigError, PatchlmError
 from patchlm.patch import Patch

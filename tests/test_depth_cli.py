@@ -48,8 +48,8 @@ def test_drop_apply_eval_and_stack_with_lora(tiny, tmp_path, capsys):
     code, out, err = run_cli(args + ["--patch", str(tmp_path / "d"), "--patch", str(lora)], capsys)
     assert code == 0, err
     stacked = json.loads(out)
-    from patchlm.evaluate import evaluate
     from patchlm.data import load_task
+    from patchlm.evaluate import evaluate
 
     Patch.load(lora).apply(tiny)
     p.apply(tiny)
@@ -58,7 +58,7 @@ def test_drop_apply_eval_and_stack_with_lora(tiny, tmp_path, capsys):
 
 
 def test_drop_apply_blocks_export_hf(tmp_path, capsys):
-    code, out, err = run_cli(["drop", "apply", "-m", "tiny-random-llama", "--blocks", "1", "--method", "consecutive",
+    code, _, err = run_cli(["drop", "apply", "-m", "tiny-random-llama", "--blocks", "1", "--method", "consecutive",
                               "--samples", "2", "--seq-len", "32", "--out", str(tmp_path / "b"),
                               "--export-hf", str(tmp_path / "hf"), "--json"], capsys)
     assert code == 0, err

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_depth import IDS, greedy_cached, greedy_reforward
 
 from patchlm.depth import runtime
 from patchlm.depth.drop import kv_cache_bytes
-from patchlm.depth.skip import (Router, RouterKind, SkipConfig, default_layers, parse_layers, route_stats,
-                                train_routers)
+from patchlm.depth.skip import Router, RouterKind, SkipConfig, default_layers, parse_layers, route_stats, train_routers
 from patchlm.errors import BaseMismatchError, ConfigError, PatchFormatError
 from patchlm.patch import Patch
-from test_depth import IDS, greedy_cached, greedy_reforward
 
 
 def _normed_means(model, layer: int, ids) -> torch.Tensor:
@@ -94,8 +93,14 @@ def test_routed_generation_matches_reference(tiny):
     w = _split_weight(_normed_means(m, 2, IDS))
     RouterKind().attach(m, {"layers": [2]}, {"layers.2.router.weight": w})
     calls = []
-    runtime.routers(m)[2].score = (lambda orig: (lambda x, ctx: calls.append(1) or orig(x, ctx)))(
-        runtime.routers(m)[2].score)
+    router = runtime.routers(m)[2]
+    orig = router.score
+
+    def counting(x, ctx):
+        calls.append(1)
+        return orig(x, ctx)
+
+    router.score = counting
     toks, logits, cache = greedy_cached(m, IDS, 6)
     assert len(calls) == 1  # decided once at prefill, reused for the 6 decoding steps
     assert cache.layers[2].keys.shape[0] == 1 and cache.get_seq_length() == IDS.shape[1] + 6
@@ -145,7 +150,7 @@ def test_train_routers_only_routers_change(tiny, toy_task, tmp_path):
 def test_routers_and_drops_stack(tiny):
     runtime.apply_drops(tiny.model, [1], [])
     RouterKind().attach(tiny.model, {"layers": [3]})
-    toks, _, cache = greedy_cached(tiny.model, IDS, 3)
+    _, _, cache = greedy_cached(tiny.model, IDS, 3)
     assert sum(l.is_initialized for l in cache.layers) == 3
     with pytest.raises(ConfigError, match="dropped"):
         RouterKind().attach(tiny.model, {"layers": [1]})

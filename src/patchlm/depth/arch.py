@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn as nn
+from torch import nn
 
 from patchlm.errors import ConfigError, PatchlmError
 

@@ -17,7 +17,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from patchlm.depth.arch import backbone, decoder_layers, family
 from patchlm.errors import ConfigError
@@ -30,7 +30,7 @@ class DepthState:
     router: nn.Module | None = None
     stash: dict = field(default_factory=dict)      # dropped modules, by attribute name
     orig_class: type | None = None
-    context: "RouteContext | None" = None
+    context: RouteContext | None = None
 
 
 class RouteContext:
@@ -271,7 +271,7 @@ def routers(model: nn.Module) -> dict[int, nn.Module]:
     return out
 
 
-def cache_key(cache) -> "weakref.ref | None":
+def cache_key(cache) -> weakref.ref | None:
     if cache is None:
         return None
     try:

@@ -74,7 +74,7 @@ def similarity_scores(model, blocks: torch.Tensor, batch_size: int = 8, bf16: bo
             if mid is None:  # the MLP-side norm did not run: one of the sub-layers is dropped
                 mid = x if (st is not None and st.attn_dropped) else y
             for key, (a, b) in {"attention": (x, mid), "mlp": (mid, y), "block": (x, y)}.items():
-                s, c = _cos_sum(a, b)
+                s, _ = _cos_sum(a, b)
                 sums[key][i] += s
             counts[i] += x.shape[0] * x.shape[1]
             cur.pop(i, None)

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from patchlm.depth import runtime
 from patchlm.depth.arch import check_indices, decoder_layers
