@@ -117,7 +117,9 @@ def federate(cfg: FedConfig, out: str | Path, *, resume: bool = False, force: bo
 
 
 def summarize(out: str | Path) -> dict:
-    recs = [r for r in read_log(out) if r.get("event") == "round"]
+    allrecs = [r for r in read_log(out) if r.get("event") == "round"]
+    recs = [r for r in allrecs if r["round"] > 0]
+    init = next((r for r in allrecs if r["round"] == 0), {})
     cfg = json.loads((Path(out) / "federate.json").read_text())
     rounds = [{k: r.get(k) for k in ("round", "eval_accuracy", "eval_perplexity", "aggregation_error", "bytes_up",
                                      "bytes_down", "round_time_s", "sign_seconds_clients", "verify_seconds")}
@@ -125,5 +127,5 @@ def summarize(out: str | Path) -> dict:
               for r in recs]
     last = rounds[-1] if rounds else {}
     return {"out": str(out), "run_id": cfg["run_id"], "aggregation": cfg["aggregation"], "ranks": cfg["ranks"],
-            "rounds": rounds, "final_accuracy": last.get("eval_accuracy"), "final_perplexity": last.get("eval_perplexity"),
+            "initial_accuracy": init.get("eval_accuracy"), "rounds": rounds, "final_accuracy": last.get("eval_accuracy"), "final_perplexity": last.get("eval_perplexity"),
             "final_patch": str(Path(out) / "final" / "patch")}

@@ -152,6 +152,8 @@ class PatchlmStrategy(Strategy):
         if len(accepted) < cfg.min_clients:
             self._round_info["failed"] = (f"only {len(accepted)} valid updates, --min-clients is {cfg.min_clients}")
             return None, None
+        accepted.sort(key=lambda a: _natural(a[0]))  # a fixed order: the stacked global is reproducible from disk
+        per_client.sort(key=lambda c: _natural(c["client_id"]))
         self._save_clients(server_round, accepted)
         updates = [update_from_tensors(t, m["alpha"] / m["rank"], n, cid) for cid, t, m, n, _ in accepted]
         g = aggregate(cfg.aggregation, updates)
@@ -332,6 +334,12 @@ class PatchlmStrategy(Strategy):
                     hist.setdefault(c["client_id"], []).append((dp["noise_multiplier"], dp["sample_rate"], dp["steps"]))
                     deltas[c["client_id"]] = dp["delta"]
         return {cid: total_epsilon(h, deltas[cid]) for cid, h in sorted(hist.items())}
+
+
+def _natural(s: str):
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
 def _prefix(m: dict, p: str) -> dict:

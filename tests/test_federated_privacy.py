@@ -1,0 +1,153 @@
+"""Client-side DP (Opacus) on LoRA adapters, DP-Flat, client partitions, and the server's update checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patchlm.errors import ConfigError, DataError
+
+
+def _lora(tiny, r=4):
+    from patchlm.adapters.inject import wrapped_modules
+    from patchlm.adapters.lora import LoraKind, LoraLinear
+
+    kind = LoraKind()
+    kind.attach(tiny.model, {"r": r, "alpha": 2 * r, "targets": "qv"}, None, seed=0)
+    return kind.trainable_parameters(tiny.model), wrapped_modules(tiny.model, LoraLinear)
+
+
+def _feats(tiny, toy_task):
+    from patchlm.train.objectives import build_features
+
+    return build_features(toy_task, "train", tiny.tokenizer, "classification", 64)
+
+
+def test_dp_changes_adapter_weights_and_reports_epsilon(tiny, toy_task):
+    from patchlm.federated.privacy import DPConfig, dp_train
+
+    params, _ = _lora(tiny)
+    before = [p.detach().clone() for p in params]
+    feats = _feats(tiny, toy_task)
+    torch.manual_seed(0)
+    rec = dp_train(tiny.model, params, feats, tiny.tokenizer.pad_token_id, steps=4, batch_size=8, lr=1e-2,
+                   dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0), seed=0)
+    # every adapter tensor moved, including B, which starts at zero (the Opacus + PEFT pitfall leaves it frozen)
+    for p, b in zip(params, before):
+        assert not torch.equal(p.detach(), b)
+    assert all(float(p.abs().max()) > 0 for p, b in zip(params, before) if not b.any())
+    assert 0 < rec["epsilon"] < float("inf") and rec["sample_rate"] == pytest.approx(8 / 32)
+    assert rec["delta"] == pytest.approx(1 / 32 ** 1.1)
+    # no hooks left behind: ordinary training works on the model afterwards
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in params)
+
+
+def test_dp_gradient_equals_plain_gradient_without_noise_or_clipping(tiny, toy_task):
+    """With sigma=0, C huge and q=1 (whole data every step), the DP-SGD gradient is the plain mean gradient:
+    checks Opacus's per-example gradients through patchlm's LoraLinear (functorch path)."""
+    from patchlm.federated.privacy import DPConfig, dp_train, per_example_loss
+    from patchlm.train.trainer import collate
+
+    params, _ = _lora(tiny)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
+    feats = _feats(tiny, toy_task)[:6]
+    batch = collate(feats, tiny.tokenizer.pad_token_id)
+    loss = per_example_loss(tiny.model, batch).mean()
+    plain = torch.autograd.grad(loss, params)
+    start = [p.detach().clone() for p in params]
+    lr = 1e-3
+    dp_train(tiny.model, params, feats, tiny.tokenizer.pad_token_id, steps=1, batch_size=6, lr=lr,
+             dp=DPConfig(noise_multiplier=0.0, max_grad_norm=1e6), seed=0)
+    # first AdamW step: update = -lr * g / (|g| + eps) elementwise, so sign(update) = -sign(g) where g is not tiny
+    for p, s, g in zip(params, start, plain):
+        step = (p.detach() - s)
+        big = g.abs() > 1e-6
+        assert big.any()
+        assert torch.equal(torch.sign(step[big]), -torch.sign(g[big]))
+        assert torch.allclose(step[big].abs(), torch.full_like(step[big], lr), rtol=1e-2)
+
+
+def test_total_epsilon_composes_rounds():
+    from patchlm.federated.privacy import total_epsilon
+
+    one = total_epsilon([(1.0, 0.1, 10)], 1e-5)
+    two = total_epsilon([(1.0, 0.1, 10), (1.0, 0.1, 10)], 1e-5)
+    assert two == pytest.approx(total_epsilon([(1.0, 0.1, 20)], 1e-5))
+    assert one < two < 2 * one
+    assert total_epsilon([], 1e-5) == 0.0
+    assert total_epsilon([(2.0, 0.1, 10)], 1e-5) < one  # more noise, less privacy loss
+
+
+def test_dp_flat_keeps_chosen_layers_and_stays_private(tiny, toy_task):
+    from patchlm.federated.privacy import DPConfig, _layer_of, dp_train
+
+    params, mods = _lora(tiny)
+    feats = _feats(tiny, toy_task)
+    torch.manual_seed(0)
+    rec = dp_train(tiny.model, params, feats, tiny.tokenizer.pad_token_id, steps=4, batch_size=8, lr=1e-2,
+                   dp=DPConfig(noise_multiplier=1.0, flat=True, flat_keep=0.5, teacher_steps=2), seed=0,
+                   lora_modules=mods, public_feats=feats[:8])
+    assert rec["flat"] and len(rec["kept_layers"]) == 2 and rec["num_layers"] == 4
+    for name, m in mods.items():
+        if _layer_of(name) in rec["kept_layers"]:
+            assert m.lora_B.abs().max() > 0
+        else:
+            assert m.lora_B.abs().max() == 0  # dropped layers: no update, no noise spent
+    assert 0 < rec["epsilon"] < float("inf")
+    with pytest.raises(ConfigError, match="public data"):
+        dp_train(tiny.model, params, feats, 0, steps=1, batch_size=8, lr=1e-2, dp=DPConfig(flat=True))
+
+
+def test_dirichlet_partition_hand_checks():
+    from patchlm.data.task import Task
+    from patchlm.federated.flower.task import partition_indices
+
+    ex = [{"text": f"t{i}", "label": i % 3} for i in range(300)]
+    task = Task(name="t", kind="classification", train=ex, validation=[], test=[], labels=["a", "b", "c"],
+                verbalizers=[" a", " b", " c"])
+    parts = partition_indices(task, 4, "dirichlet", 0.5, seed=1)
+    flat = sorted(i for p in parts for i in p)
+    assert flat == list(range(300))                                   # disjoint and complete
+    assert parts == partition_indices(task, 4, "dirichlet", 0.5, seed=1)  # deterministic
+    # small alpha: skewed label mixes; huge alpha: every client near 1/3 of each label
+    skew = [[sum(1 for i in p if ex[i]["label"] == c) / len(p) for c in range(3)] for p in parts]
+    assert max(max(s) for s in skew) > 0.5
+    even = partition_indices(task, 4, "dirichlet", 1e4, seed=1)
+    for p in even:
+        assert all(abs(sum(1 for i in p if ex[i]["label"] == c) / len(p) - 1 / 3) < 0.1 for c in range(3))
+    iid = partition_indices(task, 3, "iid", seed=0)
+    assert [len(p) for p in iid] == [100, 100, 100]
+    nat = Task(name="n", kind="text", train=[{"text": "x", "client": c} for c in "aabbbc"], validation=[], test=[])
+    assert partition_indices(nat, 2, "natural", min_size=1) == [[2, 3, 4], [0, 1]]
+    with pytest.raises(DataError, match="natural clients"):
+        partition_indices(nat, 4, "natural", min_size=1)
+    with pytest.raises(DataError, match="iid or natural"):
+        partition_indices(nat, 2, "dirichlet", min_size=1)
+
+
+def test_server_checks_shapes_and_nans():
+    from patchlm.federated.flower.strategy import _check_tensors
+
+    exp = {"m.lora_A": (8,), "m.lora_B": (6,)}
+    good = {"m.lora_A": torch.zeros(2, 8), "m.lora_B": torch.zeros(6, 2)}
+    assert _check_tensors(good, exp) is None
+    assert "wrong shape" in _check_tensors({**good, "m.lora_A": torch.zeros(2, 9)}, exp)
+    assert "wrong shape" in _check_tensors({**good, "m.lora_B": torch.zeros(6, 3)}, exp)
+    assert "non-finite" in _check_tensors({**good, "m.lora_B": torch.full((6, 2), float("nan"))}, exp)
+    assert "non-finite" in _check_tensors({**good, "m.lora_A": torch.full((2, 8), float("inf"))}, exp)
+    assert "wrong tensors" in _check_tensors({"m.lora_A": torch.zeros(2, 8)}, exp)
+    assert _check_tensors({}, exp) == "empty update"
+
+
+def test_ffa_clients_share_a_across_ranks(tiny):
+    from patchlm.federated.flower.task import init_lora_tensors
+
+    a8 = init_lora_tensors(tiny.model, "qv", 8, seed=5)
+    a2 = init_lora_tensors(tiny.model, "qv", 2, seed=5)
+    for k, v in a2.items():
+        if k.endswith("lora_A"):
+            assert torch.equal(v, a8[k][:2])
+        else:
+            assert not v.any()
