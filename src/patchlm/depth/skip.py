@@ -253,7 +253,7 @@ def train_routers(base, task, layers: list[int] | None = None, granularity: str 
                 hist.append({"lm_loss": float(lm.detach()), "capacity": float(used.detach())})
                 if bar:
                     bar.update(1)
-                    bar.set_postfix(lm=f"{float(lm):.3f}", cap=f"{float(used):.2f}")
+                    bar.set_postfix(lm=f"{hist[-1]['lm_loss']:.3f}", cap=f"{hist[-1]['capacity']:.2f}")
     finally:
         if bar:
             bar.close()
