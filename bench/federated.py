@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CACHE, RowCache, md_table, write_results  # noqa: E402
+from common import CACHE, RowCache, md_table, write_results
 
 HOMO = [8] * 8
 HETERO = [16, 8, 8, 4, 4, 4, 2, 2]
@@ -25,12 +25,12 @@ HETERO = [16, 8, 8, 4, 4, 4, 2, 2]
 
 def settings(quick: bool) -> dict:
     if quick:
-        return dict(model="smollm2-135m", task="rotten_tomatoes", clients=8, rounds=1, local_steps=2, batch_size=8,
-                    lr=1e-3, max_length=128, eval_limit=50, bf16=True, targets="qv", max_train=2000,
-                    dirichlet_alpha=0.5, partition="dirichlet")
-    return dict(model="smollm2-135m", task="rotten_tomatoes", clients=8, rounds=3, local_steps=12, batch_size=8,
-                lr=1e-3, max_length=128, eval_limit=200, bf16=True, targets="qv", max_train=4000,
-                dirichlet_alpha=0.5, partition="dirichlet")
+        return {"model": "smollm2-135m", "task": "rotten_tomatoes", "clients": 8, "rounds": 1, "local_steps": 2, "batch_size": 8,
+                    "lr": 1e-3, "max_length": 128, "eval_limit": 50, "bf16": True, "targets": "qv", "max_train": 2000,
+                    "dirichlet_alpha": 0.5, "partition": "dirichlet"}
+    return {"model": "smollm2-135m", "task": "rotten_tomatoes", "clients": 8, "rounds": 3, "local_steps": 12, "batch_size": 8,
+                "lr": 1e-3, "max_length": 128, "eval_limit": 200, "bf16": True, "targets": "qv", "max_train": 4000,
+                "dirichlet_alpha": 0.5, "partition": "dirichlet"}
 
 
 def runs(quick: bool) -> list[dict]:
@@ -103,8 +103,7 @@ def page(rows: list[dict], base: dict, quick: bool) -> str:
                       "final_accuracy", "MB/round", "round_time_s", "signing %"],
                      fmt={"aggregation_error": lambda v: f"{v:.2e}"})
     goals = []
-    fl_h, fe_h, fl_o, fe_o = (ok.get(n) for n in ("flora-heterogeneous", "fedit-heterogeneous",
-                                                   "flora-homogeneous", "fedit-homogeneous"))
+    fl_h, fe_h, fe_o = (ok.get(n) for n in ("flora-heterogeneous", "fedit-heterogeneous", "fedit-homogeneous"))
     fl_errs = [r["aggregation_error"] for n, r in ok.items() if r["aggregation"] == "flora"]
     if fl_errs:
         fe_err = fe_o["aggregation_error"] if fe_o else None

@@ -10,7 +10,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from conftest import run_cli
 
 pytestmark = pytest.mark.timeout(300)
@@ -112,8 +111,8 @@ def test_server_restart_resumes_from_last_completed_round(tmp_path, monkeypatch)
     from patchlm.patch import _sha256
 
     out = tmp_path / "resume"
-    cfg = dict(model="tiny-random-llama", task="sms_spam", clients=2, rounds=2, ranks=[2], local_steps=3, eval_limit=8, lr=5e-3,
-               max_train=200, aggregation="fedit", sign="none")
+    cfg = {"model": "tiny-random-llama", "task": "sms_spam", "clients": 2, "rounds": 2, "ranks": [2], "local_steps": 3, "eval_limit": 8, "lr": 5e-3,
+               "max_train": 200, "aggregation": "fedit", "sign": "none"}
     try:
         monkeypatch.setenv("PATCHLM_FED_CRASH_AFTER_ROUND", "1")
         with pytest.raises(PatchlmError, match="injected server crash after round 1"):

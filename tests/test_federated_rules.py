@@ -8,8 +8,18 @@ import pytest
 import torch
 
 from patchlm.errors import ConfigError, PatchFormatError
-from patchlm.federated.rules import (ClientUpdate, aggregate, aggregation_error, ffa, fedit, flora,
-                                     merge_tensors_into_model, stack_rounds, update_from_patch, zeropad)
+from patchlm.federated.rules import (
+    ClientUpdate,
+    aggregate,
+    aggregation_error,
+    fedit,
+    ffa,
+    flora,
+    merge_tensors_into_model,
+    stack_rounds,
+    update_from_patch,
+    zeropad,
+)
 
 
 def T(rows):

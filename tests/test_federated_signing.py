@@ -6,8 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from patchlm.federated.signing import (KeyPair, KeyRegistry, UpdateVerifier, generate_keypair, sign, sign_tensors,
-                                       signed_message, tensors_digest, update_context, verify)
+from patchlm.federated.signing import (
+    KeyPair,
+    KeyRegistry,
+    UpdateVerifier,
+    generate_keypair,
+    sign,
+    sign_tensors,
+    signed_message,
+    tensors_digest,
+    update_context,
+    verify,
+)
 
 
 def tensors():

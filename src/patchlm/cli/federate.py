@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -17,7 +17,7 @@ def federate(
     rounds: Annotated[int, typer.Option(help="federated rounds")] = 3,
     aggregation: Annotated[str, typer.Option(help="flora | fedit | zeropad | ffa")] = "flora",
     ranks: Annotated[str, typer.Option(help="LoRA rank per client, e.g. 16,8,8,4 (one value = every client)")] = "8",
-    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha for every client [2 x its rank]")] = None,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha for every client [2 x its rank]")] = None,
     targets: Annotated[str, typer.Option(help="LoRA target modules: preset (qv, attn, mlp, all-linear) or names")] = "qv",
     local_steps: Annotated[int, typer.Option(help="optimizer steps per client per round")] = 10,
     batch_size: Annotated[int, typer.Option(help="examples per step")] = 8,
@@ -25,22 +25,22 @@ def federate(
     max_length: Annotated[int, typer.Option(help="max tokens per example")] = 128,
     partition: Annotated[str, typer.Option(help="dirichlet | iid | natural (example['client'], e.g. health_tweets outlets)")] = "dirichlet",
     dirichlet_alpha: Annotated[float, typer.Option("--alpha-dirichlet", "--dirichlet-alpha", help="Dirichlet concentration over labels")] = 0.5,
-    max_train: Annotated[Optional[int], typer.Option(help="use only the first N training examples")] = None,
+    max_train: Annotated[int | None, typer.Option(help="use only the first N training examples")] = None,
     seed: Annotated[int, typer.Option(help="seed of partitions, inits and data order")] = 0,
     bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast (about 2x faster on AVX-512 BF16 CPUs)")] = False,
     sign: Annotated[str, typer.Option(help="signature on every update and broadcast: mldsa (ML-DSA-65) | slhdsa | none")] = "mldsa",
     dp: Annotated[bool, typer.Option("--dp", help="client-side DP-SGD with Opacus")] = False,
     dp_noise: Annotated[float, typer.Option(help="DP noise multiplier")] = 1.0,
     dp_clip: Annotated[float, typer.Option(help="DP per-example clipping norm")] = 1.0,
-    dp_delta: Annotated[Optional[float], typer.Option(help="DP delta [1/n^1.1 per client]")] = None,
+    dp_delta: Annotated[float | None, typer.Option(help="DP delta [1/n^1.1 per client]")] = None,
     dp_flat: Annotated[bool, typer.Option("--dp-flat", help="DP-Flat on top of --dp (see docs)")] = False,
-    min_clients: Annotated[Optional[int], typer.Option(help="valid replies that complete a round [all clients]")] = None,
+    min_clients: Annotated[int | None, typer.Option(help="valid replies that complete a round [all clients]")] = None,
     round_timeout: Annotated[float, typer.Option(help="seconds a round waits for replies")] = 1800.0,
-    straggler_timeout: Annotated[Optional[float], typer.Option(help="once --min-clients replied, wait at most this many seconds for the rest")] = None,
+    straggler_timeout: Annotated[float | None, typer.Option(help="once --min-clients replied, wait at most this many seconds for the rest")] = None,
     eval_limit: Annotated[int, typer.Option(help="test examples the server evaluates each round (0 = none)")] = 200,
     parallel_clients: Annotated[bool, typer.Option("--parallel-clients", help="let local clients train at the same time (default: one at a time)")] = False,
     timeout: Annotated[float, typer.Option(help="overall time limit in seconds")] = 7200.0,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run directory")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="run directory")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in OUT after its last completed round")] = False,
     force: Annotated[bool, typer.Option("--force", help="delete OUT and start over")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the run summary as JSON")] = False,
@@ -78,7 +78,7 @@ def federate(
 def keygen(
     out: Annotated[Path, typer.Option("--out", "-o", help="private key file to write")],
     scheme: Annotated[str, typer.Option(help="mldsa (ML-DSA-65) | slhdsa (SLH-DSA-SHA2-128s)")] = "mldsa",
-    registry: Annotated[Optional[Path], typer.Option(help="add the public key to this registry JSON")] = None,
+    registry: Annotated[Path | None, typer.Option(help="add the public key to this registry JSON")] = None,
     identity: Annotated[str, typer.Option(help="identity in the registry (client-<k> or server)")] = "client-0",
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing key file")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the public key as JSON")] = False,

@@ -17,8 +17,8 @@ client scalings and weights are folded into the tensors, so dW_g = B_g A_g.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -143,7 +143,7 @@ class KeyPair:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "KeyPair":
+    def load(cls, path: str | Path) -> KeyPair:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"no key file at {path}; create one with `patchlm federate keygen --out {path}`")
@@ -154,7 +154,7 @@ class KeyPair:
             raise PatchFormatError(f"{path} is not a patchlm key file ({e})") from e
 
     @classmethod
-    def generate(cls, scheme: str = "mldsa") -> "KeyPair":
+    def generate(cls, scheme: str = "mldsa") -> KeyPair:
         sk, pk = generate_keypair(scheme)
         return cls(scheme, sk, pk)
 
@@ -189,7 +189,7 @@ class KeyRegistry:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "KeyRegistry":
+    def load(cls, path: str | Path) -> KeyRegistry:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"no public-key registry at {path}")

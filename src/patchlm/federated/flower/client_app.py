@@ -49,7 +49,7 @@ def train(msg: Message, context: Context) -> Message:
 
     from patchlm.federated.flower.strategy import history_from_record
     from patchlm.federated.flower.task import FedConfig, client_examples, load_fed_task, load_model, local_train
-    from patchlm.federated.signing import KeyPair, KeyRegistry, sign_tensors, update_context, verify, signed_message
+    from patchlm.federated.signing import KeyPair, KeyRegistry, sign_tensors, signed_message, update_context, verify
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     cfgrec = msg.content["config"]

@@ -94,10 +94,9 @@ class LocalDeployment:
 
     # -- processes
     def _spawn(self, args: list[str], logname: str) -> subprocess.Popen:
-        logf = open(self.workdir / "logs" / logname, "ab")
-        p = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
-                             start_new_session=True)
-        logf.close()
+        with open(self.workdir / "logs" / logname, "ab") as logf:
+            p = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+                                 start_new_session=True)
         self.procs.append(p)
         self._track()
         return p
@@ -112,7 +111,7 @@ class LocalDeployment:
             except psutil.NoSuchProcess:
                 continue
 
-    def start(self) -> "LocalDeployment":
+    def start(self) -> LocalDeployment:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         (self.workdir / "flwr-home").mkdir(parents=True, exist_ok=True)
         atexit.register(self.stop)
@@ -175,10 +174,7 @@ class LocalDeployment:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        try:
-            atexit.unregister(self.stop)
-        except Exception:  # noqa: BLE001
-            pass
+        atexit.unregister(self.stop)
 
     def alive(self) -> list[int]:
         """Pids of tracked processes still running (zombies excluded)."""

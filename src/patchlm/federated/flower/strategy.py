@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import Strategy
 
 from patchlm.federated.flower.task import FedConfig, evaluate_model, load_fed_task, load_model, write_json
 from patchlm.federated.rules import aggregate, aggregation_error, stack_rounds, update_from_tensors
-from patchlm.federated.signing import (KeyPair, KeyRegistry, UpdateVerifier, sign_tensors, update_context)
+from patchlm.federated.signing import KeyPair, KeyRegistry, UpdateVerifier, sign_tensors, update_context
 
 
 def history_record(history: list[dict[str, torch.Tensor]]) -> ArrayRecord:
@@ -58,6 +58,7 @@ class PatchlmStrategy(Strategy):
             self.server_key = KeyPair.load(self.out / "keys" / "server.key")
         self.verifier = UpdateVerifier(self.registry, cfg.run_id) if self.registry else None
         self.history: list[dict[str, torch.Tensor]] = []
+        self.node_names: dict[int, str] = {}  # Flower node id -> client id, learnt from verified updates
         self.base = None
         self.task = None
 
@@ -108,7 +109,9 @@ class PatchlmStrategy(Strategy):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                rejected.append({"node": node, "reason": f"client error: {msg.error.reason[:300]}"})
+                known = self.node_names.get(node)
+                rejected.append({"node": node, **({"client_node": known} if known else {}),
+                                 "reason": f"client error: {msg.error.reason[:300]}"})
                 continue
             try:
                 meta = msg.content["meta"]
@@ -142,6 +145,7 @@ class PatchlmStrategy(Strategy):
                 rejected.append({"node": node, "client_id": cid, "reason": f"LoRA alpha {claimed['alpha']} is not positive"})
                 continue
             accepted.append((cid, tensors, metrics, claimed["num_samples"], up_bytes))
+            self.node_names[node] = cid
             per_client.append({"client_id": cid, "bytes_up": up_bytes, "bytes_down": self._down_bytes,
                                "num_samples": claimed["num_samples"], "rank": metrics.get("rank"),
                                "train_loss": metrics.get("train_loss"), "train_seconds": metrics.get("train_seconds"),
@@ -317,7 +321,6 @@ class PatchlmStrategy(Strategy):
                 raise RuntimeError(f"injected server crash after round {r}")
         self._save_final()
         write_json(self.out / "state.json", {"completed_round": cfg.rounds, "run_id": cfg.run_id, "finished": True})
-        return None
 
     def _dp_totals(self) -> dict:
         """Total epsilon per client over all completed rounds (RDP composition of the logged rounds)."""
@@ -325,7 +328,8 @@ class PatchlmStrategy(Strategy):
 
         hist: dict[str, list] = {}
         deltas: dict[str, float] = {}
-        recs = [json.loads(line) for line in open(self.out / "log.jsonl")] if (self.out / "log.jsonl").exists() else []
+        logf = self.out / "log.jsonl"
+        recs = [json.loads(line) for line in logf.read_text().splitlines() if line] if logf.exists() else []
         recs.append({"event": "round", "clients": self._round_info["clients"]})
         for rec in recs:
             for c in rec.get("clients", []) if rec.get("event") == "round" else []:

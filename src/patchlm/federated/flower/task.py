@@ -102,7 +102,7 @@ class FedConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FedConfig":
+    def from_dict(cls, d: dict) -> FedConfig:
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
