@@ -77,6 +77,8 @@ def test_skipped_sequences_do_no_attention_work_and_keep_no_cache(tiny):
     layers = out.past_key_values.layers
     assert layers[2].keys.shape[0] == 1 and layers[1].keys.shape[0] == 2
     assert kv_cache_bytes(out.past_key_values) == kv_cache_bytes(full_cache) * 7 // 8
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # mixed dtypes in the batch split
+        assert m(input_ids=IDS).logits.shape == (2, IDS.shape[1], m.config.vocab_size)
     # all sequences skip: no call and no cache layer at all
     with torch.no_grad():
         runtime.routers(m)[2].weight.copy_(-100 * _normed_means(m, 2, IDS).mean(0))  # w.xbar_b < 0 for both

@@ -95,7 +95,7 @@ class _DepthForward:
         sub = {k: _index_rows(v, idx, b) for k, v in kw.items() if k != "past_key_values"}
         sub["past_key_values"] = kw.get("past_key_values")
         out = self.self_attn(hidden_states=x.index_select(0, idx), **sub)[0]
-        return h.index_add(0, idx, out)
+        return h.index_add(0, idx, out.to(h.dtype))
 
 
 def _ensure_managed(layer: nn.Module) -> DepthState:
