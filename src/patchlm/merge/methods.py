@@ -131,6 +131,9 @@ def tensor_seed(seed: int, name: str, k: int) -> int:
 
 
 # ---------------------------------------------------------------- sparsification (per task vector)
+# A pruner returns the mask of entries kept (None: keep everything); `apply_mask` zeroes the rest and
+# rescales. Masks are small (one byte an entry), so TIES-style methods keep them between their two passes
+# instead of sorting every task vector twice.
 def _rescale(orig: torch.Tensor, masked: torch.Tensor, mode, density: float) -> torch.Tensor:
     """mergekit's rescale (L1 norm of the kept entries matched to the original), or DARE's 1/density."""
     if mode is False or mode is None:
@@ -143,93 +146,119 @@ def _rescale(orig: torch.Tensor, masked: torch.Tensor, mode, density: float) -> 
     return masked * (before / after)
 
 
-def magnitude_prune(delta: torch.Tensor, density: float, rescale=False) -> torch.Tensor:
-    """Keep the top `density` fraction of entries by magnitude (at least one), zero the rest (TIES trim)."""
-    if density >= 1:
+def apply_mask(delta: torch.Tensor, mask: torch.Tensor | None, rescale=False, density: float = 1.0) -> torch.Tensor:
+    if mask is None:
         return delta
+    out = torch.where(mask.reshape(delta.shape), delta, torch.zeros((), dtype=delta.dtype))
+    return _rescale(delta, out, rescale, density)
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
+    """The top `density` fraction of entries by magnitude (at least one)."""
     n = delta.numel()
-    if n == 0:
-        return delta
+    if density >= 1 or n == 0 or not bool(delta.any()):  # an all-zero vector prunes to itself: no sort
+        return None
     k = max(1, int(density * n))
-    flat = delta.reshape(-1)
     # a full descending sort (not topk) so that entries of equal magnitude at the cut are kept in the same
     # order as mergekit's, and the outputs agree bit for bit
-    idx = torch.argsort(flat.abs().float(), descending=True)[:k]
+    idx = torch.argsort(delta.reshape(-1).abs().float(), descending=True)[:k]
     mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
     mask[idx] = True
-    del idx
-    out = torch.where(mask, flat, torch.zeros((), dtype=delta.dtype)).reshape(delta.shape)
-    return _rescale(delta, out, rescale, density)
+    return mask
 
 
-def random_drop(delta: torch.Tensor, density: float, gen: torch.Generator, rescale=True) -> torch.Tensor:
-    """DARE: drop each entry with probability 1-density (seeded), then rescale what is kept."""
+def random_mask(delta: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor | None:
+    """DARE: keep each entry with probability density (seeded)."""
     if density >= 1:
-        return delta
-    keep = torch.rand(delta.shape, generator=gen, dtype=torch.float32) < density
-    out = torch.where(keep, delta, torch.zeros((), dtype=delta.dtype))
-    return _rescale(delta, out, rescale, density)
+        return None
+    return (torch.rand(delta.shape, generator=gen, dtype=torch.float32) < density).reshape(-1)
 
 
-def outlier_prune(delta: torch.Tensor, density: float, gamma: float, rescale=False) -> torch.Tensor:
+def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
     """Model Breadcrumbs: drop the `gamma` fraction of largest-magnitude entries and the smallest, keeping `density`.
 
     As in mergekit: n_keep = int(density*n), n_top = int(gamma*n), the smallest n - n_keep - n_top (>= 0) are
     dropped and the next n_keep by magnitude kept (so the outlier cut shrinks when it would undershoot density).
     In the paper's terms, beta (top removed) = gamma and its bottom fraction = 1 - density - gamma.
     """
-    if density >= 1:
-        return delta
     n = delta.numel()
+    if density >= 1 or n == 0 or not bool(delta.any()):
+        return None
     keep_n = int(density * n)
     n_top = int(gamma * n)
     n_bot = max(0, n - keep_n - n_top)
-    flat = delta.reshape(-1)
-    order = torch.sort(flat.abs().float(), descending=False).indices  # same tie order as mergekit
+    order = torch.sort(delta.reshape(-1).abs().float(), descending=False).indices  # same tie order as mergekit
     mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
     mask[order[n_bot: n_bot + keep_n]] = True
-    out = torch.where(mask, flat, torch.zeros((), dtype=delta.dtype)).reshape(delta.shape)
-    return _rescale(delta, out, rescale, density)
+    return mask
+
+
+def magnitude_prune(delta: torch.Tensor, density: float, rescale=False) -> torch.Tensor:
+    """TIES trim: keep the top `density` fraction by magnitude, zero the rest."""
+    return apply_mask(delta, magnitude_mask(delta, density), rescale, density)
+
+
+def random_drop(delta: torch.Tensor, density: float, gen: torch.Generator, rescale=True) -> torch.Tensor:
+    """DARE: drop each entry with probability 1-density (seeded), then rescale what is kept."""
+    return apply_mask(delta, random_mask(delta, density, gen), rescale, density)
+
+
+def outlier_prune(delta: torch.Tensor, density: float, gamma: float, rescale=False) -> torch.Tensor:
+    """Model Breadcrumbs' pruning (see outlier_mask)."""
+    return apply_mask(delta, outlier_mask(delta, density, gamma), rescale, density)
 
 
 # ---------------------------------------------------------------- generalized task arithmetic
 def combine_deltas(deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
-                   prune: Callable[[int, torch.Tensor], torch.Tensor] | None = None, consensus: bool = False,
+                   mask_fn: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+                   densities: Sequence[float] | None = None, rescale=False, consensus: bool = False,
                    normalize: bool = False, lam: float = 1.0) -> torch.Tensor:
     """sum_k w_k prune(tau_k) [only entries agreeing with the elected sign] [/ sum of weights] * lambda.
 
-    The elected sign per entry is the sign of sum_k w_k prune(tau_k) (ties to +), TIES' "sum" election;
-    with normalize the divisor counts only the weights of the models that contribute to the entry.
+    prune(tau_k) = the entries mask_fn keeps (rescaled as `rescale` says). The elected sign per entry is the
+    sign of sum_k w_k prune(tau_k) (ties to +), TIES' "sum" election; with normalize the divisor counts only
+    the weights of the models that contribute to the entry. Each tau_k is read once per pass.
     """
     n = len(deltas)
     if n == 0:
         raise ConfigError("nothing to merge: no models besides the base")
+    dens = list(densities) if densities is not None else [1.0] * n
+    masks: list = [None] * n
 
-    def term(k: int) -> torch.Tensor:
-        d = deltas[k].float()
-        if prune is not None:
-            d = prune(k, d)
-        return d * float(weights[k])
+    def term(k: int, d: torch.Tensor, mask) -> torch.Tensor:
+        return apply_mask(d, mask, rescale, dens[k]) * float(weights[k])
 
-    sign = None
+    pos = None
     if consensus:
-        total = term(0)
-        for k in range(1, n):
-            total = total + term(k)
-        sign = torch.where(total >= 0, 1.0, -1.0)
+        total = None
+        for k in range(n):
+            d = deltas[k].float()
+            masks[k] = mask_fn(k, d) if mask_fn is not None else None
+            s = term(k, d, masks[k])
+            del d
+            total = s if total is None else total.add_(s)
+            del s
+        pos = total >= 0
         del total
     mixed = None
     divisor: torch.Tensor | float = 0.0
     for k in range(n):
-        s = term(k)
+        d = deltas[k].float()
+        mask = masks[k] if consensus else (mask_fn(k, d) if mask_fn is not None else None)
+        s = term(k, d, mask)
+        del d
+        masks[k] = None
         if consensus:
-            agree = s.sign() == sign
+            agree = torch.where(pos, s > 0, s < 0)  # sign(s) == elected sign; zeros never agree
             s = torch.where(agree, s, torch.zeros(()))
-            wk = agree.float() * float(weights[k])
-            divisor = wk if isinstance(divisor, float) else divisor + wk
+            if normalize:
+                wk = agree.float().mul_(float(weights[k]))
+                divisor = wk if isinstance(divisor, float) else divisor.add_(wk)
+                del wk
+            del agree
         else:
             divisor = divisor + float(weights[k])
-        mixed = s if mixed is None else mixed + s
+        mixed = s if mixed is None else mixed.add_(s)
         del s
     if normalize:
         if consensus:
@@ -277,16 +306,16 @@ def task_arithmetic(deltas, weight, normalize=False, lam=1.0, **_) -> torch.Tens
               model_params={"weight": _W, "density": _D}, reference="https://arxiv.org/abs/2306.01708")
 def ties(deltas, weight, density, normalize=True, lam=1.0, rescale=False, **_) -> torch.Tensor:
     """TIES: trim each task vector to its top-density entries, elect signs, average the agreeing entries."""
-    return combine_deltas(deltas, weight, prune=lambda k, d: magnitude_prune(d, density[k], rescale),
-                          consensus=True, normalize=normalize, lam=lam)
+    return combine_deltas(deltas, weight, mask_fn=lambda k, d: magnitude_mask(d, density[k]), densities=density,
+                          rescale=rescale, consensus=True, normalize=normalize, lam=lam)
 
 
 def _dare(deltas, weight, density, rescale, seed, name, consensus, normalize, lam):
-    def prune(k, d):
-        gen = torch.Generator().manual_seed(tensor_seed(seed, name, k))
-        return random_drop(d, density[k], gen, rescale)
+    def mask(k, d):
+        return random_mask(d, density[k], torch.Generator().manual_seed(tensor_seed(seed, name, k)))
 
-    return combine_deltas(deltas, weight, prune=prune, consensus=consensus, normalize=normalize, lam=lam)
+    return combine_deltas(deltas, weight, mask_fn=mask, densities=density, rescale=rescale, consensus=consensus,
+                          normalize=normalize, lam=lam)
 
 
 @merge_method("dare_linear", params={"normalize": Param(False, check=check_bool), "lambda": _LAM,
@@ -312,8 +341,8 @@ def dare_ties(deltas, weight, density, normalize=False, lam=1.0, rescale=True, s
               reference="https://arxiv.org/abs/2312.06795")
 def breadcrumbs(deltas, weight, density, gamma, normalize=False, lam=1.0, rescale=False, **_):
     """Model Breadcrumbs: drop each task vector's largest outliers (gamma) and smallest entries, then add."""
-    return combine_deltas(deltas, weight, prune=lambda k, d: outlier_prune(d, density[k], gamma[k], rescale),
-                          normalize=normalize, lam=lam)
+    return combine_deltas(deltas, weight, mask_fn=lambda k, d: outlier_mask(d, density[k], gamma[k]),
+                          densities=density, rescale=rescale, normalize=normalize, lam=lam)
 
 
 @merge_method("breadcrumbs_ties", params={"normalize": Param(False, check=check_bool), "lambda": _LAM,
@@ -323,8 +352,8 @@ def breadcrumbs(deltas, weight, density, gamma, normalize=False, lam=1.0, rescal
               reference="https://arxiv.org/abs/2312.06795")
 def breadcrumbs_ties(deltas, weight, density, gamma, normalize=False, lam=1.0, rescale=False, **_):
     """Model Breadcrumbs with TIES' sign election."""
-    return combine_deltas(deltas, weight, prune=lambda k, d: outlier_prune(d, density[k], gamma[k], rescale),
-                          consensus=True, normalize=normalize, lam=lam)
+    return combine_deltas(deltas, weight, mask_fn=lambda k, d: outlier_mask(d, density[k], gamma[k]),
+                          densities=density, rescale=rescale, consensus=True, normalize=normalize, lam=lam)
 
 
 @merge_method("fisher", params={"fisher_floor": Param(1e-6, check=check_positive,
