@@ -179,3 +179,20 @@ def test_cli_yaml_and_options(zoo, tmp_path, capsys):
     bad.write_text(yaml.safe_dump({**_cfg(zoo, "ties"), "merge_method": "model_stock"}))
     code, out, err = run_cli(["merge", str(bad), "--out", str(tmp_path / "z")], capsys)
     assert code == 2 and "model_stock" in err and not (tmp_path / "z").exists()
+
+
+def test_dtype_and_tokenizer_source(zoo, tmp_path):
+    cfg = {**_cfg(zoo, "ties"), "dtype": "bfloat16", "out_dtype": "float16", "tokenizer_source": zoo["a"]}
+    plan = plan_from_config(cfg)
+    merge_checkpoints(plan, tmp_path / "m")
+    ck = Checkpoint(str(tmp_path / "m"))
+    t = ck.read("model.layers.0.mlp.up_proj.weight")
+    assert t.dtype == torch.float16
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "float16"
+    assert (tmp_path / "m" / "tokenizer.json").read_bytes() == (Path(zoo["a"]) / "tokenizer.json").read_bytes()
+    # inputs rounded to bf16 before merging: same as merging bf16 copies in memory
+    refs = [e.model for e in plan.models]
+    states = {r: {k: v.to(torch.bfloat16) for k, v in s.items()} for r, s in _states_by_ref(refs).items()}
+    configs = {r: json.loads((Path(r) / "config.json").read_text()) for r in refs}
+    mem = merge_state_dicts(plan, states, configs)
+    assert torch.equal(mem["model.layers.0.mlp.up_proj.weight"], t)
