@@ -156,7 +156,7 @@ def page(rows: list[dict], base: dict, quick: bool) -> str:
              "or learning rate it grows. FFA keeps A frozen and is exact. Zero-padding with mixed ranks mixes rows "
              "of different clients' A and B and is inexact. FLoRA's downlink grows with sum r_k per round (and the "
              "broadcast carries the whole history of global updates so a fresh client process can rebuild the "
-             "merged model), which is the price of exactness. The scale (3 rounds, 12 local steps, 200 test "
+             "merged model), which is the price of exactness. The scale (3 rounds, 10 local steps, 200 test "
              "examples, one seed) is small so the whole study fits about 40 minutes on 2 cores: accuracy "
              "differences of a few points are within noise.")
     if quick:

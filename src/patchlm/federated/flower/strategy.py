@@ -150,6 +150,7 @@ class PatchlmStrategy(Strategy):
                                "num_samples": claimed["num_samples"], "rank": metrics.get("rank"),
                                "train_loss": metrics.get("train_loss"), "train_seconds": metrics.get("train_seconds"),
                                "sign_seconds": metrics.get("sign_seconds", 0.0),
+                               "signature_bytes": metrics.get("signature_bytes"),
                                "verify_broadcast_seconds": metrics.get("verify_seconds", 0.0),
                                "dp": metrics.get("dp")})
         self._round_info = {"rejected": rejected, "clients": per_client, "verify_seconds": verify_s}
