@@ -24,13 +24,11 @@ HETERO = [16, 8, 8, 4, 4, 4, 2, 2]
 
 
 def settings(quick: bool) -> dict:
+    common = {"model": "smollm2-135m", "task": "rotten_tomatoes", "clients": 8, "batch_size": 8, "max_length": 128,
+              "bf16": True, "targets": "qv", "dirichlet_alpha": 0.5, "partition": "dirichlet"}
     if quick:
-        return {"model": "smollm2-135m", "task": "rotten_tomatoes", "clients": 8, "rounds": 1, "local_steps": 2, "batch_size": 8,
-                    "lr": 1e-3, "max_length": 128, "eval_limit": 50, "bf16": True, "targets": "qv", "max_train": 2000,
-                    "dirichlet_alpha": 0.5, "partition": "dirichlet"}
-    return {"model": "smollm2-135m", "task": "rotten_tomatoes", "clients": 8, "rounds": 3, "local_steps": 12, "batch_size": 8,
-                "lr": 1e-3, "max_length": 128, "eval_limit": 200, "bf16": True, "targets": "qv", "max_train": 4000,
-                "dirichlet_alpha": 0.5, "partition": "dirichlet"}
+        return {**common, "rounds": 1, "local_steps": 2, "lr": 1e-3, "eval_limit": 50, "max_train": 2000}
+    return {**common, "rounds": 3, "local_steps": 10, "lr": 2e-3, "eval_limit": 200, "max_train": 4000}
 
 
 def runs(quick: bool) -> list[dict]:
