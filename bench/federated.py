@@ -169,6 +169,9 @@ def main() -> None:
     args = ap.parse_args()
     tag = "quick" if args.quick else "full"
     base = settings(args.quick)
+    import hashlib
+
+    tag += "-" + hashlib.sha1(json.dumps(base, sort_keys=True).encode()).hexdigest()[:8]  # new settings, new cache
     cache = RowCache("federated", tag)
     workdir = CACHE / "federated" / tag / "runs"
     rows = []
