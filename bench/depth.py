@@ -74,7 +74,7 @@ def router_patch(base, capacity: float, o: dict, tag: str):
     d = CACHE / "depth" / tag / f"router-{int(capacity * 100)}"
     if (d / "patch.json").exists():
         return Patch.load(d)
-    cfg = SkipConfig(samples=o["router_samples"], batch_size=8, max_length=o["router_len"], lr=2e-3, lam=2.0,
+    cfg = SkipConfig(samples=o["router_samples"], batch_size=8, max_length=o["router_len"], lr=1e-3, lam=2.0,
                      target=capacity, bf16=True)
     t0 = time.perf_counter()
     p = train_routers(base, load_task("sharegpt"), None, "sequence", cfg)
@@ -334,7 +334,7 @@ accuracy on the first {o['limit']} test examples of rotten_tomatoes and trec and
 tokens), each with a LoRA patch (r=8, all linear layers, {o['lora_steps']} steps) trained on the full model and cached;
 perplexity on {o['ppl_blocks']} x 256 held-out news_corpus tokens; drop plans scored on {o['calib_samples']} x
 {o['calib_len']} news_corpus train tokens (the paper uses 256 x 2048 C4 tokens); routers trained on
-{o['router_samples']} sharegpt conversations cut to {o['router_len']} tokens (1 epoch, lr 2e-3, capacity term
+{o['router_samples']} sharegpt conversations cut to {o['router_len']} tokens (1 epoch, lr 1e-3, capacity term
 2.0 x relu(mean(m) - target)), routing the last 15 layers but the final one (14..28). Speed: prefill of 8 x 128
 tokens; greedy decoding of 32 tokens after a 32-token prompt at batch 1 and 8; KV-cache bytes after decoding at batch 8.
 
