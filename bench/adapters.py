@@ -9,9 +9,10 @@ and VB-LoRA join the loop through a small PatchKind that calls peft.get_peft_mod
 Every finished training is cached under bench/.cache/adapters/<tag>/ and the study resumes from there; the page
 is rewritten after each training, so a partial run still shows what is done.
 
-    python bench/adapters.py            # the full study (about 45-60 minutes of two cores)
-    python bench/adapters.py --quick    # a few minutes: 2 rows' worth of scale, tiny steps
+    python bench/adapters.py            # the full study (about an hour of two quiet cores; resumable)
+    python bench/adapters.py --quick    # a few minutes: 5 rows at a tiny scale, writes adapters-quick.*
     python bench/adapters.py --report   # rewrite the page from the cache only
+    python bench/adapters.py --phase search --rows lora-r16   # one slice (to share the machine between jobs)
 """
 
 from __future__ import annotations
@@ -148,27 +149,23 @@ def run_one(row: str, task_name: str, seed: int, lr: float, scale: dict, tasks: 
            "tokens_per_s": patch.metrics["train_tokens_per_s"], "train_seconds": patch.metrics["train_seconds"],
            "peak_rss_mb": mem.peak_bytes / 2**20, "train_mem_delta_mb": mem.delta_bytes / 2**20,
            "trainable_params": sum(p.numel() for p in trainer.params), "patch_bytes": nbytes}
+    trainer.kind.detach(base.model)
     del trainer, patch, base
     gc.collect()
     return out
 
 
 # ---------------------------------------------------------------- speed: same batches, interleaved
-def speed_probe(pairs, scale: dict, tasks: dict, reps: int) -> list[dict]:
+def speed_probe(pairs, scale: dict, tasks: dict, reps: int, rows: list[str]) -> dict:
     """Training-step tokens/s of each row on identical rotten_tomatoes batches, the rows interleaved so
     background load hits them alike. Median over `reps` rounds of `scale['speed_steps']` steps."""
     from patchlm.models import load_base
     from patchlm.patch import get_kind
-    from patchlm.train.objectives import build_features
-    from patchlm.train.trainer import causal_lm_loss, collate
+    from patchlm.train.trainer import causal_lm_loss
 
     base = load_base(MODEL)
-    task = tasks[TASKS[0]]
-    feats = build_features(task, "train", base.tokenizer, "classification", scale["max_length"][TASKS[0]])
-    bs = scale["batch_size"]
-    batches = [collate(feats[i * bs:(i + 1) * bs], base.tokenizer.pad_token_id) for i in range(scale["speed_steps"])]
+    batches = _train_batches(base, tasks, scale)
     ntok = sum(int(b["attention_mask"].sum()) for b in batches)
-    rows = sorted({r for p in pairs for r in p})
     rates = {r: [] for r in rows}
     for _ in range(reps):
         for r in rows:
@@ -194,6 +191,62 @@ def speed_probe(pairs, scale: dict, tasks: dict, reps: int) -> list[dict]:
         ra, rb = statistics.median(rates[a]), statistics.median(rates[b])
         out.append({"row": a, "baseline": b, "tokens_per_s": ra, "baseline_tokens_per_s": rb, "ratio": ra / rb,
                     "rounds": reps, "tokens_per_round": ntok})
+    return {"pairs": out, "all": {r: statistics.median(v) for r, v in rates.items()}, "raw": rates}
+
+
+def _train_batches(base, tasks, scale):
+    from patchlm.train.objectives import build_features
+    from patchlm.train.trainer import collate
+
+    feats = build_features(tasks[TASKS[0]], "train", base.tokenizer, "classification", scale["max_length"][TASKS[0]])
+    bs = scale["batch_size"]
+    return [collate(feats[i * bs:(i + 1) * bs], base.tokenizer.pad_token_id) for i in range(scale["speed_steps"])]
+
+
+def memory_probe_child(row: str, scale: dict) -> dict:
+    """In a fresh process: load the base, hand freed memory back to the OS, attach the row's adapter and run
+    the probe's training steps while sampling RSS. Reports the peak during training and its rise over the
+    loaded model (no allocator history from other rows)."""
+    import ctypes
+
+    from patchlm.data import load_task
+    from patchlm.evaluate import MemoryProbe
+    from patchlm.models import load_base
+    from patchlm.patch import get_kind
+    from patchlm.train.trainer import causal_lm_loss
+
+    base = load_base(MODEL)
+    batches = _train_batches(base, {TASKS[0]: load_task(TASKS[0], seed=0)}, scale)
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    kind_name, spec = ROWS[row]
+    kind = get_kind(kind_name)
+    with MemoryProbe(interval=0.002) as mem:
+        kind.attach(base.model, dict(spec), seed=0)
+        opt = torch.optim.AdamW(kind.trainable_parameters(base.model), lr=1e-4)
+        base.model.train()
+        for b in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, _ = causal_lm_loss(base.model, b)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return {"row": row, "peak_rss_mb": mem.peak_bytes / 2**20, "loaded_rss_mb": mem.start_bytes / 2**20,
+            "train_delta_mb": mem.delta_bytes / 2**20}
+
+
+def memory_probe(rows, scale: dict) -> dict:
+    import json
+    import subprocess
+
+    out = {}
+    for r in rows:
+        res = subprocess.run([sys.executable, __file__, "--memory-child", r, "--scale-json", json.dumps(scale)],
+                             capture_output=True, text=True, check=True)
+        out[r] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
 
 
@@ -282,46 +335,59 @@ def goals(rows: list[dict], speed: list[dict]) -> list[str]:
     return out
 
 
-def write_page(runs, chosen, seeds_for, speed, scale, tag, lr_grid, suffix):
+def write_page(runs, chosen, seeds_for, probe, scale, tag, lr_grid, suffix):
     rows = aggregate(runs, chosen, seeds_for)
+    speed = probe.get("pairs", [])
+    for r in rows:
+        r["train_tokens_per_s"] = r.pop("tokens_per_s")
+        r["tokens_per_s"] = probe.get("all", {}).get(r["name"], r["train_tokens_per_s"])
+        mem = probe.get("memory", {}).get(r["name"])
+        r["peak_memory_mb"] = mem["peak_rss_mb"] if mem else None
+        r["train_memory_delta_mb"] = mem.get("train_delta_mb") if mem else None
     cols = ["name", "method", "trainable_params", "patch_file_bytes"] + [f"{t}" for t in TASKS] + \
-           ["mean", "tokens_per_s", "peak_rss_mb", "train_mem_delta_mb", "lr"]
+           ["mean", "tokens_per_s", "train_tokens_per_s", "peak_memory_mb", "train_memory_delta_mb", "lr"]
     table_rows = []
     for r in rows:
         d = dict(r)
         for t in TASKS:
             d[t] = _pm(r, f"{t}_accuracy")
-        d["mean"] = _pm(r, "mean_accuracy") + ("" if r["complete"] else " (partial)")
+        d["mean"] = _pm(r, "mean_accuracy") if r["complete"] else "(partial)"
         table_rows.append(d)
     fmt = {"trainable_params": lambda v: f"{v:,}", "patch_file_bytes": lambda v: f"{v:,}",
-           "tokens_per_s": lambda v: f"{v:.0f}", "peak_rss_mb": lambda v: f"{v:.0f}",
-           "train_mem_delta_mb": lambda v: f"{v:.0f}", "lr": lambda v: f"{v:g}"}
+           "tokens_per_s": lambda v: f"{v:.0f}", "train_tokens_per_s": lambda v: f"{v:.0f}",
+           "peak_memory_mb": lambda v: f"{v:.0f}", "train_memory_delta_mb": lambda v: f"{v:.0f}", "lr": lambda v: f"{v:g}"}
     search = [r for r in runs if r["task"] == TASKS[0] and r["seed"] == 0]
     lr_rows = []
     for name in ROWS:
         d = {"name": name}
         for lr in lr_grid:
             hit = next((r for r in search if r["row"] == name and r["lr"] == lr), None)
-            d[f"lr {lr:g}"] = f"{100 * hit['val_accuracy']:.1f}" if hit and hit["val_accuracy"] is not None else "-"
+            d[f"lr {lr:g}"] = (f"{100 * hit['val_accuracy']:.1f} (test {100 * hit['test_accuracy']:.1f})"
+                               if hit and hit["val_accuracy"] is not None else "-")
         d["chosen"] = f"{chosen[name]:g}" if name in chosen else "-"
         lr_rows.append(d)
+    mem_base = min((m["loaded_rss_mb"] for m in probe.get("memory", {}).values()), default=None)
     md = f"""
 Adapters on **{MODEL}** (all 7 linear projections of all 30 layers), classification by label log-likelihood.
 
 **Scale used ({tag})**: {scale['steps']} optimizer steps x batch {scale['batch_size']} (AdamW, warm-up 10%, cosine),
-bf16 autocast for every row, max length {scale['max_length']} tokens; test accuracy on the first
-{scale['test_limit']} test examples of each task; learning rate chosen per row from {list(lr_grid)} by validation
-accuracy (first {scale['val_limit']} validation examples) on {TASKS[0]} with seed 0, then used for every task and
-seed. Rows `{'`, `'.join(SEEDED)}` are mean ± std over seeds {list(seeds_for(SEEDED[0]))} (seed: init, data order,
-MoS indices; the data split is fixed); the others are seed 0. The mean column is the mean over the three tasks
-(and its std over seeds). This is a small-scale study that fits two CPU cores: with {scale['test_limit']} test
-examples one accuracy has a standard error of about 2-3 points, so differences below that are noise.
+bf16 autocast for every row, max length per task {scale['max_length']} tokens (prompts are cut from the left, so
+the question survives); test accuracy on the first {scale['test_limit']} test examples of each task; learning rate
+chosen per row from {list(lr_grid)} by validation accuracy (first {scale['val_limit']} validation examples) on
+{TASKS[0]} with seed 0, then used for every task and seed. Rows `{'`, `'.join(SEEDED)}` are mean ± std over seeds
+{list(seeds_for(SEEDED[0]))} (seed: init, data order, MoS indices; the data split is fixed); the others are seed 0.
+The mean column is the mean over the three tasks (± its std over seeds). This is a small study sized for two
+shared CPU cores (papers train thousands of steps): with {scale['test_limit']} test examples one accuracy has a
+standard error of about 3 points, so gaps of a point or two between rows are within noise.
 
-Columns: trainable parameters; patch file bytes (the saved `tensors.safetensors`: MoS stores pools + int16
-indices, VeRA's frozen projections regenerate from PEFT's PRNG key, VB-LoRA stores its logits and bank);
-tokens/s = median training throughput over the row's {TASKS[0]} runs (tokens counted with padding excluded,
-same batches for every row); peak RSS of the process during training and its rise over the loaded model
-(CPU: the model's 517 MB fp32 weights dominate).
+Columns: trainable parameters; patch file bytes (the saved `tensors.safetensors`: MoS stores pools + int16 indices,
+VeRA's frozen projections regenerate from PEFT's PRNG key, VB-LoRA stores its logits and bank); accuracy in %;
+tokens/s = training throughput on identical {TASKS[0]} batches with all rows interleaved (median of
+{probe.get('rounds', '?')} rounds of {scale['speed_steps']} steps; background load hits every row alike);
+train_tokens_per_s = the median over the row's own {TASKS[0]} trainings (more exposed to other jobs on the
+machine); peak memory = peak RSS (sampled every 2 ms) of a fresh process that loads the base, returns freed
+memory to the OS and runs {scale['speed_steps']} training steps of the row; train_memory_delta_mb = that peak minus
+the RSS before the adapter was attached (the loaded fp32 model: {mem_base or 0:.0f} MB).
 
 {md_table(table_rows, cols, fmt)}
 
@@ -329,13 +395,13 @@ same batches for every row); peak RSS of the process during training and its ris
 
 {chr(10).join(goals(rows, speed)) or '- (not enough rows finished yet)'}
 
-## Throughput probe (same batches, rows interleaved, median of rounds)
+## Throughput probe: MoS against LoRA at the same r
 
 {md_table(speed, ['row', 'baseline', 'tokens_per_s', 'baseline_tokens_per_s', 'ratio', 'rounds'],
           {'tokens_per_s': lambda v: f'{v:.0f}', 'baseline_tokens_per_s': lambda v: f'{v:.0f}',
            'ratio': lambda v: f'{v:.3f}'}) if speed else '(not run)'}
 
-## Learning-rate search ({TASKS[0]} validation accuracy, seed 0)
+## Learning-rate search ({TASKS[0]} validation accuracy %, seed 0; test accuracy in brackets)
 
 {md_table(lr_rows, ['name'] + [f'lr {lr:g}' for lr in lr_grid] + ['chosen'])}
 
@@ -353,33 +419,35 @@ same batches for every row); peak RSS of the process during training and its ris
   e=2 budget); its saved logits could shrink to top-k indices, which this page does not do.
 """
     write_results("adapters", rows, md, extra={"scale": scale, "lr_grid": list(lr_grid), "chosen_lr": chosen,
-                                                "speed": speed, "runs": runs}, suffix=suffix)
+                                                "probe": probe, "runs": runs}, suffix=suffix)
 
 
 # ---------------------------------------------------------------- main
 def main(argv=None):
+    import json
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny scale, a few minutes; writes adapters-quick.*")
     ap.add_argument("--report", action="store_true", help="only rewrite the page from cached runs")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--test-limit", type=int, default=None)
-    ap.add_argument("--rows", default=None, help="comma-separated subset of rows")
+    ap.add_argument("--rows", default=None, help="train only these rows (comma-separated); the page shows all cached")
+    ap.add_argument("--phase", choices=["all", "probe", "search", "tasks", "seeds"], default="all",
+                    help="run one phase only (each resumes from the cache)")
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--scale-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.memory_child:
+        print(json.dumps(memory_probe_child(args.memory_child, json.loads(args.scale_json))))
+        return
     if args.quick:
         scale = {"steps": 8, "batch_size": 4, "test_limit": 24, "val_limit": 16, "speed_steps": 3,
                  "max_length": {"rotten_tomatoes": 64, "trec": 64, "bbc_news": 64}}
         lr_grid, seeds, reps, tag, suffix = (2e-3,), (0, 1), 1, "quick", "-quick"
         rows = ["lora-r2", "mos-e2-r16", "vera", "vblora", "mos-pure-sharing"]
     else:
-        scale = {"steps": 60, "batch_size": 8, "test_limit": 200, "val_limit": 100, "speed_steps": 6,
-                 "max_length": {"rotten_tomatoes": 96, "trec": 96, "bbc_news": 128}}
+        scale = {"steps": 40, "batch_size": 8, "test_limit": 200, "val_limit": 100, "speed_steps": 6,
+                 "max_length": {"rotten_tomatoes": 96, "trec": 96, "bbc_news": 96}}
         lr_grid, seeds, reps, tag, suffix = (5e-4, 2e-3, 8e-3), (0, 1, 2), 3, "full", ""
         rows = list(ROWS)
-    if args.steps:
-        scale["steps"] = args.steps
-    if args.test_limit:
-        scale["test_limit"] = args.test_limit
     if args.rows:
         rows = [r.strip() for r in args.rows.split(",")]
         unknown = [r for r in rows if r not in ROWS]
@@ -387,7 +455,7 @@ def main(argv=None):
             ap.error(f"unknown rows {unknown}; choices: {', '.join(ROWS)}")
     key_tag = f"{tag}-s{scale['steps']}-t{scale['test_limit']}"
     cache = RowCache("adapters", key_tag)
-    sel = {n: ROWS[n] for n in rows}
+    shown = list(ROWS) if not args.quick else rows
 
     def seeds_for(name):
         return seeds if name in SEEDED else seeds[:1]
@@ -397,8 +465,6 @@ def main(argv=None):
     tasks = {t: load_task(t, seed=0) for t in TASKS}
     runs: list[dict] = []
     chosen: dict[str, float] = {}
-    cached_speed = cache.get("speed")
-    speed = cached_speed["rows"] if cached_speed else []
 
     def key(row, task, seed, lr):
         return f"{row}__{task}__s{seed}__lr{lr:g}"
@@ -406,7 +472,7 @@ def main(argv=None):
     def collect():
         runs.clear()
         chosen.clear()
-        for name in sel:
+        for name in shown:
             for t in TASKS:
                 for s in seeds:
                     for lr in lr_grid:
@@ -420,30 +486,39 @@ def main(argv=None):
 
     def page():
         collect()
-        write_page(runs, {k: v for k, v in chosen.items()}, seeds_for, speed, scale, key_tag, lr_grid, suffix)
+        write_page(runs, dict(chosen), seeds_for, cache.get("probe") or {}, scale, key_tag, lr_grid, suffix)
 
     if args.report:
         page()
         return
-
-    # 1. throughput probe (MoS vs LoRA at the same r), cached
-    pairs = [(a, b) for a, b in (("mos-e2-r16", "lora-r16"), ("mos-e2-r8", "lora-r8")) if a in sel and b in sel]
-    if not pairs and args.quick:
-        pairs = [("mos-e2-r16", "lora-r2")]
-    if pairs and not speed:
-        speed = cache.put("speed", {"rows": speed_probe(pairs, scale, tasks, reps)})["rows"]
-
-    # 2. learning-rate search on the first task, then the other tasks, then the extra seeds
-    plan = [(n, TASKS[0], 0, lr) for n in sel for lr in lr_grid]
-    plan_later = [(n, t, 0) for n in sel for t in TASKS[1:]] + \
-                 [(n, t, s) for s in seeds[1:] for n in sel if n in SEEDED for t in TASKS]
     t_start = time.time()
-    for item in plan:
-        cache.run(key(*item), lambda item=item: run_one(*item, scale, tasks))
+
+    # 1. throughput (interleaved, same batches) and memory (fresh process per row) probes, cached
+    if args.phase in ("all", "probe") and cache.get("probe") is None:
+        pairs = [("mos-e2-r16", "lora-r16"), ("mos-e2-r8", "lora-r8")] if not args.quick else [("mos-e2-r16", "lora-r2")]
+        probe_rows = shown
+        sp = speed_probe(pairs, scale, tasks, reps, probe_rows)
+        mem = memory_probe(probe_rows, scale)
+        cache.put("probe", {"pairs": sp["pairs"], "all": sp["all"], "raw": sp["raw"], "rounds": reps, "memory": mem})
         page()
-        print(f"[{time.time() - t_start:6.0f}s] {key(*item)}", flush=True)
+        print(f"[{time.time() - t_start:6.0f}s] probes", flush=True)
+
+    # 2. learning-rate search on the first task, 3. the other tasks, 4. the extra seeds
+    if args.phase in ("all", "search"):
+        for item in [(n, TASKS[0], 0, lr) for n in rows for lr in lr_grid]:
+            cache.run(key(*item), lambda item=item: run_one(*item, scale, tasks))
+            page()
+            print(f"[{time.time() - t_start:6.0f}s] {key(*item)}", flush=True)
     collect()
-    for n, t, s in plan_later:
+    later = []
+    if args.phase in ("all", "tasks"):
+        later += [(n, t, 0) for n in rows for t in TASKS[1:]]
+    if args.phase in ("all", "seeds"):
+        later += [(n, t, s) for s in seeds[1:] for n in rows if n in SEEDED for t in TASKS]
+    for n, t, s in later:
+        if n not in chosen:
+            print(f"skip {n} {t} s{s}: its learning-rate search is not finished", flush=True)
+            continue
         lr = chosen[n]
         cache.run(key(n, t, s, lr), lambda n=n, t=t, s=s, lr=lr: run_one(n, t, s, lr, scale, tasks))
         page()
