@@ -159,9 +159,19 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
     if density >= 1 or n == 0 or not bool(delta.any()):  # an all-zero vector prunes to itself: no sort
         return None
     k = max(1, int(density * n))
-    # a full descending sort (not topk) so that entries of equal magnitude at the cut are kept in the same
-    # order as mergekit's, and the outputs agree bit for bit
-    idx = torch.argsort(delta.reshape(-1).abs().float(), descending=True)[:k]
+    a = delta.reshape(-1).abs().float()
+    if k == n:
+        return torch.ones(n, dtype=torch.bool, device=delta.device)
+    # the k-th largest magnitude by selection (linear time); when no run of equal magnitudes straddles the
+    # cut, the entries at or above it are exactly the top k, whatever order a sort would give equal values
+    thr = torch.kthvalue(a, n - k + 1).values
+    mask = a >= thr
+    if int(mask.sum()) == k:
+        return mask
+    # equal magnitudes straddle the cut: break the tie as mergekit does (its full descending sort), so
+    # that the outputs agree bit for bit
+    del mask
+    idx = torch.argsort(a, descending=True)[:k]
     mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
     mask[idx] = True
     return mask
@@ -187,7 +197,14 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     keep_n = int(density * n)
     n_top = int(gamma * n)
     n_bot = max(0, n - keep_n - n_top)
-    order = torch.sort(delta.reshape(-1).abs().float(), descending=False).indices  # same tie order as mergekit
+    a = delta.reshape(-1).abs().float()
+    if keep_n == 0:
+        return torch.zeros(n, dtype=torch.bool, device=delta.device)
+    lo = torch.kthvalue(a, n_bot + 1).values  # the smallest kept and the largest kept, by selection
+    hi = torch.kthvalue(a, n_bot + keep_n).values
+    if int((a < lo).sum()) == n_bot and int((a <= hi).sum()) == n_bot + keep_n:
+        return (a >= lo) & (a <= hi)  # unique: no run of equal magnitudes crosses either cut
+    order = torch.sort(a, descending=False).indices  # ties at a cut: mergekit's order
     mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
     mask[order[n_bot: n_bot + keep_n]] = True
     return mask
@@ -209,6 +226,30 @@ def outlier_prune(delta: torch.Tensor, density: float, gamma: float, rescale=Fal
 
 
 # ---------------------------------------------------------------- generalized task arithmetic
+_POOL = None
+
+
+def _in_order(load: Callable, n: int, with_mask: bool):
+    """(k, load(k)) for k = 0..n-1 in order, two at a time on two threads when masks are computed (sorting a
+    task vector is single-threaded in torch); at most two task vectors are held at once. Results are the
+    same as a plain loop: masks do not depend on the order, and the caller accumulates in order."""
+    global _POOL
+    workers = min(2, torch.get_num_threads())
+    if not with_mask or workers < 2 or n < 2:
+        for k in range(n):
+            yield k, load(k, with_mask)
+        return
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="patchlm-merge")
+    for start in range(0, n, 2):
+        futs = [(k, _POOL.submit(load, k, with_mask)) for k in range(start, min(n, start + 2))]
+        for k, f in futs:
+            yield k, f.result()
+        del futs
+
+
 def combine_deltas(deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
                    mask_fn: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
                    densities: Sequence[float] | None = None, rescale=False, consensus: bool = False,
@@ -228,25 +269,27 @@ def combine_deltas(deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
     def term(k: int, d: torch.Tensor, mask) -> torch.Tensor:
         return apply_mask(d, mask, rescale, dens[k]) * float(weights[k])
 
+    def load(k: int, with_mask: bool):
+        d = deltas[k].float()
+        return d, (mask_fn(k, d) if (with_mask and mask_fn is not None) else None)
+
     pos = None
     if consensus:
         total = None
-        for k in range(n):
-            d = deltas[k].float()
-            masks[k] = mask_fn(k, d) if mask_fn is not None else None
-            s = term(k, d, masks[k])
-            del d
+        for k, (d, m) in _in_order(load, n, True):
+            masks[k] = m
+            s = term(k, d, m)
+            del d, m
             total = s if total is None else total.add_(s)
             del s
         pos = total >= 0
         del total
     mixed = None
     divisor: torch.Tensor | float = 0.0
-    for k in range(n):
-        d = deltas[k].float()
-        mask = masks[k] if consensus else (mask_fn(k, d) if mask_fn is not None else None)
+    for k, (d, m) in _in_order(load, n, not consensus):
+        mask = masks[k] if consensus else m
         s = term(k, d, mask)
-        del d
+        del d, m, mask
         masks[k] = None
         if consensus:
             agree = torch.where(pos, s > 0, s < 0)  # sign(s) == elected sign; zeros never agree
