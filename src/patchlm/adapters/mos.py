@@ -32,6 +32,11 @@ and ``mos.<type>.idx_A``, ``mos.<type>.idx_B`` ([L, r*l] int16/int32, the frozen
 depends on the RNG of a future torch; they are also re-derivable from ``spec["seed"]``). ``<type>`` is the
 module name with its layer number replaced by ``*`` (``model.layers.*.self_attn.q_proj``).
 :func:`MosKind.materialize` gives an ordinary LoRA patch computing the same function (for merging, PEFT export).
+
+Speed: each module builds its A and B with one ``index_select`` + ``view`` per forward (no Python loop over
+shards). For smollm2-135m (210 modules, r=16, l=4) the gathers and their backward scatters cost about 9 ms per
+training step on the 2-core dev CPU, 1-2% of a step; gathering all layers of a type in one call and slicing was
+measured slower (about 2x for the gather part: the slices' backward), so it is not used.
 """
 
 from __future__ import annotations
