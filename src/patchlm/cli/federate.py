@@ -48,7 +48,7 @@ def federate(
     """Federated LoRA fine-tuning over a real Flower deployment on this machine (a SuperLink and one SuperNode per
     client on loopback), with FLoRA / FedIT / zero-padding / FFA-LoRA aggregation, signed updates and optional DP.
 
-    Writes OUT/round-<r>/client-<k>/patch, OUT/round-<r>/global/patch, OUT/final/patch and OUT/log.jsonl.
+    Writes OUT/round-R/client-K/patch (K = client index), OUT/round-R/global/patch, OUT/final/patch and OUT/log.jsonl.
 
     Example: `patchlm federate --model tiny-random-llama --task sms_spam --clients 2 --rounds 2 --aggregation flora --ranks 4,2 --local-steps 3 --out runs/fed`
     """
@@ -79,7 +79,7 @@ def keygen(
     out: Annotated[Path, typer.Option("--out", "-o", help="private key file to write")],
     scheme: Annotated[str, typer.Option(help="mldsa (ML-DSA-65) | slhdsa (SLH-DSA-SHA2-128s)")] = "mldsa",
     registry: Annotated[Path | None, typer.Option(help="add the public key to this registry JSON")] = None,
-    identity: Annotated[str, typer.Option(help="identity in the registry (client-<k> or server)")] = "client-0",
+    identity: Annotated[str, typer.Option(help="identity in the registry (client-K or server)")] = "client-0",
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing key file")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the public key as JSON")] = False,
 ) -> None:
