@@ -179,3 +179,22 @@ def test_router_bad_input(tiny):
         p.apply(tiny)
     with pytest.raises(ConfigError, match="capacity target"):
         SkipConfig(target=1.5)
+
+
+def test_padded_batch_split_equals_sequences_alone(tiny):
+    """Right-padded batch: routing decisions use the valid tokens only, and the split batch gives each
+    sequence exactly what it gets alone (one kept, one skipped)."""
+    m = tiny.model
+    a, c = IDS[:1, :10], IDS[1:, :6]
+    ids = torch.zeros(2, 10, dtype=torch.long)
+    ids[0], ids[1, :6] = a[0], c[0]
+    mask = torch.zeros(2, 10, dtype=torch.long)
+    mask[0], mask[1, :6] = 1, 1
+    xbar = torch.cat([_normed_means(m, 2, a), _normed_means(m, 2, c)])
+    RouterKind().attach(m, {"layers": [2]}, {"layers.2.router.weight": _split_weight(xbar)})
+    with torch.no_grad():
+        batch = m(input_ids=ids, attention_mask=mask).logits
+        alone_a, alone_c = m(input_ids=a).logits, m(input_ids=c).logits
+    assert route_stats(m) == {2: 0.5}  # kept in the batch and alone (a), skipped both times (c)
+    assert torch.allclose(batch[0], alone_a[0], atol=1e-5)
+    assert torch.allclose(batch[1, :6], alone_c[0], atol=1e-5)
