@@ -197,11 +197,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: few examples, small calibration, one router")
     ap.add_argument("--only", help="comma-separated row names to (re)run; others come from the cache")
+    ap.add_argument("--page-only", action="store_true", help="rewrite the page from the cached rows only")
     ap.add_argument("--respeed", action="store_true",
                     help="re-measure the speed columns of cached rows (same plans and routers), keep their quality")
     args = ap.parse_args()
     o = QUICK if args.quick else FULL
     tag = "quick" if args.quick else "full"
+    if args.page_only:  # rebuild the page from the cached rows (no model loaded)
+        cache = RowCache("depth", tag)
+        names = [n for n in row_names(o) if cache.get(n) is not None]
+        write_page([cache.get(n) for n in names], o, tag)
+        return
 
     import torch
 
@@ -286,6 +292,57 @@ def main() -> None:
             hit = respeed(hit, s, model, base, pre_ids, dec_ids, o, tag, cache)
         rows.append(hit if hit is not None else cache.run(name, compute))
     write_page(rows, o, tag)
+
+
+def row_names(o: dict) -> list[str]:
+    names = ["full"] + [f"drop-attn-{n}" for n in o["attn"]] + (["drop-attn-8-iterative"] if 8 in o["attn"] else [])
+    names += [f"drop-mlp-{n}" for n in o["mlp"]] + [f"drop-joint-{n}" for n in o["joint"]]
+    for n in o["blocks"]:
+        names += [f"drop-block-{n}", f"consecutive-block-{n}"]
+    return names + [f"mindskip-cap{int(c * 100)}" for c in o["capacities"]]
+
+
+def findings(by: dict) -> list[str]:
+    """Plain statements computed from the rows (so a re-run rewrites them with its own numbers)."""
+    out = []
+    full = by["full"]
+    a8, m2 = by.get("drop-attn-8"), by.get("drop-mlp-2")
+    if a8 and m2:
+        out.append(f"- Attention is much more redundant than the MLP: dropping 8 attention layers raises perplexity "
+                   f"{full['perplexity']:.1f} -> {a8['perplexity']:.1f}, dropping only 2 MLPs already to "
+                   f"{m2['perplexity']:.1f}. Mean accuracy (with each task's LoRA) keeps "
+                   + ", ".join(f"{100 * by[n]['accuracy_retained']:.1f}% at {n}" for n in
+                               ("drop-attn-2", "drop-attn-4", "drop-attn-8", "drop-attn-15") if n in by) + ".")
+    it, jo = by.get("drop-attn-8-iterative"), by.get("drop-joint-8")
+    if a8 and it and jo:
+        same_it = it["dropped_attention"] == a8["dropped_attention"]
+        same_jo = jo["dropped_attention"] == a8["dropped_attention"] and not jo["dropped_mlp"]
+        out.append(f"- Iterative re-scoring {'chose the same 8 attention layers as' if same_it else 'changed the choice of'}"
+                   f" one-shot; joint ranking {'picked only attention modules, i.e. the same plan' if same_jo else 'mixed attention and MLP modules'}.")
+    for n in (4, 8):
+        a, b = by.get(f"drop-block-{n}"), by.get(f"consecutive-block-{n}")
+        if a and b:
+            out.append(f"- {n} blocks: our scores (blocks {a['dropped_blocks']}) give perplexity "
+                       f"{a['perplexity']:.1f} vs {b['perplexity']:.1f} for the consecutive span "
+                       f"{b['dropped_blocks']}, and mean accuracy {a['mean_accuracy']:.3f} vs {b['mean_accuracy']:.3f}.")
+    ms = [r for n, r in by.items() if n.startswith("mindskip")]
+    if ms and a8:
+        fewer = all(15 * (1 - r.get("attn_executed", 1)) < 8 and r["mean_accuracy"] < a8["mean_accuracy"] for r in ms)
+        lead = ("MindSkip routers skipped fewer attention computations than the 8-layer drop yet lost more accuracy"
+                if fewer else "MindSkip routers vs the 8-layer drop")
+        out.append(f"- {lead}: " + "; ".join(f"{r['name']} executes {r.get('attn_executed', float('nan')):.2f} of "
+                                            f"the 15 routed attentions (about {15 * (1 - r.get('attn_executed', 1)):.1f} "
+                                            f"skipped), accuracy {r['mean_accuracy']:.3f}, perplexity {r['perplexity']:.1f}"
+                                            for r in ms)
+                   + f" (drop-attn-8: {a8['mean_accuracy']:.3f}, {a8['perplexity']:.1f}). The routers may only use "
+                   "layers 14..28 (the paper's placement), while the most redundant attention layers by LLM-Drop's "
+                   f"scores include early ones ({a8['dropped_attention']}); the routers were trained without the "
+                   "task LoRAs and on chat text, and their training LM loss rose from "
+                   + ", ".join(f"{r.get('router_lm_loss_first_batch', float('nan')):.2f} to "
+                               f"{r.get('router_lm_loss_last_10pct', float('nan')):.2f}" for r in ms)
+                   + " (first batch vs last tenth of training). A 135M model has far less redundant depth than the "
+                   "8B model of the paper.")
+    return out
 
 
 def router_facts(p, s: dict) -> dict:
@@ -406,6 +463,9 @@ speed on this shared machine; the `full` row compares the full model with itself
 
 ## Plans
 {plans}
+
+## What the numbers show
+{chr(10).join(findings(by))}
 
 ## Notes
 - A dropped attention layer is removed from the module tree, computes nothing, and its KV-cache layer is never
