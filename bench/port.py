@@ -123,9 +123,12 @@ def main() -> None:
         log(f"re-train {t} on the evolved base")
         retrain = cache.run(f"retrain-{t}-s{args.steps}", lambda t=t, d=retrain_dir: _peak(
             [sys.executable, __file__, "--worker-retrain", t, str(evolved), str(args.steps), str(d)], env))
+        floor = imports["peak_rss_mb"]
         cost_rows.append({"name": t, "task": t, "port_seconds": port["seconds"], "port_peak_rss_mb": port["peak_rss_mb"],
                           "retrain_seconds": retrain["seconds"], "retrain_peak_rss_mb": retrain["peak_rss_mb"],
                           "memory_ratio": port["peak_rss_mb"] / retrain["peak_rss_mb"],
+                          "memory_ratio_above_floor": max(0.0, port["peak_rss_mb"] - floor)
+                          / max(1e-9, retrain["peak_rss_mb"] - floor),
                           "time_ratio": port["seconds"] / retrain["seconds"]})
 
     def accuracy_rows():
@@ -163,8 +166,10 @@ def main() -> None:
     mean = lambda k: statistics.mean(r[k] for r in acc_rows)  # noqa: E731
     recovered = mean("ported_gain") / mean("retrained_gain") if mean("retrained_gain") > 0 else None
     mem_ratio = max(r["memory_ratio"] for r in cost_rows)
+    mem_ratio_floor = max(r["memory_ratio_above_floor"] for r in cost_rows)
     goal_acc = recovered is not None and recovered >= 0.9
     goal_mem = mem_ratio < 0.1
+    goal_mem_floor = mem_ratio_floor < 0.1
     quick = " (QUICK smoke run: tiny training, few examples; numbers mean nothing)" if args.quick else ""
     md = f"""
 ## Goal{quick}
@@ -172,7 +177,8 @@ def main() -> None:
 | goal | met? | numbers |
 |---|---|---|
 | a ported patch recovers >= 90% of the re-trained patch's gain | {'yes' if goal_acc else 'NO'} | mean gain over the evolved base: ported {mean('ported_gain'):+.3f}, re-trained {mean('retrained_gain'):+.3f}: recovered {100 * (recovered or 0):.0f}% |
-| ... at under 1/10 of re-training's peak memory | {'yes' if goal_mem else 'NO'} | worst port / re-train peak RSS ratio {mem_ratio:.3f} (port {max(r['port_peak_rss_mb'] for r in cost_rows):.0f} MB vs re-train {min(r['retrain_peak_rss_mb'] for r in cost_rows):.0f} MB) |
+| ... at under 1/10 of re-training's peak memory (whole process) | {'yes' if goal_mem else 'NO'} | worst port / re-train peak RSS ratio {mem_ratio:.3f} (port {max(r['port_peak_rss_mb'] for r in cost_rows):.0f} MB vs re-train {min(r['retrain_peak_rss_mb'] for r in cost_rows):.0f} MB) |
+| ... at under 1/10 of re-training's peak memory (above the {imports['peak_rss_mb']:.0f} MB that importing torch + transformers takes) | {'yes' if goal_mem_floor else 'NO'} | worst ratio {mem_ratio_floor:.3f} |
 
 ## The evolved base
 
@@ -196,7 +202,12 @@ and lineage similarity tensor by tensor): it never loads the model nor trains. R
 model and trains the LoRA ({args.steps} steps). A process that only imports torch, transformers and
 patchlm peaks at {imports['peak_rss_mb']:.0f} MB on this machine: that floor is in both columns.
 
-{md_table(cost_rows, ["task", "port_seconds", "port_peak_rss_mb", "retrain_seconds", "retrain_peak_rss_mb", "memory_ratio", "time_ratio"])}
+{md_table(cost_rows, ["task", "port_seconds", "port_peak_rss_mb", "retrain_seconds", "retrain_peak_rss_mb", "memory_ratio", "memory_ratio_above_floor", "time_ratio"])}
+
+PortLLM's claim (up to 12.2x less GPU memory) counts model memory, not an interpreter: the whole-process
+ratio includes the import floor in the numerator, which alone is more than a tenth of re-training's peak
+here, so that reading of the goal cannot be met by any porting method in a Python process; the second
+reading subtracts the floor from both sides.
 """
     write_results("port" + ("-quick" if args.quick else ""), acc_rows + cost_rows, md,
                   extra={"evolved": info, "imports_only_peak_rss_mb": imports["peak_rss_mb"]})

@@ -128,3 +128,13 @@ def test_port_by_reference_without_loading(tiny, bases):
     patch = lora_patch(tiny, 1)
     ported, report = port_patch(patch, bases["evolved"])
     assert ported.base["fingerprint"] == load_base(bases["evolved"]).fingerprint and report["similarity"] > 0.9
+
+
+def test_streamed_fingerprint_in_small_chunks(tiny):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from patchlm.merge.port import fingerprint_checkpoint
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny.path))
+    assert fingerprint_checkpoint(Path(tiny.path), meta, chunk_elements=1000) == tiny.fingerprint

@@ -41,7 +41,7 @@ class BaseInfo:
         return {"name": self.name, "architecture": self.architecture, "fingerprint": self.fingerprint}
 
 
-def fingerprint_checkpoint(path: Path, meta_model) -> str | None:
+def fingerprint_checkpoint(path: Path, meta_model, chunk_elements: int = 1 << 22) -> str | None:
     """load_base's fingerprint (patchlm.models.base.fingerprint_state_dict) computed tensor by tensor from the
     safetensors files, using a meta-device model for the state-dict names and weight tying. None when the
     state dict has entries the files do not hold (then the model must be loaded)."""
@@ -67,9 +67,10 @@ def fingerprint_checkpoint(path: Path, meta_model) -> str | None:
         stored = next((n for n in [name] + owner.get(id(t), []) if n in ck.meta), None)
         if stored is None:
             return None
-        arr = ck.read(stored).to(torch.float32).contiguous().numpy()
-        h.update(memoryview(arr).cast("B"))
-        del arr
+        for chunk in ck.read_chunks(stored, chunk_elements):  # hashing consecutive blocks = hashing the whole buffer
+            arr = chunk.to(torch.float32).contiguous().numpy()
+            h.update(memoryview(arr).cast("B"))
+            del arr, chunk
     return "blake2b:" + h.hexdigest()
 
 

@@ -10,6 +10,7 @@ state dicts, so the two give the same bits.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 import time
@@ -103,6 +104,21 @@ class Checkpoint:
         fn = self.meta[name][0]
         with safe_open(str(self.path / fn), framework="pt") as f:
             return f.get_tensor(name)
+
+    def read_chunks(self, name: str, max_elements: int = 1 << 22):
+        """The tensor in consecutive blocks of leading-dimension rows (row-major order), a few MB each."""
+        from safetensors import safe_open
+
+        fn, _, shape = self.meta[name]
+        with safe_open(str(self.path / fn), framework="pt") as f:
+            if len(shape) == 0 or shape[0] == 0:
+                yield f.get_tensor(name)
+                return
+            row = max(1, math.prod(shape[1:]))
+            step = max(1, max_elements // row)
+            sl = f.get_slice(name)
+            for i in range(0, shape[0], step):
+                yield sl[i: i + step]
 
 
 class DictSource:
