@@ -477,6 +477,8 @@ speed on this shared machine; the `full` row compares the full model with itself
 - Decode at batch 1 on a CPU is dominated by per-module overhead and the 49152 x 576 output head, so removing a
   sub-layer saves less than its share of FLOPs; prefill is dominated by the matrix products.
 - Timings come from a shared 2-core machine; the interleaved `full` measurement in each row is the reference.
+  Absolute tokens/s of different rows were measured at different times (other jobs share the cores), so compare
+  the ratios; each row's own full-model numbers are in `full_speed_same_run` in the JSON.
 """
     write_results("depth", rows, md, extra={"scale": {k: v for k, v in o.items()}},
                   suffix="" if tag == "full" else "-quick")
