@@ -206,6 +206,7 @@ def main() -> None:
     if args.page_only:  # rebuild the page from the cached rows (no model loaded)
         cache = RowCache("depth", tag)
         names = [n for n in row_names(o) if cache.get(n) is not None]
+        sys.argv = [a for a in sys.argv if a != "--page-only"]  # the page names the command that measures
         write_page([cache.get(n) for n in names], o, tag)
         return
 
@@ -448,6 +449,8 @@ perplexity on {o['ppl_blocks']} x 256 held-out news_corpus tokens; drop plans sc
 the cut: `router_train_samples` in the JSON; 1 epoch, batch 8, lr 1e-3, capacity term
 2.0 x relu(mean(m) - target)), routing the last 15 layers but the final one (14..28). Speed: prefill of 8 x 128
 tokens; greedy decoding of 32 tokens after a 32-token prompt at batch 1 and 8; KV-cache bytes after decoding at batch 8.
+`python bench/depth.py --respeed` re-measures only the speed columns of the cached rows (it was run once after the
+first pass, raising the repeats from 3 to {o['repeats']} because the full-vs-full ratio showed up to 9% noise).
 
 ## Goals
 {chr(10).join(goals)}
