@@ -67,6 +67,15 @@ def _natural_key(name: str):
     return [int(p) if p.isdigit() else p for p in name.split(".")]
 
 
+def has_module(model: nn.Module, name: str) -> bool:
+    """Whether the model has a submodule with this full name."""
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
 def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child

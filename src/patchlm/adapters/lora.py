@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from patchlm.adapters.inject import replace_modules, resolve_targets, unwrap_modules, wrapped_modules
+from patchlm.adapters.inject import has_module, replace_modules, resolve_targets, unwrap_modules, wrapped_modules
 from patchlm.errors import ConfigError, PatchFormatError
 from patchlm.patch import PatchKind, register_kind
 
@@ -124,7 +124,7 @@ class LoraKind(PatchKind):
         else:
             names = resolve_targets(model, spec.get("targets", "all-linear"))
             spec["targets"] = names
-        missing = [n for n in names if not _has_module(model, n)]
+        missing = [n for n in names if not has_module(model, n)]
         if missing:
             raise PatchFormatError(f"LoRA patch targets modules this model does not have: {', '.join(missing[:3])}")
         gen = torch.Generator().manual_seed(int(seed))
@@ -181,10 +181,3 @@ class LoraKind(PatchKind):
         ranks = sorted({t.shape[0] for k, t in tensors.items() if k.endswith(".lora_A")})
         return {"rank": ranks[0] if len(ranks) == 1 else ranks, "num_modules": len(tensors) // 2}
 
-
-def _has_module(model, name):
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False

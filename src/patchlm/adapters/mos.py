@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from patchlm.adapters.inject import replace_modules, resolve_targets, unwrap_modules, wrapped_modules
+from patchlm.adapters.inject import has_module, replace_modules, resolve_targets, unwrap_modules, wrapped_modules
 from patchlm.errors import ConfigError, PatchFormatError
 from patchlm.patch import Patch, PatchKind, provenance, register_kind
 
@@ -238,13 +238,6 @@ def _index_dtype(n: int) -> torch.dtype:
     return torch.int16 if n < 2**15 else torch.int32
 
 
-def _has_module(model, name):
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
-
 
 @register_kind("mos")
 class MosKind(PatchKind):
@@ -262,7 +255,7 @@ class MosKind(PatchKind):
             names = list(spec.get("targets") or [])
             if not names or isinstance(names, str):
                 raise PatchFormatError("MoS patch spec has no resolved module list in 'targets'")
-        missing = [n for n in names if not _has_module(model, n)]
+        missing = [n for n in names if not has_module(model, n)]
         if missing:
             raise PatchFormatError(f"MoS patch targets modules this model does not have: {', '.join(missing[:3])}")
         groups = group_modules(names)
