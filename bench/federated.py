@@ -25,7 +25,7 @@ HETERO = [16, 8, 8, 4, 4, 4, 2, 2]
 
 def settings(quick: bool) -> dict:
     common = {"model": "smollm2-135m", "task": "rotten_tomatoes", "clients": 8, "batch_size": 8, "max_length": 128,
-              "bf16": True, "targets": "qv", "dirichlet_alpha": 0.5, "partition": "dirichlet"}
+              "bf16": True, "targets": "qv", "dirichlet_alpha": 0.5, "partition": "dirichlet", "broadcast": "delta"}
     if quick:
         return {**common, "rounds": 1, "local_steps": 2, "lr": 1e-3, "eval_limit": 50, "max_train": 2000}
     return {**common, "rounds": 3, "local_steps": 10, "lr": 2e-3, "eval_limit": 200, "max_train": 4000}
@@ -190,18 +190,21 @@ def page(rows: list[dict], base: dict, quick: bool) -> str:
              f"test examples after each round (label log-likelihood). Clients train one at a time (a file lock: "
              f"8 clients share 2 cores); round time is wall time from broadcast to aggregated update (excluding the "
              f"server's evaluation). Bytes are the payloads of the Flower messages (tensors + config), up (8 client "
-             f"updates) plus down (the broadcast, which carries every previous round's global update, to 8 clients).")
+             f"updates) plus down (the broadcast to 8 clients, `--broadcast {base.get('broadcast', 'full')}`: "
+             + ("only the global rounds a client has not cached yet" if base.get("broadcast") == "delta" else
+                "every previous round's global update") + ").")
     notes = ("Reading the numbers: the aggregation error is computed in float64 on the received updates "
              "(||dW_global - sum p_k dW_k|| / ||sum p_k dW_k||, all modules). FLoRA's and FFA's are rounding error. "
              "FedIT's comes from the clients' A matrices drifting apart during local training (all start from the "
              "same seeded A with B = 0, so it grows with local steps and learning rate); with equal ranks "
              "zero-padding is FedIT exactly (same rows). Zero-padding with mixed ranks also mixes rows of "
-             "different clients' A and B. FLoRA's downlink grows with sum r_k per round, and the broadcast carries "
-             "the whole history of global updates so that a fresh ClientApp process can rebuild the merged model "
-             "(Flower starts one per message): that is why its MB/round is 3-4x the others' here, and why the "
-             "signing share grows with the rounds (each client hashes the whole broadcast to verify the server's "
-             "signature). Sending only the newest global update and caching the history on the SuperNode would "
-             "cut this; it is not done. The runs used 2 torch threads per process (OMP_NUM_THREADS=2, clients one "
+             "different clients' A and B. FLoRA's downlink grows with sum r_k per round"
+             + (" (one global update per client per round with the delta broadcast; bench/federated_broadcast.py "
+                "compares it with the full one). " if base.get("broadcast") == "delta" else
+                ", and the full broadcast carries the whole history of global updates so that a fresh ClientApp "
+                "process can rebuild the merged model: that is why its MB/round is 3-4x the others' here, and why "
+                "the signing share grows with the rounds. ")
+             + "The runs used 2 torch threads per process (OMP_NUM_THREADS=2, clients one "
              "at a time). The scale (3 rounds, 10 local steps, 200 test examples, one seed) is small so the whole "
              "study fits about 50 minutes on 2 cores: accuracy differences of a few points are within noise.")
     if quick:

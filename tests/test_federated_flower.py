@@ -36,13 +36,13 @@ def test_two_clients_two_rounds_over_flower(tmp_path, capsys):
     out = tmp_path / "fed"
     try:
         code, stdout, err = run_cli(["federate", "--model", "tiny-random-llama", "--task", "sms_spam", "--clients", "2",
-                                     "--rounds", "2", "--aggregation", "flora", "--ranks", "4,2", "--local-steps", "2",
+                                     "--rounds", "3", "--aggregation", "flora", "--ranks", "4,2", "--local-steps", "2",
                                      "--eval-limit", "24", "--max-train", "400", "--timeout", "240", "--out", str(out),
                                      "--json"], capsys)
         assert code == 0, err
         summary = json.loads(stdout)
         assert summary["leftover_processes"] == []
-        for r in (1, 2):
+        for r in (1, 2, 3):
             for k in (0, 1):
                 meta = json.loads((out / f"round-{r}" / f"client-{k}" / "patch" / "patch.json").read_text())
                 assert meta["metrics"]["num_samples"] > 0 and meta["spec"]["num_samples"] == meta["metrics"]["num_samples"]
@@ -62,15 +62,22 @@ def test_two_clients_two_rounds_over_flower(tmp_path, capsys):
         assert aggregation_error(g, ups) < 1e-6
         assert saved.metrics["aggregation_error"] < 1e-6
         rounds = [r for r in _log(out) if r["event"] == "round" and r["round"] > 0]
-        assert [r["round"] for r in rounds] == [1, 2]
+        assert [r["round"] for r in rounds] == [1, 2, 3]
         for r in rounds:
             assert r["rejected"] == [] and len(r["clients"]) == 2
             assert all(c["bytes_up"] > 0 and c["bytes_down"] > 0 for c in r["clients"])
             assert r["sign_seconds_clients"] > 0 and r["bytes_up"] > 0
         assert rounds[1]["bytes_down_per_client"] > rounds[0]["bytes_down_per_client"]  # round 2 carries round 1's global
+        # delta broadcast: round 3 carries only round 2's global (the clients cached round 1), not both
+        g_bytes = (out / "round-1" / "global" / "patch" / "tensors.safetensors").stat().st_size
+        assert rounds[2]["bytes_down_per_client"] < rounds[1]["bytes_down_per_client"] + g_bytes / 2
+        assert all(r["resent_full_history"] == [] for r in rounds)
+        for k in (0, 1):  # each client cached the rounds it verified
+            cached = sorted(p.name for p in (out / ".flower" / "cache").glob(f"*/client-{k}/round-*.safetensors"))
+            assert cached == ["round-1.safetensors", "round-2.safetensors"]
         final = Patch.load(out / "final" / "patch")
         name = next(k for k in final.tensors if k.endswith("lora_A"))
-        assert final.tensors[name].shape[0] == 2 * (4 + 2)  # two rounds of stacked ranks 4 + 2
+        assert final.tensors[name].shape[0] == 3 * (4 + 2)  # three rounds of stacked ranks 4 + 2
     finally:
         assert _procs_under(out) == []
 
@@ -111,7 +118,7 @@ def test_server_restart_resumes_from_last_completed_round(tmp_path, monkeypatch)
     from patchlm.patch import _sha256
 
     out = tmp_path / "resume"
-    cfg = {"model": "tiny-random-llama", "task": "sms_spam", "clients": 2, "rounds": 2, "ranks": [2], "local_steps": 3, "eval_limit": 8, "lr": 5e-3,
+    cfg = {"model": "tiny-random-llama", "task": "sms_spam", "clients": 2, "rounds": 3, "ranks": [2], "local_steps": 3, "eval_limit": 8, "lr": 5e-3,
                "max_train": 200, "aggregation": "fedit", "sign": "none"}
     try:
         monkeypatch.setenv("PATCHLM_FED_CRASH_AFTER_ROUND", "1")
@@ -121,11 +128,14 @@ def test_server_restart_resumes_from_last_completed_round(tmp_path, monkeypatch)
         g1 = _sha256(out / "round-1" / "global" / "patch" / "tensors.safetensors")
         assert not (out / "round-2").exists()
         monkeypatch.delenv("PATCHLM_FED_CRASH_AFTER_ROUND")
-        s = federate(FedConfig(**cfg), out, resume=True, timeout=200)
-        assert [r["round"] for r in s["rounds"]] == [1, 2]
+        # client-1 loses its history cache before round 3: it reports the miss and gets the whole history resent
+        s = federate(FedConfig(**cfg), out, resume=True, timeout=200, faults={1: "nocache@3"})
+        assert [r["round"] for r in s["rounds"]] == [1, 2, 3]
         assert _sha256(out / "round-1" / "global" / "patch" / "tensors.safetensors") == g1  # round 1 kept as it was
         assert (out / "round-2" / "global" / "patch").exists()
         assert any(r["event"] == "resume" and r["completed_round"] == 1 for r in _log(out))
+        r3 = next(r for r in _log(out) if r["event"] == "round" and r["round"] == 3)
+        assert len(r3["resent_full_history"]) == 1 and len(r3["clients"]) == 2 and r3["rejected"] == []
         fedit_err = s["rounds"][-1]["aggregation_error"]
         assert fedit_err > 1e-6  # FedIT's product of averages is not the average of products
     finally:

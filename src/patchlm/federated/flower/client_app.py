@@ -1,9 +1,14 @@
 """The Flower ClientApp: verifies the server's signed broadcast, merges the global history into its base,
 trains a fresh LoRA on its own data partition (plain or DP-SGD), signs the update and replies.
 
+The broadcast carries the digest of every previous global update (signed by the server) and the tensors of the
+rounds this node does not hold yet; the node keeps verified rounds in its history cache and reports how many it
+holds, so later broadcasts carry only the new rounds.
+
 Node config (flower-supernode --node-config): partition-id, num-partitions, key-file (this client's private
 key), registry (public keys, for the server's key), optional data (a local data file instead of a partition of a
-built-in task), client-id, lock (a file lock so clients on one machine train one at a time) and, for tests, fault.
+built-in task), client-id, lock (a file lock so clients on one machine train one at a time), history-cache (a
+directory [$PATCHLM_HOME/fed-cache]) and, for tests, fault.
 """
 
 from __future__ import annotations
@@ -33,9 +38,55 @@ def _file_lock(path: str | None):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _cache_dir(nc, run_id: str, cid: str):
+    from pathlib import Path
+
+    from patchlm.paths import home
+
+    root = Path(str(nc["history-cache"])) if nc.get("history-cache") else home() / "fed-cache"
+    return root / run_id / cid
+
+
+def _cache_save(d, r: int, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".round-{r}.tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, d / f"round-{r}.safetensors")
+
+
+def assemble_history(received: dict, digests: list[str], start: int, cache, ignore_cache: bool = False) -> list:
+    """Every previous global round, verified against the signed digests: rounds < start come from the node's
+    cache (a missing or altered one raises the cache-miss error, so the server resends the whole history),
+    rounds >= start from the broadcast (an altered one is refused), and the new ones are added to the cache."""
+    from safetensors.torch import load_file
+
+    from patchlm.federated.flower.strategy import CACHE_MISS, round_digest
+
+    if sorted(received) != list(range(start, len(digests) + 1)):
+        raise PermissionError(f"the broadcast carries rounds {sorted(received)}, expected {start}..{len(digests)}")
+    history = []
+    for r in range(1, len(digests) + 1):
+        if r < start:
+            f = cache / f"round-{r}.safetensors"
+            t = load_file(str(f)) if f.exists() and not ignore_cache else None
+            if t is None or round_digest(t) != digests[r - 1]:
+                if f.exists():
+                    f.unlink()
+                raise RuntimeError(f"{CACHE_MISS}: round {r} is not in {cache} (or does not match its digest)")
+        else:
+            t = received[r]
+            if round_digest(t) != digests[r - 1]:
+                raise PermissionError(f"the broadcast's round {r} does not match the signed digest")
+            _cache_save(cache, r, t)
+        history.append(t)
+    return history
+
+
 def _fault(context: Context, round_: int) -> str:
     """Test-only fault injection: node config fault='<kind>@<round>' (kinds: exit, hang, nan, shape, tamper,
-    unsigned, replay, wrongkey, unknown)."""
+    unsigned, replay, wrongkey, unknown, nocache)."""
     spec = str(context.node_config.get("fault", ""))
     if "@" not in spec:
         return ""
@@ -47,7 +98,7 @@ def _fault(context: Context, round_: int) -> str:
 def train(msg: Message, context: Context) -> Message:
     import torch
 
-    from patchlm.federated.flower.strategy import history_from_record
+    from patchlm.federated.flower.strategy import broadcast_context, history_rounds
     from patchlm.federated.flower.task import FedConfig, client_examples, load_fed_task, load_model, local_train
     from patchlm.federated.signing import KeyPair, KeyRegistry, sign_tensors, signed_message, update_context, verify
 
@@ -59,18 +110,22 @@ def train(msg: Message, context: Context) -> Message:
     k = int(nc.get("partition-id", 0))
     cid = str(nc.get("client-id", f"client-{k}"))
     fault = _fault(context, r)
-    globals_rec = msg.content["globals"]
-    history_sd = globals_rec.to_torch_state_dict() if len(globals_rec) else {}
+    digests = json.loads(str(cfgrec.get("history-digests", "[]")))
+    start = int(cfgrec.get("history-from", 1))
     verify_s = 0.0
     if cfg.sign != "none":  # the server's broadcast must carry a valid signature from the registry's server key
         t0 = time.perf_counter()
         reg = KeyRegistry.load(str(nc["registry"]))
         scheme, pk = reg.get("server") or (None, None)
         sig = cfgrec.get("broadcast-signature")
-        ctx = update_context(cfg.run_id, r, "server", 0, role="broadcast")
-        if pk is None or not sig or not verify(scheme, pk, signed_message(history_sd, ctx), bytes(sig)):
+        message = signed_message({}, broadcast_context(cfg.run_id, r, digests))
+        if pk is None or not sig or not verify(scheme, pk, message, bytes(sig)):
             raise PermissionError(f"{cid}: the server's broadcast for round {r} is unsigned or its signature is invalid")
         verify_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    history = assemble_history(history_rounds(msg.content["globals"]), digests, start,
+                               _cache_dir(nc, cfg.run_id, cid), ignore_cache=fault == "nocache")
+    verify_s += time.perf_counter() - t0  # hashing the received (and cached) rounds against the signed digests
     if fault == "exit":  # disconnect for real: stop this client's SuperNode mid-round
         import psutil
 
@@ -81,7 +136,6 @@ def train(msg: Message, context: Context) -> Message:
     if fault == "hang":
         time.sleep(3600)
     with _file_lock(nc.get("lock")):
-        history = history_from_record(globals_rec) if len(globals_rec) else []
         base = load_model(cfg, history)
         if nc.get("data"):
             from patchlm.data import load_task
@@ -100,7 +154,7 @@ def train(msg: Message, context: Context) -> Message:
         first = next(x for x in sorted(tensors) if x.endswith("lora_A"))
         tensors[first] = torch.zeros(tensors[first].shape[0], tensors[first].shape[1] + 1)
     meta = ConfigRecord({"client-id": cid, "run-id": cfg.run_id, "round": r, "num-samples": n,
-                         "alpha": float(metrics["alpha"])})
+                         "alpha": float(metrics["alpha"]), "history-rounds": len(history)})
     sign_round = r - 1 if fault == "replay" else r
     if cfg.sign != "none" and fault != "unsigned":
         key = KeyPair.load(str(nc["key-file"]))

@@ -86,7 +86,8 @@ def federate(cfg: FedConfig, out: str | Path, *, resume: bool = False, force: bo
     app = write_app(out / ".flower" / "app")
     nodes = []
     for k in range(cfg.clients):
-        nc = {"partition-id": k, "num-partitions": cfg.clients, "client-id": f"client-{k}"}
+        nc = {"partition-id": k, "num-partitions": cfg.clients, "client-id": f"client-{k}",
+              "history-cache": str(out / ".flower" / "cache")}
         if cfg.sign != "none":
             nc.update({"key-file": str(out / "keys" / f"client-{k}.key"), "registry": str(out / "keys" / "registry.json")})
         if sequential:

@@ -10,6 +10,13 @@ Run directory:
   state.json                    the last completed round (written after its global patch)
   log.jsonl                     one record per round: accuracy, aggregation error, bytes, times, rejections
   final/patch                   every round's global stacked into one LoRA patch (= the total merged update)
+
+Broadcast: each round's message carries the digests (SHA3-512) of every previous global update, signed once by
+the server, and the tensors of the rounds the node does not hold yet. A client keeps the rounds it has verified
+in a local cache and reports how many it holds; with --broadcast delta (the default) the server then sends only
+the newer rounds, so the downlink stays one global update per round instead of the whole history. A client whose
+cache lost rounds answers "history cache miss" and the server resends it the whole history within the round.
+--broadcast full always sends the whole history (stateless clients).
 """
 
 from __future__ import annotations
@@ -31,19 +38,40 @@ from patchlm.federated.rules import aggregate, aggregation_error, stack_rounds, 
 from patchlm.federated.signing import KeyPair, KeyRegistry, UpdateVerifier, sign_tensors, update_context
 
 
-def history_record(history: list[dict[str, torch.Tensor]]) -> ArrayRecord:
-    """All previous rounds' global tensors in one ArrayRecord, keys `<round>|<tensor name>`."""
-    flat = {f"{i + 1}|{k}": v.contiguous() for i, t in enumerate(history) for k, v in sorted(t.items())}
+CACHE_MISS = "history cache miss"
+
+
+def history_record(history: list[dict[str, torch.Tensor]], start: int = 1) -> ArrayRecord:
+    """Previous rounds' global tensors from round `start` on, in one ArrayRecord, keys `<round>|<tensor name>`."""
+    flat = {f"{i + 1}|{k}": v.contiguous() for i, t in enumerate(history) if i + 1 >= start
+            for k, v in sorted(t.items())}
     return ArrayRecord(flat) if flat else ArrayRecord()
 
 
-def history_from_record(rec: ArrayRecord) -> list[dict[str, torch.Tensor]]:
+def history_rounds(rec: ArrayRecord) -> dict[int, dict[str, torch.Tensor]]:
+    """{round: tensors} from a history record (any subset of rounds)."""
     sd = rec.to_torch_state_dict() if len(rec) else {}
     out: dict[int, dict[str, torch.Tensor]] = {}
     for key, v in sd.items():
         r, name = key.split("|", 1)
         out.setdefault(int(r), {})[name] = v
+    return out
+
+
+def history_from_record(rec: ArrayRecord) -> list[dict[str, torch.Tensor]]:
+    out = history_rounds(rec)
     return [out[r] for r in sorted(out)]
+
+
+def round_digest(tensors: dict) -> str:
+    from patchlm.federated.signing import tensors_digest
+
+    return tensors_digest(tensors).hex()
+
+
+def broadcast_context(run_id: str, round_: int, digests: list[str]) -> dict:
+    """What the server signs each round: the run, the round and the digest of every previous global update."""
+    return {**update_context(run_id, round_, "server", 0, role="broadcast"), "history": list(digests)}
 
 
 class PatchlmStrategy(Strategy):
@@ -58,6 +86,8 @@ class PatchlmStrategy(Strategy):
             self.server_key = KeyPair.load(self.out / "keys" / "server.key")
         self.verifier = UpdateVerifier(self.registry, cfg.run_id) if self.registry else None
         self.history: list[dict[str, torch.Tensor]] = []
+        self.digests: list[str] = []  # one per completed round's global update
+        self.node_has: dict[int, int] = {}  # Flower node id -> global rounds it reported holding
         self.node_names: dict[int, str] = {}  # Flower node id -> client id, learnt from verified updates
         self.base = None
         self.task = None
@@ -71,6 +101,7 @@ class PatchlmStrategy(Strategy):
         from patchlm.patch import Patch
 
         self.history = [Patch.load(self.out / f"round-{r}" / "global" / "patch").tensors for r in range(1, upto + 1)]
+        self.digests = [round_digest(t) for t in self.history]
 
     def _log(self, rec: dict) -> None:
         with open(self.out / "log.jsonl", "a") as f:
@@ -80,23 +111,35 @@ class PatchlmStrategy(Strategy):
     def summary(self) -> None:
         c = self.cfg
         self.log(f"patchlm strategy: {c.aggregation}, {c.clients} clients, ranks {c.ranks}, {c.rounds} rounds, "
-                 f"signing {c.sign}, dp {c.dp}, min clients {c.min_clients}")
+                 f"signing {c.sign}, dp {c.dp}, min clients {c.min_clients}, broadcast {c.broadcast}")
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+    def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        """One message per node: the signed digest list plus the global rounds that node does not hold yet
+        (`arrays` is ignored: the history lives in the strategy)."""
         node_ids = sorted(grid.get_node_ids())
         config["round"] = server_round
         config["fed"] = self.cfg.to_json()
+        config["history-digests"] = json.dumps(self.digests)
         self._sign_seconds = 0.0
         if self.server_key is not None:
-            sig, secs = sign_tensors(self.server_key, arrays.to_torch_state_dict() if len(arrays) else {},
-                                     update_context(self.cfg.run_id, server_round, "server", 0, role="broadcast"))
+            sig, secs = sign_tensors(self.server_key, {}, broadcast_context(self.cfg.run_id, server_round, self.digests))
             config["broadcast-signature"] = sig
             config["scheme"] = self.server_key.scheme
             self._sign_seconds = secs
-        record = RecordDict({"globals": arrays, "config": config})
-        self._down_bytes = arrays.count_bytes() + config.count_bytes()
-        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in node_ids]
+        self._config = config
+        self._down: dict[int, int] = {}
+        return [self.message_for(n) for n in node_ids]
+
+    def message_for(self, node: int, full: bool = False) -> Message:
+        """The round's broadcast to one node (the whole history when `full` or --broadcast full)."""
+        have = 0 if full or self.cfg.broadcast == "full" else min(self.node_has.get(node, 0), len(self.history))
+        config = ConfigRecord(dict(self._config.items()))
+        config["history-from"] = have + 1
+        arrays = history_record(self.history, start=have + 1)
+        self._down[node] = self._down.get(node, 0) + arrays.count_bytes() + config.count_bytes()
+        return Message(content=RecordDict({"globals": arrays, "config": config}), message_type=MessageType.TRAIN,
+                       dst_node_id=node)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         cfg = self.cfg
@@ -108,6 +151,11 @@ class PatchlmStrategy(Strategy):
         verify_s = 0.0
         for msg in replies:
             node = msg.metadata.src_node_id
+            if not msg.has_error() and "meta" in msg.content:
+                try:  # how many global rounds the node holds now (it verified and cached them)
+                    self.node_has[node] = int(msg.content["meta"].get("history-rounds", 0))
+                except (TypeError, ValueError):
+                    self.node_has[node] = 0
             if msg.has_error():
                 known = self.node_names.get(node)
                 rejected.append({"node": node, **({"client_node": known} if known else {}),
@@ -146,7 +194,7 @@ class PatchlmStrategy(Strategy):
                 continue
             accepted.append((cid, tensors, metrics, claimed["num_samples"], up_bytes))
             self.node_names[node] = cid
-            per_client.append({"client_id": cid, "bytes_up": up_bytes, "bytes_down": self._down_bytes,
+            per_client.append({"client_id": cid, "bytes_up": up_bytes, "bytes_down": self._down.get(node, 0),
                                "num_samples": claimed["num_samples"], "rank": metrics.get("rank"),
                                "train_loss": metrics.get("train_loss"), "train_seconds": metrics.get("train_seconds"),
                                "sign_seconds": metrics.get("sign_seconds", 0.0),
@@ -228,9 +276,20 @@ class PatchlmStrategy(Strategy):
         replies: list[Message] = []
         t0 = time.time()
         t_min = None
+        resent: set[int] = set()
         while pending:
             for m in grid.pull_messages(list(pending)):
                 pending.discard(m.metadata.reply_to_message_id)
+                node = by_id[m.metadata.reply_to_message_id]
+                if m.has_error() and CACHE_MISS in (m.error.reason or "") and node not in resent:
+                    resent.add(node)  # the node lost its cached rounds: send it the whole history, once
+                    self.node_has.pop(node, None)
+                    self.log(f"node {node} lost its history cache: resending the whole history")
+                    full = self.message_for(node, full=True)
+                    for mid in grid.push_messages([full]):
+                        by_id[mid] = node
+                        pending.add(mid)
+                    continue
                 replies.append(m)
             if not pending:
                 break
@@ -253,6 +312,7 @@ class PatchlmStrategy(Strategy):
                 break
             time.sleep(0.5)
         self._missing = len(pending)
+        self._resent = sorted(resent)
         return replies
 
     def _wait_for_nodes(self, grid: Grid, n: int, timeout: float) -> None:
@@ -281,13 +341,12 @@ class PatchlmStrategy(Strategy):
         for r in range(done + 1, cfg.rounds + 1):
             t_round = time.time()
             self._gone = []
-            arrays = history_record(self.history)
-            msgs = list(self.configure_train(r, arrays, ConfigRecord(), grid))
+            msgs = list(self.configure_train(r, None, ConfigRecord(), grid))
             replies = self._collect(grid, msgs)
             agg, _ = self.aggregate_train(r, replies)
             info = self._round_info
             info.update({"disconnected_nodes": self._gone, "missing": self._missing,
-                         "broadcast_sign_seconds": self._sign_seconds})
+                         "broadcast_sign_seconds": self._sign_seconds, "resent_full_history": self._resent})
             if agg is None:
                 self._log({"event": "round_failed", "round": r, **info, "time": time.time()})
                 raise RuntimeError(f"round {r} failed: {info.get('failed')}; the run can resume with --resume")
@@ -301,11 +360,13 @@ class PatchlmStrategy(Strategy):
             round_s = time.time() - t_round
             self._save_global(r, tensors, info, _prefix(m, "eval_"))
             self.history.append(tensors)
+            self.digests.append(round_digest(tensors))
             write_json(self.out / "state.json", {"completed_round": r, "run_id": cfg.run_id})
             clients = info["clients"]
             rec = {"event": "round", "round": r, "round_time_s": round_s - eval_s, "eval_seconds": eval_s,
                    "bytes_up": sum(c["bytes_up"] for c in clients),
-                   "bytes_down": self._down_bytes * len(msgs), "bytes_down_per_client": self._down_bytes,
+                   "bytes_down": sum(self._down.values()),
+                   "bytes_down_per_client": sum(self._down.values()) / max(1, len(self._down)),
                    "sign_seconds_clients": sum(c["sign_seconds"] or 0 for c in clients),
                    "verify_seconds": info["verify_seconds"],
                    "verify_broadcast_seconds": sum(c["verify_broadcast_seconds"] or 0 for c in clients),

@@ -19,6 +19,7 @@ from patchlm.errors import ConfigError, DataError
 AGGREGATIONS = ("flora", "fedit", "zeropad", "ffa")
 PARTITIONS = ("dirichlet", "iid", "natural")
 SIGN_SCHEMES = ("mldsa", "slhdsa", "none")
+BROADCASTS = ("delta", "full")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class FedConfig:
     seed: int = field(default=0, metadata={"help": "seed of partitions, inits and data order"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for client training and evaluation"})
     sign: str = field(default="mldsa", metadata={"help": "mldsa | slhdsa | none"})
+    broadcast: str = field(default="delta", metadata={"help": "delta (only the rounds a client lacks) | full"})
     dp: bool = field(default=False, metadata={"help": "client-side DP-SGD (Opacus)"})
     dp_noise: float = field(default=1.0, metadata={"help": "DP noise multiplier"})
     dp_clip: float = field(default=1.0, metadata={"help": "DP per-example clipping norm"})
@@ -81,6 +83,8 @@ class FedConfig:
             raise ConfigError(f"unknown --partition {self.partition!r}; choices: {', '.join(PARTITIONS)}")
         if self.dirichlet_alpha <= 0:
             raise ConfigError(f"--alpha (Dirichlet) must be positive, got {self.dirichlet_alpha}")
+        if self.broadcast not in BROADCASTS:
+            raise ConfigError(f"unknown --broadcast {self.broadcast!r}; choices: {', '.join(BROADCASTS)}")
         if self.sign not in SIGN_SCHEMES:
             raise ConfigError(f"unknown --sign {self.sign!r}; choices: {', '.join(SIGN_SCHEMES)}")
         for name in ("local_steps", "batch_size", "max_length"):
