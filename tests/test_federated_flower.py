@@ -142,8 +142,39 @@ def test_server_restart_resumes_from_last_completed_round(tmp_path, monkeypatch)
         assert _procs_under(out) == []
 
 
+def test_continue_protocol_clients_keep_training_the_global_adapter(tmp_path):
+    """FedIT's own protocol: the global LoRA is not merged into the base; clients start from it next round."""
+    from patchlm.federated.flower.run import federate
+    from patchlm.federated.flower.task import FedConfig, init_lora_tensors, load_model, round_seed
+    from patchlm.patch import Patch
+
+    out = tmp_path / "cont"
+    cfg = FedConfig(model="tiny-random-llama", task="sms_spam", clients=2, rounds=2, ranks=[2], local_steps=2,
+                    eval_limit=8, max_train=200, aggregation="fedit", protocol="continue", lr=1e-3)
+    try:
+        federate(cfg, out, timeout=200)
+        g1 = Patch.load(out / "round-1" / "global" / "patch").tensors
+        g2 = Patch.load(out / "round-2" / "global" / "patch").tensors
+        final = Patch.load(out / "final" / "patch").tensors
+        assert all(torch.equal(final[k], g2[k]) for k in g2)  # the last global adapter, not a stack of rounds
+        fresh = init_lora_tensors(load_model(cfg).model, cfg.targets, 2, round_seed(cfg, 2))
+        for k in (0, 1):
+            upd = Patch.load(out / "round-2" / f"client-{k}" / "patch").tensors
+            for name in (n for n in upd if n.endswith("lora_A")):
+                # a few small steps from the round-1 global A, far from the fresh A a merge-protocol client draws
+                assert (upd[name] - g1[name]).norm() < 0.1 * (upd[name] - fresh[name]).norm()
+            b = next(n for n in upd if n.endswith("lora_B"))
+            assert upd[b].norm() > 0
+        log = [r for r in _log(out) if r["event"] == "round" and r["round"] > 0]
+        assert [len(r["clients"]) for r in log] == [2, 2]
+    finally:
+        assert _procs_under(out) == []
+
+
 def test_bad_input_changes_nothing(tmp_path, capsys):
     out = tmp_path / "bad"
+    code, _, err = run_cli(["federate", "--protocol", "continue", "--out", str(out)], capsys)
+    assert code == 2 and "does not fit flora" in err
     code, _, err = run_cli(["federate", "--clients", "2", "--aggregation", "fedit", "--ranks", "4,2", "--out", str(out)],
                            capsys)
     assert code == 2 and "mixed ranks" in err and len(err.strip().splitlines()) == 1

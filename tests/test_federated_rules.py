@@ -159,3 +159,15 @@ def test_update_from_patch_reads_num_samples(tiny):
               metrics={"num_samples": 17})
     u = update_from_patch(p)
     assert u.num_samples == 17 and u.scaling == 4.0
+
+
+def test_lora_from_global_keeps_the_product_and_truncates():
+    from patchlm.federated.flower.task import lora_from_global
+
+    g = {"m.lora_A": torch.randn(4, 6), "m.lora_B": torch.randn(5, 4)}
+    full = lora_from_global(g, 4, scaling=2.0)
+    assert torch.allclose(full["m.lora_B"] @ full["m.lora_A"] * 2.0, g["m.lora_B"] @ g["m.lora_A"], atol=1e-5)
+    part = lora_from_global(g, 2, scaling=1.0)
+    assert torch.equal(part["m.lora_A"], g["m.lora_A"][:2]) and torch.equal(part["m.lora_B"], g["m.lora_B"][:, :2])
+    with pytest.raises(ValueError, match="rank 4 < the client's rank 8"):
+        lora_from_global(g, 8, scaling=1.0)

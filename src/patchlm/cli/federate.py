@@ -29,6 +29,7 @@ def federate(
     seed: Annotated[int, typer.Option(help="seed of partitions, inits and data order")] = 0,
     bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast (about 2x faster on AVX-512 BF16 CPUs)")] = False,
     sign: Annotated[str, typer.Option(help="signature on every update and broadcast: mldsa (ML-DSA-65) | slhdsa | none")] = "mldsa",
+    protocol: Annotated[str, typer.Option(help="merge: FLoRA's protocol, each round's global update is merged into the base and clients start a fresh LoRA | continue: FedIT's, clients keep training the global LoRA (fedit, zeropad, ffa)")] = "merge",
     broadcast: Annotated[str, typer.Option(help="delta: send each client only the global rounds it has not cached yet | full: the whole history every round")] = "delta",
     dp: Annotated[bool, typer.Option("--dp", help="client-side DP-SGD with Opacus")] = False,
     dp_noise: Annotated[float, typer.Option(help="DP noise multiplier")] = 1.0,
@@ -62,7 +63,7 @@ def federate(
     cfg = FedConfig(model=model, task=task, clients=clients, rounds=rounds, aggregation=aggregation,
                     ranks=parse_ranks(ranks), alpha=alpha, targets=targets, local_steps=local_steps,
                     batch_size=batch_size, lr=lr, max_length=max_length, partition=partition,
-                    dirichlet_alpha=dirichlet_alpha, max_train=max_train, seed=seed, bf16=bf16, sign=sign, broadcast=broadcast, dp=dp,
+                    dirichlet_alpha=dirichlet_alpha, max_train=max_train, seed=seed, bf16=bf16, sign=sign, broadcast=broadcast, protocol=protocol, dp=dp,
                     dp_noise=dp_noise, dp_clip=dp_clip, dp_delta=dp_delta, dp_flat=dp_flat, min_clients=min_clients,
                     round_timeout=round_timeout, straggler_timeout=straggler_timeout, eval_limit=eval_limit)
     summary = run(cfg, out, resume=resume, force=force, sequential=not parallel_clients, timeout=timeout,

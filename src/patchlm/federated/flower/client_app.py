@@ -56,6 +56,20 @@ def _cache_save(d, r: int, tensors: dict) -> None:
     os.replace(tmp, d / f"round-{r}.safetensors")
 
 
+def latest_global(received: dict, digests: list[str]) -> list:
+    """Continue protocol: only the last global adapter is needed; it must match its signed digest."""
+    from patchlm.federated.flower.strategy import round_digest
+
+    if not digests:
+        return []
+    if sorted(received) != [len(digests)]:
+        raise PermissionError(f"the broadcast carries rounds {sorted(received)}, expected the last one ({len(digests)})")
+    t = received[len(digests)]
+    if round_digest(t) != digests[-1]:
+        raise PermissionError(f"the broadcast's round {len(digests)} does not match the signed digest")
+    return [t]
+
+
 def assemble_history(received: dict, digests: list[str], start: int, cache, ignore_cache: bool = False) -> list:
     """Every previous global round, verified against the signed digests: rounds < start come from the node's
     cache (a missing or altered one raises the cache-miss error, so the server resends the whole history),
@@ -123,8 +137,12 @@ def train(msg: Message, context: Context) -> Message:
             raise PermissionError(f"{cid}: the server's broadcast for round {r} is unsigned or its signature is invalid")
         verify_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    history = assemble_history(history_rounds(msg.content["globals"]), digests, start,
-                               _cache_dir(nc, cfg.run_id, cid), ignore_cache=fault == "nocache")
+    received = history_rounds(msg.content["globals"])
+    if cfg.protocol == "continue":
+        history = latest_global(received, digests)
+    else:
+        history = assemble_history(received, digests, start, _cache_dir(nc, cfg.run_id, cid),
+                                   ignore_cache=fault == "nocache")
     verify_s += time.perf_counter() - t0  # hashing the received (and cached) rounds against the signed digests
     if fault == "exit":  # disconnect for real: stop this client's SuperNode mid-round
         import psutil
@@ -145,7 +163,8 @@ def train(msg: Message, context: Context) -> Message:
         else:
             task = load_fed_task(cfg)
             examples = client_examples(task, cfg, k)
-        tensors, metrics = local_train(base, cfg, k, r, examples, task)
+        start_from = history[-1] if cfg.protocol == "continue" and history else None
+        tensors, metrics = local_train(base, cfg, k, r, examples, task, start=start_from)
     n = len(examples)
     if fault == "nan":
         first = sorted(tensors)[1]
@@ -154,7 +173,7 @@ def train(msg: Message, context: Context) -> Message:
         first = next(x for x in sorted(tensors) if x.endswith("lora_A"))
         tensors[first] = torch.zeros(tensors[first].shape[0], tensors[first].shape[1] + 1)
     meta = ConfigRecord({"client-id": cid, "run-id": cfg.run_id, "round": r, "num-samples": n,
-                         "alpha": float(metrics["alpha"]), "history-rounds": len(history)})
+                         "alpha": float(metrics["alpha"]), "history-rounds": len(history) if cfg.protocol == "merge" else 0})
     sign_round = r - 1 if fault == "replay" else r
     if cfg.sign != "none" and fault != "unsigned":
         key = KeyPair.load(str(nc["key-file"]))

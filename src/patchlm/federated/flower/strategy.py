@@ -6,7 +6,8 @@ Run directory:
   federate.json                 the run's FedConfig (and run id)
   keys/                         registry.json (public keys), server.key, client-<k>.key (local deployments)
   round-<r>/client-<k>/patch    each accepted client update (LoRA patch; num_samples in metrics and spec)
-  round-<r>/global/patch        the round's global update (scaling 1: dW = B A), aggregation error in metrics
+  round-<r>/global/patch        the round's global update (scaling 1: dW = B A), aggregation error in metrics;
+                                under --protocol continue the whole global adapter after round r
   state.json                    the last completed round (written after its global patch)
   log.jsonl                     one record per round: accuracy, aggregation error, bytes, times, rejections
   final/patch                   every round's global stacked into one LoRA patch (= the total merged update)
@@ -33,7 +34,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from patchlm.federated.flower.task import FedConfig, evaluate_model, load_fed_task, load_model, write_json
+from patchlm.federated.flower.task import (FedConfig, evaluate_model, load_fed_task, load_model, merged_rounds,
+                                           write_json)
 from patchlm.federated.rules import aggregate, aggregation_error, stack_rounds, update_from_tensors
 from patchlm.federated.signing import KeyPair, KeyRegistry, UpdateVerifier, sign_tensors, update_context
 
@@ -111,7 +113,8 @@ class PatchlmStrategy(Strategy):
     def summary(self) -> None:
         c = self.cfg
         self.log(f"patchlm strategy: {c.aggregation}, {c.clients} clients, ranks {c.ranks}, {c.rounds} rounds, "
-                 f"signing {c.sign}, dp {c.dp}, min clients {c.min_clients}, broadcast {c.broadcast}")
+                 f"signing {c.sign}, dp {c.dp}, min clients {c.min_clients}, protocol {c.protocol}, "
+                 f"broadcast {c.broadcast}")
 
     def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -133,7 +136,10 @@ class PatchlmStrategy(Strategy):
 
     def message_for(self, node: int, full: bool = False) -> Message:
         """The round's broadcast to one node (the whole history when `full` or --broadcast full)."""
-        have = 0 if full or self.cfg.broadcast == "full" else min(self.node_has.get(node, 0), len(self.history))
+        if self.cfg.protocol == "continue":  # clients need only the current global adapter
+            have = max(0, len(self.history) - 1)
+        else:
+            have = 0 if full or self.cfg.broadcast == "full" else min(self.node_has.get(node, 0), len(self.history))
         config = ConfigRecord(dict(self._config.items()))
         config["history-from"] = have + 1
         arrays = history_record(self.history, start=have + 1)
@@ -255,7 +261,7 @@ class PatchlmStrategy(Strategy):
 
         if not self.history:
             return
-        st = stack_rounds(self.history)
+        st = stack_rounds(merged_rounds(self.cfg, self.history))
         ranks = {v.shape[0] for k, v in st.items() if k.endswith("lora_A")}
         Patch("lora", self.base.ref(), {"r": max(ranks), "alpha": 1.0, "scaling": 1.0, "dropout": 0.0,
                                         "targets": sorted({k.rsplit(".", 1)[0] for k in st})}, st,
@@ -354,6 +360,8 @@ class PatchlmStrategy(Strategy):
             t_eval = time.time()
             from patchlm.federated.rules import merge_tensors_into_model
 
+            if cfg.protocol == "continue" and self.history:  # the new global adapter replaces the previous one
+                merge_tensors_into_model(self.base.model, self.history[-1], scaling=-1.0)
             merge_tensors_into_model(self.base.model, tensors)
             m = evaluate_model(self.base, self.task, cfg)
             eval_s = time.time() - t_eval

@@ -20,6 +20,7 @@ AGGREGATIONS = ("flora", "fedit", "zeropad", "ffa")
 PARTITIONS = ("dirichlet", "iid", "natural")
 SIGN_SCHEMES = ("mldsa", "slhdsa", "none")
 BROADCASTS = ("delta", "full")
+PROTOCOLS = ("merge", "continue")
 
 
 @dataclass
@@ -45,6 +46,9 @@ class FedConfig:
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for client training and evaluation"})
     sign: str = field(default="mldsa", metadata={"help": "mldsa | slhdsa | none"})
     broadcast: str = field(default="delta", metadata={"help": "delta (only the rounds a client lacks) | full"})
+    protocol: str = field(default="merge", metadata={"help": "merge (FLoRA: merge each round into the base, fresh "
+                                                              "LoRA next round) | continue (FedIT: clients keep "
+                                                              "training the global LoRA)"})
     dp: bool = field(default=False, metadata={"help": "client-side DP-SGD (Opacus)"})
     dp_noise: float = field(default=1.0, metadata={"help": "DP noise multiplier"})
     dp_clip: float = field(default=1.0, metadata={"help": "DP per-example clipping norm"})
@@ -83,6 +87,12 @@ class FedConfig:
             raise ConfigError(f"unknown --partition {self.partition!r}; choices: {', '.join(PARTITIONS)}")
         if self.dirichlet_alpha <= 0:
             raise ConfigError(f"--alpha (Dirichlet) must be positive, got {self.dirichlet_alpha}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"unknown --protocol {self.protocol!r}; choices: {', '.join(PROTOCOLS)}")
+        if self.protocol == "continue" and self.aggregation == "flora":
+            raise ConfigError("--protocol continue does not fit flora: its global rank is the sum of the clients' "
+                              "ranks and would grow every round; use --protocol merge (FLoRA's own) or "
+                              "--aggregation fedit / zeropad / ffa")
         if self.broadcast not in BROADCASTS:
             raise ConfigError(f"unknown --broadcast {self.broadcast!r}; choices: {', '.join(BROADCASTS)}")
         if self.sign not in SIGN_SCHEMES:
@@ -211,15 +221,37 @@ def label_histogram(task, examples: list[dict]) -> list[int] | None:
 
 
 # ---------------------------------------------------------------- model
+def merged_rounds(cfg: FedConfig, history: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """The global updates that make up the current model: every round's under the merge protocol (each round's
+    global is an increment), only the last one under the continue protocol (each round's global is the whole
+    adapter)."""
+    return list(history) if cfg.protocol == "merge" else list(history[-1:])
+
+
 def load_model(cfg: FedConfig, history: list[dict[str, torch.Tensor]] | None = None):
-    """The base with every previous round's global update merged into its weights (FLoRA's merge step)."""
+    """The base with the global updates of `history` merged into its weights (see merged_rounds)."""
     from patchlm.federated.rules import merge_tensors_into_model
     from patchlm.models import load_base
 
     base = load_base(cfg.model)
-    for t in history or []:
+    for t in merged_rounds(cfg, history or []):
         merge_tensors_into_model(base.model, t)
     return base
+
+
+def lora_from_global(glob: dict[str, torch.Tensor], r: int, scaling: float) -> dict[str, torch.Tensor]:
+    """A client's starting LoRA under the continue protocol: the global adapter (scaling 1) truncated to the
+    client's rank (its first r rows of A / columns of B, as HetLoRA does) and with B divided by the client's
+    own scaling alpha / r, so the client's adapter computes the global's B A at its own rank."""
+    out = {}
+    for k, v in glob.items():
+        if k.endswith("lora_A"):
+            if v.shape[0] < r:
+                raise ValueError(f"the global adapter has rank {v.shape[0]} < the client's rank {r} for {k[:-7]}")
+            out[k] = v[:r].float().clone()
+        else:
+            out[k] = (v[:, :r].float() / scaling).clone()
+    return out
 
 
 def init_lora_tensors(model, targets, r: int, seed: int) -> dict[str, torch.Tensor]:
@@ -243,8 +275,10 @@ def round_seed(cfg: FedConfig, round_: int) -> int:
     return cfg.seed * 10_007 + round_
 
 
-def local_train(base, cfg: FedConfig, k: int, round_: int, examples: list[dict], task, log=None) -> tuple[dict, dict]:
-    """Train client k's fresh LoRA for cfg.local_steps on its examples; return (tensors, metrics)."""
+def local_train(base, cfg: FedConfig, k: int, round_: int, examples: list[dict], task, log=None,
+                start: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict]:
+    """Train client k's LoRA for cfg.local_steps on its examples; return (tensors, metrics). The LoRA starts
+    fresh (merge protocol, or the first round) or from the global adapter `start` (continue protocol)."""
     from patchlm.adapters.inject import wrapped_modules
     from patchlm.adapters.lora import LoraKind, LoraLinear
     from patchlm.train.objectives import build_features, objective_for
@@ -256,6 +290,11 @@ def local_train(base, cfg: FedConfig, k: int, round_: int, examples: list[dict],
     torch.manual_seed(seed * 131 + k)
     model = base.model
     init = init_lora_tensors(model, cfg.targets, r, seed)
+    if start:
+        glob = lora_from_global(start, r, alpha / r)
+        if set(glob) != set(init):
+            raise ValueError("the global adapter does not cover this client's target modules")
+        init = glob
     spec = {"r": r, "alpha": alpha, "dropout": 0.0, "targets": sorted({n.rsplit(".", 1)[0] for n in init})}
     kind = LoraKind()
     kind.attach(model, spec, init, seed=seed)
