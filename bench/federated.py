@@ -25,7 +25,7 @@ HETERO = [16, 8, 8, 4, 4, 4, 2, 2]
 
 def settings(quick: bool) -> dict:
     common = {"model": "smollm2-135m", "task": "rotten_tomatoes", "clients": 8, "batch_size": 8, "max_length": 128,
-              "bf16": True, "targets": "qv", "dirichlet_alpha": 0.5, "partition": "dirichlet", "broadcast": "delta"}
+              "bf16": True, "targets": "qv", "dirichlet_alpha": 0.5, "partition": "dirichlet"}
     if quick:
         return {**common, "rounds": 1, "local_steps": 2, "lr": 1e-3, "eval_limit": 50, "max_train": 2000}
     return {**common, "rounds": 3, "local_steps": 10, "lr": 2e-3, "eval_limit": 200, "max_train": 4000}
@@ -39,6 +39,11 @@ def runs(quick: bool) -> list[dict]:
                         "setting": setting})
     out.append({"name": "flora-heterogeneous-slhdsa", "aggregation": "flora", "ranks": HETERO, "sign": "slhdsa",
                 "setting": "heterogeneous"})
+    # FedIT's own protocol (clients keep training the global LoRA), and zero-padding run the same way (HetLoRA-like)
+    out.append({"name": "fedit-continue-homogeneous", "aggregation": "fedit", "ranks": HOMO, "sign": "mldsa",
+                "setting": "homogeneous", "protocol": "continue"})
+    out.append({"name": "zeropad-continue-heterogeneous", "aggregation": "zeropad", "ranks": HETERO, "sign": "mldsa",
+                "setting": "heterogeneous", "protocol": "continue"})
     if quick:
         out = [r for r in out if r["name"] in ("flora-heterogeneous", "fedit-homogeneous", "fedit-heterogeneous",
                                                 "flora-heterogeneous-slhdsa")]
@@ -50,10 +55,13 @@ def one_run(spec: dict, base: dict, workdir: Path) -> dict:
     from patchlm.federated.flower.run import federate, read_log
     from patchlm.federated.flower.task import FedConfig
 
+    protocol = spec.get("protocol", "merge")
     row = {"name": spec["name"], "aggregation": spec["aggregation"], "ranks": spec["ranks"], "sign": spec["sign"],
-           "setting": spec["setting"]}
+           "setting": spec["setting"], "protocol": protocol}
     try:
-        cfg = FedConfig(**base, aggregation=spec["aggregation"], ranks=spec["ranks"], sign=spec["sign"])
+        # the full broadcast (every previous round, every round): bench/federated_broadcast.py measures the delta one
+        cfg = FedConfig(**base, aggregation=spec["aggregation"], ranks=spec["ranks"], sign=spec["sign"],
+                        protocol=protocol, broadcast="full")
     except ConfigError as e:  # FedIT with mixed ranks: refused, reported as such
         return {**row, "status": "refused", "error": str(e), "aggregation_error": None, "final_accuracy": None,
                 "bytes_per_round": None, "round_time_s": None}
@@ -136,12 +144,12 @@ def page(rows: list[dict], base: dict, quick: bool) -> str:
         return "-" if x is None else fmt.format(x)
 
     ok = {r["name"]: r for r in rows if r.get("status") == "ok"}
-    table = md_table([{**r, "ranks": ",".join(map(str, r["ranks"])),
+    table = md_table([{**r, "protocol": r.get("protocol", "merge"), "ranks": ",".join(map(str, r["ranks"])),
                        "acc per round": " / ".join(f(a) for a in r.get("accuracy_per_round") or []) or "-",
                        "MB/round": None if r.get("bytes_per_round") is None else r["bytes_per_round"] / 1e6,
                        "signing %": None if r.get("signing_overhead") is None else 100 * r["signing_overhead"]}
                       for r in rows],
-                     ["name", "ranks", "status", "aggregation_error", "initial_accuracy", "acc per round",
+                     ["name", "protocol", "ranks", "status", "aggregation_error", "initial_accuracy", "acc per round",
                       "final_accuracy", "MB/round", "round_time_s", "signing %"],
                      fmt={"aggregation_error": lambda v: f"{v:.2e}"})
     goals = []
@@ -161,9 +169,13 @@ def page(rows: list[dict], base: dict, quick: bool) -> str:
                          "clear error. Closest comparisons: FedIT at homogeneous rank 8 "
                          f"({f(ref['final_accuracy']) if ref else '-'}) and zero-padding, the usual way to make "
                          f"FedIT-style averaging take mixed ranks ({f((ok.get('zeropad-heterogeneous') or {}).get('final_accuracy'))}),"
-                         f" vs FLoRA heterogeneous {f(fl_h['final_accuracy'])}: **"
+                         + (f" and FedIT with its own protocol (clients keep training the global LoRA) at homogeneous "
+                            f"rank 8 ({f(ok['fedit-continue-homogeneous']['final_accuracy'])})"
+                            if "fedit-continue-homogeneous" in ok else "")
+                         + f" vs FLoRA heterogeneous {f(fl_h['final_accuracy'])}: **"
                          + ("met" if ref and fl_h["final_accuracy"] >= max(ref["final_accuracy"],
-                            (ok.get('zeropad-heterogeneous') or {}).get('final_accuracy') or 0) else "not met") + "**.")
+                            (ok.get('zeropad-heterogeneous') or {}).get('final_accuracy') or 0,
+                            (ok.get('fedit-continue-homogeneous') or {}).get('final_accuracy') or 0) else "not met") + "**.")
     mldsa = [r["signing_overhead"] for r in ok.values() if r["sign"] == "mldsa"]
     slh = ok.get("flora-heterogeneous-slhdsa")
     if mldsa:
@@ -184,27 +196,29 @@ def page(rows: list[dict], base: dict, quick: bool) -> str:
     setup = (f"Setup: {base['model']}, task `{base['task']}` (first {base['max_train']} training examples, "
              f"Dirichlet alpha {base['dirichlet_alpha']} over labels into {base['clients']} clients), LoRA on "
              f"`{base['targets']}` with alpha = 2 x rank, {base['rounds']} rounds x {base['local_steps']} local steps "
-             f"(batch {base['batch_size']}, lr {base['lr']}, AdamW, bf16 autocast), FLoRA protocol for every rule (the "
-             f"round's global update is merged into the base, clients start a fresh LoRA each round from a shared "
-             f"seed, so FFA's frozen A is shared). Accuracy: the server's model on the first {base['eval_limit']} "
+             f"(batch {base['batch_size']}, lr {base['lr']}, AdamW, bf16 autocast), the merge protocol (FLoRA's) for every "
+             f"row but the `-continue` ones (the round's global update is merged into the base, clients start a "
+             f"fresh LoRA each round from a shared seed, so FFA's frozen A is shared); the `-continue` rows use "
+             f"FedIT's protocol (the global LoRA stays an adapter that clients keep training; a client of smaller "
+             f"rank takes its first rows, as HetLoRA does). Accuracy: the server's model on the first {base['eval_limit']} "
              f"test examples after each round (label log-likelihood). Clients train one at a time (a file lock: "
              f"8 clients share 2 cores); round time is wall time from broadcast to aggregated update (excluding the "
              f"server's evaluation). Bytes are the payloads of the Flower messages (tensors + config), up (8 client "
-             f"updates) plus down (the broadcast to 8 clients, `--broadcast {base.get('broadcast', 'full')}`: "
-             + ("only the global rounds a client has not cached yet" if base.get("broadcast") == "delta" else
-                "every previous round's global update") + ").")
+             f"updates) plus down (the broadcast to 8 clients, `--broadcast full`: every previous round's global "
+             f"update under the merge protocol, the current global adapter under the continue protocol; "
+             f"bench/federated_broadcast.py measures the default delta broadcast).")
     notes = ("Reading the numbers: the aggregation error is computed in float64 on the received updates "
              "(||dW_global - sum p_k dW_k|| / ||sum p_k dW_k||, all modules). FLoRA's and FFA's are rounding error. "
              "FedIT's comes from the clients' A matrices drifting apart during local training (all start from the "
              "same seeded A with B = 0, so it grows with local steps and learning rate); with equal ranks "
              "zero-padding is FedIT exactly (same rows). Zero-padding with mixed ranks also mixes rows of "
-             "different clients' A and B. FLoRA's downlink grows with sum r_k per round"
-             + (" (one global update per client per round with the delta broadcast; bench/federated_broadcast.py "
-                "compares it with the full one). " if base.get("broadcast") == "delta" else
-                ", and the full broadcast carries the whole history of global updates so that a fresh ClientApp "
-                "process can rebuild the merged model: that is why its MB/round is 3-4x the others' here, and why "
-                "the signing share grows with the rounds. ")
-             + "The runs used 2 torch threads per process (OMP_NUM_THREADS=2, clients one "
+             "different clients' A and B. FLoRA's downlink grows with sum r_k per round, and the full broadcast "
+             "carries the whole history of global updates so that a fresh ClientApp process can rebuild the merged "
+             "model: that is why its MB/round is 3-4x the others' here, and why the signing share grows with the "
+             "rounds (the default delta broadcast sends each client only the rounds it has not cached: see "
+             "federated-broadcast.md). The `-continue` rows' global patch of a round is the whole adapter, so "
+             "their ||dW_g|| is the norm of the global adapter, not of the round's increment. "
+             "The runs used 2 torch threads per process (OMP_NUM_THREADS=2, clients one "
              "at a time). The scale (3 rounds, 10 local steps, 200 test examples, one seed) is small so the whole "
              "study fits about 50 minutes on 2 cores: accuracy differences of a few points are within noise.")
     if quick:
