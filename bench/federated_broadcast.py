@@ -15,14 +15,13 @@ Writes docs/benchmarks/federated-broadcast.md and .json; finished runs are cache
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CACHE, RowCache, md_table, write_results  # noqa: E402
+from common import CACHE, RowCache, md_table, write_results
 
 HOMO = [8] * 8
 HETERO = [16, 8, 8, 4, 4, 4, 2, 2]
@@ -83,7 +82,7 @@ def main() -> None:
         if all((workdir / f"flora-{setting}-{b}" / "final" / "patch").exists() for b in pair):
             same = max_diff(workdir / f"flora-{setting}-full" / "final" / "patch",
                             workdir / f"flora-{setting}-delta" / "final" / "patch")
-        for b, row in pair.items():
+        for row in pair.values():
             rows.append({**row, "setting": setting, "final_patch_max_abs_diff_full_vs_delta": same,
                          "down_saving": 1 - row["down_mb_total"] / pair["full"]["down_mb_total"]})
     fmt = {"down_mb_per_round": lambda v: " / ".join(f"{x:.1f}" for x in v),

@@ -103,3 +103,30 @@ def test_skip_train_and_stats(tmp_path, capsys):
     code, _, err = run_cli(["skip", "train", "-m", "tiny-random-llama", "--layers", "0-2",
                             "--out", str(tmp_path / "bad"), "--samples", "4", "--quiet"], capsys)
     assert code == 2 and "first remaining attention layer" in err and not (tmp_path / "bad").exists()
+    assert not (tmp_path / "r.ckpt").exists()  # the checkpoint goes once the patch is written
+    code, _, err = run_cli(["skip", "train", "-m", "tiny-random-llama", "--out", str(tmp_path / "new"), "--resume",
+                            "--samples", "4", "--quiet"], capsys)
+    assert code == 2 and "nothing to resume" in err and not (tmp_path / "new").exists()
+
+
+def test_skip_train_resume_after_interrupt(tmp_path, capsys, monkeypatch):
+    import patchlm.depth.skip as skip
+
+    args = ["skip", "train", "-m", "tiny-random-llama", "--task", "sharegpt", "--samples", "16", "--batch-size", "4",
+            "--max-length", "48", "--last", "2", "--save-every", "1", "--out", str(tmp_path / "r"), "--quiet"]
+    real = skip.train_routers
+    monkeypatch.setattr(skip, "train_routers", lambda *a, **k: real(*a, **{**k, "stop_after": 2}))
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "--resume" in err and not (tmp_path / "r").exists() and (tmp_path / "r.ckpt").exists()
+    monkeypatch.setattr(skip, "train_routers", real)
+    code, _, err = run_cli(args, capsys)  # neither --resume nor --force: refuses to throw the checkpoint away
+    assert code == 2 and "interrupted router training" in err
+    code, out, err = run_cli(args + ["--resume", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["metrics"]["steps"] >= 3 and not (tmp_path / "r.ckpt").exists()
+    whole = [a if a != str(tmp_path / "r") else str(tmp_path / "whole") for a in args]
+    code, _, err = run_cli(whole, capsys)
+    assert code == 0, err
+    a, b = Patch.load(tmp_path / "r"), Patch.load(tmp_path / "whole")
+    assert a.metrics["steps"] == b.metrics["steps"]
+    assert all(torch.allclose(a.tensors[k], b.tensors[k], atol=1e-6) for k in b.tensors)

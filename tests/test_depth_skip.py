@@ -149,6 +149,30 @@ def test_train_routers_only_routers_change(tiny, toy_task, tmp_path):
     assert torch.equal(tiny.model(input_ids=IDS).logits, out_live)
 
 
+def test_router_training_resumes_exactly(tiny, toy_task, tmp_path):
+    from patchlm.errors import TrainingInterrupted
+
+    cfg = SkipConfig(samples=32, batch_size=4, lam=2.0, lr=0.05)  # 8 steps
+    whole = train_routers(tiny, toy_task, [2, 3], config=cfg)
+    RouterKind().detach(tiny.model)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(TrainingInterrupted, match="after step 3 of 8"):
+        train_routers(tiny, toy_task, [2, 3], config=cfg, checkpoint_dir=ckpt, save_every=2, stop_after=3)
+    RouterKind().detach(tiny.model)
+    assert torch.load(ckpt / "state.pt", weights_only=False)["step"] == 3
+    with pytest.raises(ConfigError, match="other settings"):
+        train_routers(tiny, toy_task, [2, 3], config=SkipConfig(samples=32, batch_size=4, lam=1.0, lr=0.05),
+                      checkpoint_dir=ckpt, resume=True)
+    RouterKind().detach(tiny.model)
+    resumed = train_routers(tiny, toy_task, [2, 3], config=cfg, checkpoint_dir=ckpt, resume=True)
+    RouterKind().detach(tiny.model)
+    assert resumed.metrics["steps"] == whole.metrics["steps"] == 8
+    for k, v in whole.tensors.items():
+        assert torch.allclose(resumed.tensors[k], v, atol=1e-6), k
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train_routers(tiny, toy_task, [2, 3], config=cfg, checkpoint_dir=tmp_path / "none", resume=True)
+
+
 def test_routers_and_drops_stack(tiny):
     runtime.apply_drops(tiny.model, [1], [])
     RouterKind().attach(tiny.model, {"layers": [3]})

@@ -38,3 +38,7 @@ def did_you_mean(name: str, choices) -> str:
     if close:
         return f"did you mean {', '.join(close)}? (choices: {', '.join(choices)})"
     return f"choices: {', '.join(choices)}"
+
+
+class TrainingInterrupted(PatchlmError):
+    """Training stopped on request before its last step; its checkpoint can be resumed."""

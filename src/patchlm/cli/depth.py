@@ -167,9 +167,14 @@ def skip_train(model: Annotated[str, typer.Option("--model", "-m", help="built-i
                patch: Annotated[Optional[list[Path]], typer.Option("--patch", "-p", help="patch(es) to apply first (LoRA, merged, drop...)")] = None,
                bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast")] = False,
                force: Annotated[bool, typer.Option("--force", help="overwrite OUT / apply patches made for another base")] = False,
+               resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted training from OUT.ckpt")] = False,
+               save_every: Annotated[int, typer.Option(help="checkpoint the routers every N steps (in OUT.ckpt)")] = 25,
                quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
                json_out: Annotated[bool, typer.Option("--json", help="print the patch info as JSON")] = False) -> None:
     """Train MindSkip routers (base frozen, routers only) and write a `router` patch.
+
+    Training checkpoints to OUT.ckpt every --save-every steps; after an interruption the same command with
+    --resume continues from there. OUT.ckpt is removed once OUT is written.
 
     Example: `patchlm skip train --model smollm2-135m --samples 1000 --target 0.3 --bf16 --out runs/skip`
     """
@@ -178,18 +183,36 @@ def skip_train(model: Annotated[str, typer.Option("--model", "-m", help="built-i
     from patchlm.errors import ConfigError
     from patchlm.paths import check_output
 
-    check_output(out, force)
+    check_output(out, force and not resume)
+    ckpt = out.with_name(out.name + ".ckpt")
     if layers and last is not None:
         raise ConfigError("give --layers or --last, not both")
+    if save_every <= 0:
+        raise ConfigError(f"--save-every must be positive, got {save_every}")
+    if resume and force:
+        raise ConfigError("give --resume (continue) or --force (start over), not both")
+    if resume and not (ckpt / "state.pt").exists():
+        raise ConfigError(f"nothing to resume: no router checkpoint in {ckpt}")
+    if not resume and ckpt.exists() and not force:
+        raise ConfigError(f"an interrupted router training is in {ckpt}; pass --resume to continue it or --force "
+                          "to start over")
     cfg = SkipConfig(samples=samples, batch_size=batch_size, max_length=max_length, lr=lr, lam=lam, target=target,
                      epochs=epochs, seed=seed, bf16=bf16)
     t = load_task(task, seed=seed)
     base = _load(model, patch, force)
     n = base.num_layers
     chosen = parse_layers(layers, n) if layers else default_layers(n, last)
-    p = train_routers(base, t, chosen, granularity, cfg, log=status, progress=not quiet)
+    if force and not resume and ckpt.exists():
+        import shutil
+
+        shutil.rmtree(ckpt)
+    p = train_routers(base, t, chosen, granularity, cfg, log=status, progress=not quiet, checkpoint_dir=ckpt,
+                      save_every=save_every, resume=resume)
     p.spec["on_patches"] = [str(x) for x in (patch or [])]
     p.save(out, force=force)
+    import shutil
+
+    shutil.rmtree(ckpt, ignore_errors=True)
     info = p.info()
     if json_out:
         print_json(info)

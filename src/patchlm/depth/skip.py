@@ -197,10 +197,28 @@ class SkipConfig:
             raise ConfigError(f"capacity target must be in [0, 1], got {self.target}")
 
 
+def _save_checkpoint(ckpt, step: int, spec: dict, params, opt, hist) -> None:
+    """Routers, optimizer state, step and loss history, written through a temporary file and a rename."""
+    import os
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt / ".state.pt.tmp"
+    torch.save({"step": step, "spec": spec, "params": [p.detach().clone() for p in params],
+                "optimizer": opt.state_dict(), "hist": hist}, tmp)
+    os.replace(tmp, ckpt / "state.pt")
+
+
 def train_routers(base, task, layers: list[int] | None = None, granularity: str = "sequence",
-                  config: SkipConfig | None = None, log=None, progress: bool = False) -> Patch:
-    """Attach zero-initialised routers to `base.model` and train them (base frozen); return the router patch."""
+                  config: SkipConfig | None = None, log=None, progress: bool = False,
+                  checkpoint_dir=None, save_every: int = 25, resume: bool = False,
+                  stop_after: int | None = None) -> Patch:
+    """Attach zero-initialised routers to `base.model` and train them (base frozen); return the router patch.
+
+    With `checkpoint_dir`, the routers, the optimizer state and the step are saved every `save_every` steps;
+    `resume=True` continues from that checkpoint (same data order, so the result equals an uninterrupted run).
+    `stop_after` ends training after that many steps (with a checkpoint) and raises `TrainingInterrupted`."""
     import random
+    from pathlib import Path
 
     from patchlm.train.objectives import build_features, objective_for
     from patchlm.train.trainer import causal_lm_loss, collate
@@ -235,12 +253,34 @@ def train_routers(base, task, layers: list[int] | None = None, granularity: str 
 
         bar = tqdm(total=steps, desc="train routers", unit="step", leave=False)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-    model.train()
     hist = []
+    done = 0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if resume:
+        if ckpt is None or not (ckpt / "state.pt").exists():
+            raise ConfigError(f"nothing to resume: no router checkpoint in {ckpt}")
+        st = torch.load(ckpt / "state.pt", weights_only=False)
+        if st["spec"] != spec:
+            diff = sorted(k for k in set(spec) | set(st["spec"]) if spec.get(k) != st["spec"].get(k))
+            raise ConfigError(f"the checkpoint in {ckpt} was made with other settings ({', '.join(diff)}); "
+                              "use the same options or start over with --force")
+        with torch.no_grad():
+            for p, saved in zip(params, st["params"]):
+                p.copy_(saved)
+        opt.load_state_dict(st["optimizer"])
+        done, hist = int(st["step"]), list(st["hist"])
+        log(f"resuming router training after step {done} of {steps}")
+        if bar:
+            bar.update(done)
+    model.train()
+    step = 0
     try:
         for ep in range(cfg.epochs):
             random.Random(cfg.seed * 1009 + ep).shuffle(order)
             for s in range(0, len(order), cfg.batch_size):
+                step += 1
+                if step <= done:
+                    continue
                 b = {k: v.to(device) for k, v in collate([feats[i] for i in order[s: s + cfg.batch_size]], pad).items()}
                 with ctx:
                     lm, _ = causal_lm_loss(model, b)
@@ -254,6 +294,13 @@ def train_routers(base, task, layers: list[int] | None = None, granularity: str 
                 if bar:
                     bar.update(1)
                     bar.set_postfix(lm=f"{hist[-1]['lm_loss']:.3f}", cap=f"{hist[-1]['capacity']:.2f}")
+                if ckpt is not None and (step % save_every == 0 or step == stop_after):
+                    _save_checkpoint(ckpt, step, spec, params, opt, hist)
+                if stop_after is not None and step >= stop_after and step < steps:
+                    from patchlm.errors import TrainingInterrupted
+
+                    raise TrainingInterrupted(f"router training stopped after step {step} of {steps}; "
+                                              "continue with --resume")
     finally:
         if bar:
             bar.close()
