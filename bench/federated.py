@@ -44,6 +44,9 @@ def runs(quick: bool) -> list[dict]:
                 "setting": "homogeneous", "protocol": "continue"})
     out.append({"name": "zeropad-continue-heterogeneous", "aggregation": "zeropad", "ranks": HETERO, "sign": "mldsa",
                 "setting": "heterogeneous", "protocol": "continue"})
+    # client-side DP-SGD (Opacus; noise multiplier 1.0, clipping norm 1.0, delta 1/n^1.1 per client)
+    out.append({"name": "flora-homogeneous-dp", "aggregation": "flora", "ranks": HOMO, "sign": "mldsa",
+                "setting": "homogeneous", "dp": True})
     if quick:
         out = [r for r in out if r["name"] in ("flora-heterogeneous", "fedit-homogeneous", "fedit-heterogeneous",
                                                 "flora-heterogeneous-slhdsa")]
@@ -61,7 +64,7 @@ def one_run(spec: dict, base: dict, workdir: Path) -> dict:
     try:
         # the full broadcast (every previous round, every round): bench/federated_broadcast.py measures the delta one
         cfg = FedConfig(**base, aggregation=spec["aggregation"], ranks=spec["ranks"], sign=spec["sign"],
-                        protocol=protocol, broadcast="full")
+                        protocol=protocol, broadcast="full", dp=spec.get("dp", False))
     except ConfigError as e:  # FedIT with mixed ranks: refused, reported as such
         return {**row, "status": "refused", "error": str(e), "aggregation_error": None, "final_accuracy": None,
                 "bytes_per_round": None, "round_time_s": None}
@@ -92,6 +95,7 @@ def one_run(spec: dict, base: dict, workdir: Path) -> dict:
             "signing_overhead": sum(sign_s) / sum(rt),
             "signature_bytes": sig_bytes[0] if sig_bytes else None,
             "rejected": sum(len(r["rejected"]) for r in rounds),
+            "dp_epsilon": max((rounds[-1].get("dp_epsilon_total") or {}).values(), default=None),
             "leftover_processes": len(s["leftover_processes"])}
 
 
@@ -150,7 +154,7 @@ def page(rows: list[dict], base: dict, quick: bool) -> str:
                        "signing %": None if r.get("signing_overhead") is None else 100 * r["signing_overhead"]}
                       for r in rows],
                      ["name", "protocol", "ranks", "status", "aggregation_error", "initial_accuracy", "acc per round",
-                      "final_accuracy", "MB/round", "round_time_s", "signing %"],
+                      "final_accuracy", "MB/round", "round_time_s", "signing %", "dp_epsilon"],
                      fmt={"aggregation_error": lambda v: f"{v:.2e}"})
     goals = []
     fl_h, fe_h, fe_o = (ok.get(n) for n in ("flora-heterogeneous", "fedit-heterogeneous", "fedit-homogeneous"))
@@ -200,7 +204,9 @@ def page(rows: list[dict], base: dict, quick: bool) -> str:
              f"row but the `-continue` ones (the round's global update is merged into the base, clients start a "
              f"fresh LoRA each round from a shared seed, so FFA's frozen A is shared); the `-continue` rows use "
              f"FedIT's protocol (the global LoRA stays an adapter that clients keep training; a client of smaller "
-             f"rank takes its first rows, as HetLoRA does). Accuracy: the server's model on the first {base['eval_limit']} "
+             f"rank takes its first rows, as HetLoRA does). The `-dp` row trains with client-side DP-SGD (Opacus, noise "
+             f"multiplier 1.0, clipping norm 1.0, delta 1/n^1.1 of each client's n); its dp_epsilon is the largest "
+             f"client's total epsilon over all rounds (RDP accounting). Accuracy: the server's model on the first {base['eval_limit']} "
              f"test examples after each round (label log-likelihood). Clients train one at a time (a file lock: "
              f"8 clients share 2 cores); round time is wall time from broadcast to aggregated update (excluding the "
              f"server's evaluation). Bytes are the payloads of the Flower messages (tensors + config), up (8 client "
