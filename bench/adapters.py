@@ -56,6 +56,8 @@ ROWS: dict[str, tuple[str, dict]] = {
     "mos-pure-sharing": ("mos", {**MOS, "r": 16, "alpha": 32, **{f: False for f in OFF.values()}}),
 }
 SEEDED = ("lora-r2", "lora-r16", "mos-e2-r16")  # rows with 3 seeds
+LONG = ("lora-r2", "lora-r16", "mos-e2-r16")  # the headline rows again with 5x the steps (does the gap close?)
+LONG_FACTOR = 5
 
 
 # ---------------------------------------------------------------- PEFT methods as patch kinds (bench only)
@@ -335,7 +337,34 @@ def goals(rows: list[dict], speed: list[dict]) -> list[str]:
     return out
 
 
-def write_page(runs, chosen, seeds_for, probe, scale, tag, lr_grid, suffix):
+def long_section(long_runs: list[dict], scale: dict) -> str:
+    if not long_runs:
+        return ""
+    by = {(r["row"], r["task"]): r for r in long_runs}
+    rows = []
+    for name in LONG:
+        d = {"name": name}
+        accs = []
+        for t in TASKS:
+            hit = by.get((name, t))
+            d[t] = f"{100 * hit['test_accuracy']:.1f}" if hit else "-"
+            if hit:
+                accs.append(hit["test_accuracy"])
+        d["mean"] = f"{100 * statistics.mean(accs):.1f}" if len(accs) == len(TASKS) else "(partial)"
+        d["lr"] = next((f"{r['lr']:g}" for r in long_runs if r["row"] == name), "-")
+        rows.append(d)
+    steps = scale["steps"] * LONG_FACTOR
+    return f"""
+## Longer training: the headline rows at {steps} steps
+
+The same recipe with {LONG_FACTOR}x the optimizer steps ({steps} x batch {scale['batch_size']}), seed 0, each row's
+learning rate from the search above, to see whether the gaps of the short study close with more training.
+
+{md_table(rows, ["name"] + list(TASKS) + ["mean", "lr"])}
+"""
+
+
+def write_page(runs, chosen, seeds_for, probe, scale, tag, lr_grid, suffix, long_runs=()):
     rows = aggregate(runs, chosen, seeds_for)
     speed = probe.get("pairs", [])
     for r in rows:
@@ -401,6 +430,7 @@ the RSS before the adapter was attached (the loaded fp32 model: {mem_base or 0:.
           {'tokens_per_s': lambda v: f'{v:.0f}', 'baseline_tokens_per_s': lambda v: f'{v:.0f}',
            'ratio': lambda v: f'{v:.3f}'}) if speed else '(not run)'}
 
+{long_section(list(long_runs), scale)}
 ## Learning-rate search ({TASKS[0]} validation accuracy %, seed 0; test accuracy in brackets)
 
 {md_table(lr_rows, ['name'] + [f'lr {lr:g}' for lr in lr_grid] + ['chosen'])}
@@ -419,7 +449,8 @@ the RSS before the adapter was attached (the loaded fp32 model: {mem_base or 0:.
   e=2 budget); its saved logits could shrink to top-k indices, which this page does not do.
 """
     write_results("adapters", rows, md, extra={"scale": scale, "lr_grid": list(lr_grid), "chosen_lr": chosen,
-                                                "probe": probe, "runs": runs}, suffix=suffix)
+                                                "probe": probe, "runs": runs, "long_runs": list(long_runs)},
+                  suffix=suffix)
 
 
 # ---------------------------------------------------------------- main
@@ -430,7 +461,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny scale, a few minutes; writes adapters-quick.*")
     ap.add_argument("--report", action="store_true", help="only rewrite the page from cached runs")
     ap.add_argument("--rows", default=None, help="train only these rows (comma-separated); the page shows all cached")
-    ap.add_argument("--phase", choices=["all", "probe", "search", "tasks", "seeds"], default="all",
+    ap.add_argument("--phase", choices=["all", "probe", "search", "tasks", "seeds", "long"], default="all",
                     help="run one phase only (each resumes from the cache)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--scale-json", default=None, help=argparse.SUPPRESS)
@@ -485,9 +516,16 @@ def main(argv=None):
                 best = max(search, key=lambda r: (r["val_accuracy"] or 0.0, -r["lr"]))
                 chosen[name] = best["lr"]
 
+    long_scale = {**scale, "steps": scale["steps"] * LONG_FACTOR}
+
+    def long_key(row, task, lr):
+        return f"long{long_scale['steps']}__{row}__{task}__s0__lr{lr:g}"
+
     def page():
         collect()
-        write_page(runs, dict(chosen), seeds_for, cache.get("probe") or {}, scale, key_tag, lr_grid, suffix)
+        long_runs = [h for n in LONG if n in chosen for t in TASKS if (h := cache.get(long_key(n, t, chosen[n])))]
+        write_page(runs, dict(chosen), seeds_for, cache.get("probe") or {}, scale, key_tag, lr_grid, suffix,
+                   long_runs)
 
     if args.report:
         page()
@@ -524,6 +562,16 @@ def main(argv=None):
         cache.run(key(n, t, s, lr), lambda n=n, t=t, s=s, lr=lr: run_one(n, t, s, lr, scale, tasks))
         page()
         print(f"[{time.time() - t_start:6.0f}s] {key(n, t, s, lr)}", flush=True)
+    if args.phase in ("all", "long") and not args.quick:
+        for n in (r for r in LONG if r in rows):
+            if n not in chosen:
+                print(f"skip long {n}: its learning-rate search is not finished", flush=True)
+                continue
+            for t in TASKS:
+                lr = chosen[n]
+                cache.run(long_key(n, t, lr), lambda n=n, t=t, lr=lr: run_one(n, t, 0, lr, long_scale, tasks))
+                page()
+                print(f"[{time.time() - t_start:6.0f}s] {long_key(n, t, lr)}", flush=True)
     page()
 
 
