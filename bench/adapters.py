@@ -407,7 +407,7 @@ learning rate from the search above, to see whether the gaps of the short study 
 """
 
 
-def write_page(runs, chosen, seeds_for, probe, scale, tag, lr_grid, suffix, long_runs=()):
+def write_page(runs, chosen, seeds_for, probe, scale, tag, lr_grid, suffix, long_runs=(), cmd=None):
     rows = aggregate(runs, chosen, seeds_for)
     speed = probe.get("pairs", [])
     for r in rows:
@@ -497,7 +497,7 @@ the RSS before the adapter was attached (the loaded fp32 model: {mem_base or 0:.
 """
     write_results("adapters", rows, md, extra={"scale": scale, "lr_grid": list(lr_grid), "chosen_lr": chosen,
                                                 "probe": probe, "runs": runs, "long_runs": list(long_runs)},
-                  suffix=suffix)
+                  suffix=suffix, cmd=cmd)
 
 
 # ---------------------------------------------------------------- main
@@ -571,8 +571,10 @@ def main(argv=None):
     def page():
         collect()
         long_runs = [h for n in LONG if n in chosen for t in TASKS if (h := cache.get(long_key(n, t, chosen[n])))]
+        # every phase resumes the same cached study: the page names the command that measures all of it
+        cmd = "python bench/adapters.py" + (" --quick" if args.quick else "")
         write_page(runs, dict(chosen), seeds_for, cache.get("probe") or {}, scale, key_tag, lr_grid, suffix,
-                   long_runs)
+                   long_runs, cmd=cmd)
 
     if args.report:
         page()

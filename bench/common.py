@@ -68,10 +68,11 @@ class RowCache:
 
 
 def write_results(study: str, rows: list[dict], markdown: str, extra: dict | None = None,
-                  suffix: str = "") -> tuple[Path, Path]:
-    """Write docs/benchmarks/<study><suffix>.json and .md (the md gets a header with machine/command/date)."""
+                  suffix: str = "", cmd: str | None = None) -> tuple[Path, Path]:
+    """Write docs/benchmarks/<study><suffix>.json and .md (the md gets a header with machine/command/date).
+    `cmd` names the measuring command when the page is rewritten from cached rows by another one."""
     DOCS.mkdir(parents=True, exist_ok=True)
-    meta = {"study": study, "command": command(), "machine": machine(),
+    meta = {"study": study, "command": cmd or command(), "machine": machine(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     data = {**meta, **(extra or {}), "rows": rows}
     jf, mf = DOCS / f"{study}{suffix}.json", DOCS / f"{study}{suffix}.md"
