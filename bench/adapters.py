@@ -510,6 +510,7 @@ def main(argv=None):
     ap.add_argument("--rows", default=None, help="train only these rows (comma-separated); the page shows all cached")
     ap.add_argument("--phase", choices=["all", "probe", "search", "tasks", "seeds", "long"], default="all",
                     help="run one phase only (each resumes from the cache)")
+    ap.add_argument("--lr-grid", default=None, help="learning rates searched (comma-separated) instead of the default")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--scale-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -526,6 +527,8 @@ def main(argv=None):
         scale = {"steps": 30, "batch_size": 8, "test_limit": 200, "val_limit": 100, "speed_steps": 6,
                  "max_length": {"rotten_tomatoes": 96, "trec": 96, "bbc_news": 80}}
         lr_grid, seeds, reps, tag, suffix = (1e-3, 5e-3), (0, 1, 2), 3, "full", ""
+    if args.lr_grid:
+        lr_grid = tuple(float(x) for x in args.lr_grid.split(","))
         rows = list(ROWS)
     if args.rows:
         rows = [r.strip() for r in args.rows.split(",")]
@@ -572,7 +575,8 @@ def main(argv=None):
         collect()
         long_runs = [h for n in LONG if n in chosen for t in TASKS if (h := cache.get(long_key(n, t, chosen[n])))]
         # every phase resumes the same cached study: the page names the command that measures all of it
-        cmd = "python bench/adapters.py" + (" --quick" if args.quick else "")
+        cmd = ("python bench/adapters.py" + (" --quick" if args.quick else "")
+               + (f" --lr-grid {args.lr_grid}" if args.lr_grid else ""))
         write_page(runs, dict(chosen), seeds_for, cache.get("probe") or {}, scale, key_tag, lr_grid, suffix,
                    long_runs, cmd=cmd)
 
