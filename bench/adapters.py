@@ -527,9 +527,9 @@ def main(argv=None):
         scale = {"steps": 30, "batch_size": 8, "test_limit": 200, "val_limit": 100, "speed_steps": 6,
                  "max_length": {"rotten_tomatoes": 96, "trec": 96, "bbc_news": 80}}
         lr_grid, seeds, reps, tag, suffix = (1e-3, 5e-3), (0, 1, 2), 3, "full", ""
+        rows = list(ROWS)
     if args.lr_grid:
         lr_grid = tuple(float(x) for x in args.lr_grid.split(","))
-        rows = list(ROWS)
     if args.rows:
         rows = [r.strip() for r in args.rows.split(",")]
         unknown = [r for r in rows if r not in ROWS]
