@@ -196,3 +196,30 @@ def test_dtype_and_tokenizer_source(zoo, tmp_path):
     configs = {r: json.loads((Path(r) / "config.json").read_text()) for r in refs}
     mem = merge_state_dicts(plan, states, configs)
     assert torch.equal(mem["model.layers.0.mlp.up_proj.weight"], t)
+
+
+def test_checkpoint_positioned_reads_equal_safetensors(tmp_path):
+    from patchlm.errors import PatchFormatError
+
+    d = tmp_path / "ck"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1}))
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(37, 5, generator=g), "b": torch.randn(3, 4, 2, generator=g).to(torch.bfloat16),
+               "c": torch.tensor(2.5), "d": torch.arange(10, dtype=torch.int64), "e": torch.zeros(0, 3)}
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    ck = Checkpoint(str(d))
+    ref = load_file(str(d / "model.safetensors"))
+    for name, t in ref.items():
+        got = ck.read(name)
+        assert got.dtype == t.dtype and torch.equal(got, t), name
+        chunks = list(ck.read_chunks(name, max_elements=12))
+        assert torch.equal(torch.cat([c.reshape(-1) for c in chunks]), t.reshape(-1)), name
+    assert len(list(ck.read_chunks("a", max_elements=12))) == 19  # 2 rows of 5 per block
+    got = ck.read("a")
+    got += 1  # reads are fresh buffers the caller may change
+    assert torch.equal(ck.read("a"), ref["a"])
+    raw = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(raw[:-8])  # cut the last tensor short
+    with pytest.raises(PatchFormatError, match="truncated"):
+        ck.read(max((n for n in ref if ck._where[n][1]), key=lambda n: sum(ck._where[n])))

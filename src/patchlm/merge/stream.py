@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from patchlm.errors import BaseMismatchError, ConfigError, PatchlmError
+from patchlm.errors import BaseMismatchError, ConfigError, PatchFormatError, PatchlmError
 from patchlm.merge.methods import merge_tensor
 from patchlm.merge.plan import MergePlan
 from patchlm.paths import atomic_dir
@@ -55,8 +55,26 @@ def resolve_checkpoint(ref: str) -> Path:
     raise PatchlmError(f"model {ref!r} not found: expected a checkpoint directory, a built-in name or a cached hub id")
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """(the header's tensor entries, the offset where the data starts) of a safetensors file."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        head = json.loads(f.read(n))
+    head.pop("__metadata__", None)
+    return head, 8 + n
+
+
 class Checkpoint:
-    """Tensor names, shapes and dtypes of a safetensors checkpoint; `read(name)` loads one tensor."""
+    """Tensor names, shapes and dtypes of a safetensors checkpoint; `read(name)` loads one tensor.
+
+    Reads are positioned file reads into fresh buffers, not memory maps: a mapped page that was read stays in
+    the process's resident set until the file is unmapped, so streaming a whole checkpoint through a map
+    makes the process look as large as the checkpoint, while buffers are freed tensor by tensor."""
 
     def __init__(self, ref: str):
         from safetensors import safe_open
@@ -77,11 +95,15 @@ class Checkpoint:
             raise PatchlmError(f"{self.path} holds no .safetensors weights (pytorch .bin checkpoints are not "
                                "streamed: re-save with safe_serialization=True)")
         self.meta: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+        self._where: dict[str, tuple[int, int]] = {}  # name -> (absolute byte offset, byte length)
         for fn in files:
+            head, start = _safetensors_header(self.path / fn)
             with safe_open(str(self.path / fn), framework="pt") as f:
                 for name in f.keys():
                     sl = f.get_slice(name)
                     self.meta[name] = (fn, sl.get_dtype(), tuple(sl.get_shape()))
+                    b, e = head[name]["data_offsets"]
+                    self._where[name] = (start + b, e - b)
 
     @property
     def names(self) -> list[str]:
@@ -98,27 +120,50 @@ class Checkpoint:
 
     fresh_reads = True  # every read returns a new tensor the caller may modify
 
-    def read(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
+    def _read_rows(self, name: str, first: int, count: int | None) -> torch.Tensor:
+        """Rows [first, first + count) of the leading dimension (all of the tensor when count is None)."""
+        import os
 
-        fn = self.meta[name][0]
-        with safe_open(str(self.path / fn), framework="pt") as f:
-            return f.get_tensor(name)
+        fn, dt, shape = self.meta[name]
+        dtype = _ST_DTYPES.get(dt)
+        if dtype is None:
+            raise PatchFormatError(f"{name} in {self.path / fn} has dtype {dt}, which patchlm cannot read")
+        offset, nbytes = self._where[name]
+        if count is None or len(shape) == 0:
+            rows_shape, skip, length = shape, 0, nbytes
+        else:
+            row_bytes = nbytes // max(1, shape[0])
+            count = max(0, min(count, shape[0] - first))
+            rows_shape, skip, length = (count, *shape[1:]), first * row_bytes, count * row_bytes
+        buf = bytearray(length)
+        if length:
+            fd = os.open(self.path / fn, os.O_RDONLY)
+            try:
+                view, done = memoryview(buf), 0
+                while done < length:
+                    got = os.preadv(fd, [view[done:]], offset + skip + done)
+                    if got <= 0:
+                        raise PatchFormatError(f"{self.path / fn} is truncated: {name} is cut short")
+                    done += got
+            finally:
+                os.close(fd)
+        if not length:
+            return torch.empty(rows_shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(rows_shape)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._read_rows(name, 0, None)
 
     def read_chunks(self, name: str, max_elements: int = 1 << 22):
         """The tensor in consecutive blocks of leading-dimension rows (row-major order), a few MB each."""
-        from safetensors import safe_open
-
-        fn, _, shape = self.meta[name]
-        with safe_open(str(self.path / fn), framework="pt") as f:
-            if len(shape) == 0 or shape[0] == 0:
-                yield f.get_tensor(name)
-                return
-            row = max(1, math.prod(shape[1:]))
-            step = max(1, max_elements // row)
-            sl = f.get_slice(name)
-            for i in range(0, shape[0], step):
-                yield sl[i: i + step]
+        shape = self.meta[name][2]
+        if len(shape) == 0 or shape[0] == 0:
+            yield self.read(name)
+            return
+        row = max(1, math.prod(shape[1:]))
+        step = max(1, max_elements // row)
+        for i in range(0, shape[0], step):
+            yield self._read_rows(name, i, step)
 
 
 class DictSource:
