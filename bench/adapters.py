@@ -407,7 +407,7 @@ learning rate from the search above, to see whether the gaps of the short study 
 """
 
 
-def write_page(runs, chosen, seeds_for, probe, scale, tag, lr_grid, suffix, long_runs=(), cmd=None):
+def write_page(runs, chosen, seeds_for, probe, scale, tag, lr_grid, suffix, long_runs=(), cmd=None, extend=()):
     rows = aggregate(runs, chosen, seeds_for)
     speed = probe.get("pairs", [])
     for r in rows:
@@ -432,7 +432,7 @@ def write_page(runs, chosen, seeds_for, probe, scale, tag, lr_grid, suffix, long
     lr_rows = []
     for name in ROWS:
         d = {"name": name}
-        for lr in lr_grid:
+        for lr in tuple(lr_grid) + tuple(extend):
             hit = next((r for r in search if r["row"] == name and r["lr"] == lr), None)
             d[f"lr {lr:g}"] = (f"{100 * hit['val_accuracy']:.1f} (test {100 * hit['test_accuracy']:.1f})"
                                if hit and hit["val_accuracy"] is not None else "-")
@@ -445,7 +445,8 @@ Adapters on **{MODEL}** (all 7 linear projections of all 30 layers), classificat
 **Scale used ({tag})**: {scale['steps']} optimizer steps x batch {scale['batch_size']} (AdamW, warm-up 10%, cosine),
 bf16 autocast for every row, max length per task {scale['max_length']} tokens (prompts are cut from the left, so
 the question survives); test accuracy on the first {scale['test_limit']} test examples of each task; learning rate
-chosen per row from {list(lr_grid)} by validation accuracy (first {scale['val_limit']} validation examples) on
+chosen per row from {list(lr_grid)} (extended upward through {list(extend)} one rate at a time while a row's best
+is the highest rate it tried) by validation accuracy (first {scale['val_limit']} validation examples) on
 {TASKS[0]} with seed 0, then used for every task and seed. Rows `{'`, `'.join(SEEDED)}` are mean ± std over seeds
 {list(seeds_for(SEEDED[0]))} (seed: init, data order, MoS indices; the data split is fixed); the others are seed 0.
 The mean column is the mean over the three tasks (± its std over seeds). This is a small study sized for two
@@ -480,7 +481,7 @@ the RSS before the adapter was attached (the loaded fp32 model: {mem_base or 0:.
 {long_section(list(long_runs), scale)}
 ## Learning-rate search ({TASKS[0]} validation accuracy %, seed 0; test accuracy in brackets)
 
-{md_table(lr_rows, ['name'] + [f'lr {lr:g}' for lr in lr_grid] + ['chosen'])}
+{md_table(lr_rows, ['name'] + [f'lr {lr:g}' for lr in tuple(lr_grid) + tuple(extend)] + ['chosen'])}
 
 ## Rows
 
@@ -495,7 +496,8 @@ the RSS before the adapter was attached (the loaded fp32 model: {mem_base or 0:.
 - `vblora`: PEFT VB-LoRA, r=4, bank of 32 vectors of length 64, top-2: trains LoRA r=2's count + 2,048 (the MoS
   e=2 budget); its saved logits could shrink to top-k indices, which this page does not do.
 """
-    write_results("adapters", rows, md, extra={"scale": scale, "lr_grid": list(lr_grid), "chosen_lr": chosen,
+    write_results("adapters", rows, md, extra={"scale": scale, "lr_grid": list(lr_grid), "lr_extend": list(extend),
+                                                "chosen_lr": chosen,
                                                 "probe": probe, "runs": runs, "long_runs": list(long_runs)},
                   suffix=suffix, cmd=cmd)
 
@@ -526,8 +528,10 @@ def main(argv=None):
         # sized to about 45-50 minutes of two quiet cores (~450 training tokens/s in bf16)
         scale = {"steps": 30, "batch_size": 8, "test_limit": 200, "val_limit": 100, "speed_steps": 6,
                  "max_length": {"rotten_tomatoes": 96, "trec": 96, "bbc_news": 80}}
-        lr_grid, seeds, reps, tag, suffix = (1e-3, 5e-3), (0, 1, 2), 3, "full", ""
+        lr_grid, seeds, reps, tag, suffix = (1e-3, 5e-3, 2e-2), (0, 1, 2), 3, "full", ""
         rows = list(ROWS)
+    # a row whose best rate is the highest one tried gets the next of these, one at a time (same rule for all)
+    extend = () if args.quick else (5e-2, 1e-1)
     if args.lr_grid:
         lr_grid = tuple(float(x) for x in args.lr_grid.split(","))
     if args.rows:
@@ -551,20 +555,36 @@ def main(argv=None):
     def key(row, task, seed, lr):
         return f"{row}__{task}__s{seed}__lr{lr:g}"
 
+    grid_all = tuple(lr_grid) + tuple(extend)
+
+    def search_next(name) -> float | None:
+        """The next learning rate the row's search needs (None when its search is finished)."""
+        tried = []
+        for i, lr in enumerate(grid_all):
+            hit = cache.get(key(name, TASKS[0], 0, lr))
+            if hit is None:
+                if i < len(lr_grid) or (tried and best_of(tried)["lr"] == tried[-1]["lr"]):
+                    return lr
+                return None
+            tried.append(hit)
+        return None
+
+    def best_of(search):
+        return max(search, key=lambda r: (r["val_accuracy"] or 0.0, -r["lr"]))
+
     def collect():
         runs.clear()
         chosen.clear()
         for name in shown:
             for t in TASKS:
                 for s in seeds:
-                    for lr in lr_grid:
+                    for lr in grid_all:
                         hit = cache.get(key(name, t, s, lr))
                         if hit:
                             runs.append(hit)
             search = [r for r in runs if r["row"] == name and r["task"] == TASKS[0] and r["seed"] == 0]
-            if len(search) == len(lr_grid):
-                best = max(search, key=lambda r: (r["val_accuracy"] or 0.0, -r["lr"]))
-                chosen[name] = best["lr"]
+            if search and search_next(name) is None:
+                chosen[name] = best_of(search)["lr"]
 
     long_scale = {**scale, "steps": scale["steps"] * LONG_FACTOR}
 
@@ -578,7 +598,7 @@ def main(argv=None):
         cmd = ("python bench/adapters.py" + (" --quick" if args.quick else "")
                + (f" --lr-grid {args.lr_grid}" if args.lr_grid else ""))
         write_page(runs, dict(chosen), seeds_for, cache.get("probe") or {}, scale, key_tag, lr_grid, suffix,
-                   long_runs, cmd=cmd)
+                   long_runs, cmd=cmd, extend=extend)
 
     if args.report:
         page()
@@ -597,10 +617,12 @@ def main(argv=None):
 
     # 2. learning-rate search on the first task, 3. the other tasks, 4. the extra seeds
     if args.phase in ("all", "search"):
-        for item in [(n, TASKS[0], 0, lr) for n in rows for lr in lr_grid]:
-            cache.run(key(*item), lambda item=item: run_one(*item, scale, tasks))
-            page()
-            print(f"[{time.time() - t_start:6.0f}s] {key(*item)}", flush=True)
+        for n in rows:
+            while (lr := search_next(n)) is not None:
+                item = (n, TASKS[0], 0, lr)
+                cache.run(key(*item), lambda item=item: run_one(*item, scale, tasks))
+                page()
+                print(f"[{time.time() - t_start:6.0f}s] {key(*item)}", flush=True)
     collect()
     later = []
     if args.phase in ("all", "tasks"):
