@@ -67,9 +67,11 @@ class _DepthForward:
         st: DepthState = self._depth
         h = hidden_states
         if not st.attn_dropped:
+            # transformers < 5.24 passes the cache as `past_key_values`, later versions as `cache`: pass it on
+            # under the name it came with
+            cache_kw = {"past_key_values": past_key_values} if "cache" not in kwargs else {}
             h = self._attention(h, st, attention_mask=attention_mask, position_ids=position_ids,
-                                past_key_values=past_key_values, use_cache=use_cache,
-                                position_embeddings=position_embeddings, **kwargs)
+                                use_cache=use_cache, position_embeddings=position_embeddings, **cache_kw, **kwargs)
         if not st.mlp_dropped:
             h = h + self.mlp(self.post_attention_layernorm(h))
         return h
@@ -79,7 +81,8 @@ class _DepthForward:
         router = st.router
         if router is None:
             return h + self.self_attn(hidden_states=x, **kw)[0]
-        gate = router.gate(x, st.context, kw.get("past_key_values"))
+        cache_name = "cache" if "cache" in kw else "past_key_values"
+        gate = router.gate(x, st.context, kw.get(cache_name))
         if gate.differentiable:  # training: compute everything, multiply by the straight-through mask
             return h + gate.mask.to(h.dtype) * self.self_attn(hidden_states=x, **kw)[0]
         if gate.token_level:  # token-level routing is masked (no compute saved): a study variant
@@ -92,8 +95,8 @@ class _DepthForward:
             return h
         idx = keep.nonzero().flatten()
         b = h.shape[0]
-        sub = {k: _index_rows(v, idx, b) for k, v in kw.items() if k != "past_key_values"}
-        sub["past_key_values"] = kw.get("past_key_values")
+        sub = {k: _index_rows(v, idx, b) for k, v in kw.items() if k != cache_name}
+        sub[cache_name] = kw.get(cache_name)
         out = self.self_attn(hidden_states=x.index_select(0, idx), **sub)[0]
         return h.index_add(0, idx, out.to(h.dtype))
 
