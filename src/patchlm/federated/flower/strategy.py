@@ -60,11 +60,6 @@ def history_rounds(rec: ArrayRecord) -> dict[int, dict[str, torch.Tensor]]:
     return out
 
 
-def history_from_record(rec: ArrayRecord) -> list[dict[str, torch.Tensor]]:
-    out = history_rounds(rec)
-    return [out[r] for r in sorted(out)]
-
-
 def round_digest(tensors: dict) -> str:
     from patchlm.federated.signing import tensors_digest
 
