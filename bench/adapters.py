@@ -163,7 +163,7 @@ def speed_probe(pairs, scale: dict, tasks: dict, reps: int, rows: list[str]) -> 
     background load hits them alike. Median over `reps` rounds of `scale['speed_steps']` steps."""
     from patchlm.models import load_base
     from patchlm.patch import get_kind
-    from patchlm.train.trainer import causal_lm_loss
+    from patchlm.train.engine import causal_lm_loss
 
     base = load_base(MODEL)
     batches = _train_batches(base, tasks, scale)
@@ -197,8 +197,8 @@ def speed_probe(pairs, scale: dict, tasks: dict, reps: int, rows: list[str]) -> 
 
 
 def _train_batches(base, tasks, scale):
-    from patchlm.train.objectives import build_features
-    from patchlm.train.trainer import collate
+    from patchlm.data.features import build_features
+    from patchlm.data.features import collate
 
     feats = build_features(tasks[TASKS[0]], "train", base.tokenizer, "classification", scale["max_length"][TASKS[0]])
     bs = scale["batch_size"]
@@ -215,7 +215,7 @@ def memory_probe_child(row: str, scale: dict) -> dict:
     from patchlm.evaluate import MemoryProbe
     from patchlm.models import load_base
     from patchlm.patch import get_kind
-    from patchlm.train.trainer import causal_lm_loss
+    from patchlm.train.engine import causal_lm_loss
 
     base = load_base(MODEL)
     batches = _train_batches(base, {TASKS[0]: load_task(TASKS[0], seed=0)}, scale)

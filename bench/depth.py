@@ -90,7 +90,7 @@ def prompts(tok, n: int, length: int):
     import torch
 
     from patchlm.data import load_task
-    from patchlm.train.objectives import example_text
+    from patchlm.data.features import example_text
 
     t = load_task("sharegpt")
     out = []
@@ -170,7 +170,7 @@ def quality(base, loras: dict, on, off, o: dict) -> dict:
     from patchlm.data import load_task
     from patchlm.evaluate import evaluate_classification, perplexity
     from patchlm.patch import get_kind
-    from patchlm.train.objectives import example_text
+    from patchlm.data.features import example_text
 
     news = load_task("news_corpus")
     texts = [example_text(news, e, base.tokenizer) for e in news.split("test")[:200]]

@@ -33,8 +33,9 @@ def speed_worker(impl: str, steps: int, batch: int, bf16: bool, rank: int) -> di
     from patchlm.data import load_task
     from patchlm.evaluate import MemoryProbe
     from patchlm.models import load_base
-    from patchlm.train.objectives import build_features
-    from patchlm.train.trainer import collate, causal_lm_loss
+    from patchlm.data.features import build_features
+    from patchlm.data.features import collate
+    from patchlm.train.engine import causal_lm_loss
 
     torch.manual_seed(0)
     base = load_base(MODEL)

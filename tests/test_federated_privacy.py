@@ -18,7 +18,7 @@ def _lora(tiny, r=4):
 
 
 def _feats(tiny, toy_task):
-    from patchlm.train.objectives import build_features
+    from patchlm.data.features import build_features
 
     return build_features(toy_task, "train", tiny.tokenizer, "classification", 64)
 
@@ -46,7 +46,7 @@ def test_dp_gradient_equals_plain_gradient_without_noise_or_clipping(tiny, toy_t
     """With sigma=0, C huge and q=1 (whole data every step), the DP-SGD gradient is the plain mean gradient:
     checks Opacus's per-example gradients through patchlm's LoraLinear (functorch path)."""
     from patchlm.federated.privacy import DPConfig, dp_train, per_example_loss
-    from patchlm.train.trainer import collate
+    from patchlm.data.features import collate
 
     params, _ = _lora(tiny)
     with torch.no_grad():

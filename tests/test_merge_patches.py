@@ -155,8 +155,9 @@ def test_patches_of_different_bases_are_refused(tiny):
 
 def test_fisher_estimate_is_mean_squared_per_example_gradient(tiny, toy_task):
     from patchlm.merge.fisher import estimate_fisher
-    from patchlm.train.objectives import build_features
-    from patchlm.train.trainer import causal_lm_loss, collate
+    from patchlm.data.features import build_features
+    from patchlm.data.features import collate
+    from patchlm.train.engine import causal_lm_loss
 
     p = lora_patch(tiny, 1, targets=["q_proj"])
     f = estimate_fisher(tiny, p, toy_task, n_examples=2, max_length=32)

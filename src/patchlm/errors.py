@@ -42,3 +42,7 @@ def did_you_mean(name: str, choices) -> str:
 
 class TrainingInterrupted(PatchlmError):
     """Training stopped on request before its last step; its checkpoint can be resumed."""
+
+
+class TrainingDiverged(PatchlmError):
+    """The loss or a parameter became NaN or infinite; the last good checkpoint is kept."""

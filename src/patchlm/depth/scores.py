@@ -24,8 +24,8 @@ def calibration_blocks(tokenizer, task: str = "news_corpus", samples: int = 32, 
                        split: str = "train", seed: int = 0) -> torch.Tensor:
     """`samples` blocks of `seq_len` tokens of the task's text (packed with EOS), as a LongTensor [N, T]."""
     from patchlm.data import load_task
-    from patchlm.evaluate.perplexity import pack_blocks
-    from patchlm.train.objectives import example_text
+    from patchlm.data.features import pack_blocks
+    from patchlm.data.features import example_text
 
     if samples <= 0 or seq_len < 2:
         raise DataError(f"calibration needs samples >= 1 and seq_len >= 2, got {samples} x {seq_len}")

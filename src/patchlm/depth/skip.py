@@ -220,8 +220,9 @@ def train_routers(base, task, layers: list[int] | None = None, granularity: str 
     import random
     from pathlib import Path
 
-    from patchlm.train.objectives import build_features, objective_for
-    from patchlm.train.trainer import causal_lm_loss, collate
+    from patchlm.data.features import build_features, objective_for
+    from patchlm.data.features import collate
+    from patchlm.train.engine import causal_lm_loss
 
     cfg = config or SkipConfig()
     log = log or (lambda m: None)

@@ -1,6 +1,7 @@
 """Evaluation: label log-likelihood classification, perplexity, and the speed/memory probes benchmarks share."""
 
-from patchlm.evaluate.classify import evaluate_classification, label_scores, encode_verbalizers
+from patchlm.data.features import encode_verbalizers
+from patchlm.evaluate.classify import evaluate_classification, label_scores
 from patchlm.evaluate.perplexity import perplexity
 from patchlm.evaluate.probes import MemoryProbe, Timer, peak_rss_bytes
 
@@ -14,7 +15,7 @@ def evaluate(model, tokenizer, task, split: str = "test", limit: int | None = No
     if task.kind == "classification":
         return evaluate_classification(model, tokenizer, task, split=split, limit=limit, batch_size=batch_size,
                                        bf16=bf16, max_length=max_length)
-    from patchlm.train.objectives import example_text
+    from patchlm.data.features import example_text
 
     examples = task.split(split)[: limit or None]
     texts = [example_text(task, e, tokenizer) for e in examples]

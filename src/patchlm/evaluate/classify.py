@@ -10,21 +10,8 @@ from contextlib import nullcontext
 
 import torch
 
+from patchlm.data.features import encode_prompt, encode_verbalizers, pad_id
 from patchlm.errors import DataError
-
-
-def encode_verbalizers(tokenizer, task) -> list[list[int]]:
-    ids = [tokenizer(v, add_special_tokens=False)["input_ids"] for v in task.verbalizers]
-    if any(len(i) == 0 for i in ids):
-        raise DataError(f"task {task.name} has an empty verbalizer")
-    return ids
-
-
-def encode_prompt(tokenizer, task, example, max_length: int, reserve: int = 0) -> list[int]:
-    """Token ids of the prompt, cut from the left so the question at its end survives."""
-    ids = tokenizer(task.prompt(example), add_special_tokens=False)["input_ids"]
-    room = max_length - reserve
-    return ids[-room:] if len(ids) > room else ids
 
 
 def _autocast(bf16: bool, device: torch.device):
@@ -49,7 +36,7 @@ def label_scores(model, tokenizer, task, examples: list[dict], batch_size: int =
     verbs = encode_verbalizers(tokenizer, task)
     longest = max(len(v) for v in verbs)
     prompts = [encode_prompt(tokenizer, task, e, max_length, reserve=longest) for e in examples]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     out = torch.empty(len(examples), len(verbs))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     was_training = model.training

@@ -8,22 +8,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-
-def pack_blocks(tokenizer, texts: list[str], block_size: int, max_tokens: int | None = None) -> list[list[int]]:
-    """Token blocks of exactly block_size (the tail shorter than a block is dropped unless it is all there is)."""
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for t in texts:
-        stream += tokenizer(t, add_special_tokens=False)["input_ids"]
-        if eos is not None:
-            stream.append(eos)
-        if max_tokens and len(stream) >= max_tokens:
-            stream = stream[:max_tokens]
-            break
-    blocks = [stream[i: i + block_size] for i in range(0, len(stream), block_size)]
-    if len(blocks) > 1 and len(blocks[-1]) < block_size:
-        blocks.pop()
-    return [b for b in blocks if len(b) > 1]
+from patchlm.data.features import pack_blocks
 
 
 @torch.no_grad()

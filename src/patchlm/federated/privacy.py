@@ -75,7 +75,7 @@ def total_epsilon(history: list[tuple[float, float, int]], delta: float) -> floa
 # ---------------------------------------------------------------- loss per example
 def per_example_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy of each example over its labelled positions: a tensor [B]."""
-    from patchlm.train.objectives import IGNORE
+    from patchlm.data.features import IGNORE
 
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     target = labels[:, 1:]
@@ -180,7 +180,7 @@ def dp_train(model, params: list[torch.nn.Parameter], feats: list[dict], pad_id:
     from opacus.accountants import RDPAccountant
     from opacus.grad_sample import GradSampleModule
 
-    from patchlm.train.trainer import collate
+    from patchlm.data.features import collate
 
     n = len(feats)
     if n == 0:
@@ -267,7 +267,7 @@ def _train_teacher(model, params, public_feats, pad_id, steps, batch_size, lr, s
     """Train the adapter non-privately on public data; return [(initial value, teacher value)] per param."""
     import random
 
-    from patchlm.train.trainer import collate
+    from patchlm.data.features import collate
 
     init = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr)

@@ -17,8 +17,9 @@ def estimate_fisher(base, patch, task, n_examples: int = 32, max_length: int = 1
     """module name -> diagonal Fisher of W for every module the patch changes (the patch is detached after)."""
     from patchlm.merge.patches import PatchDeltas
     from patchlm.patch import get_kind
-    from patchlm.train.objectives import build_features, objective_for
-    from patchlm.train.trainer import causal_lm_loss, collate
+    from patchlm.data.features import build_features, objective_for
+    from patchlm.data.features import collate
+    from patchlm.train.engine import causal_lm_loss
 
     if n_examples <= 0:
         raise ConfigError(f"n_examples must be positive, got {n_examples}")

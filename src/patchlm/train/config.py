@@ -12,8 +12,12 @@ class TrainConfig:
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    optimizer: str = field(default="adamw", metadata={"help": "step rule: adamw | sgd (see patchlm.train.optim)"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay (decoupled for AdamW)"})
+    momentum: float = field(default=0.0, metadata={"help": "SGD momentum"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
     warmup: float = field(default=0.06, metadata={"help": "warm-up: a fraction of steps (<1) or a step count"})
     schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant (after warm-up)"})
     max_length: int = field(default=256, metadata={"help": "max tokens per example"})
@@ -38,6 +42,14 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"unknown schedule {self.schedule!r}; choices: cosine, linear, constant")
+        from patchlm.train.optim import optimizers
+
+        if self.optimizer not in optimizers():
+            from patchlm.errors import did_you_mean
+
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; {did_you_mean(self.optimizer, optimizers())}")
+        if not (0 <= self.momentum < 1 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("momentum, beta1 and beta2 must be in [0, 1)")
         if self.objective not in ("auto", "classification", "lm", "chat"):
             raise ConfigError(f"unknown objective {self.objective!r}; choices: auto, classification, lm, chat")
 

@@ -1,9 +1,10 @@
-"""The training loop for patches: AdamW, warm-up + schedule, accumulation, validation, best checkpoint,
-resume after interruption, a progress bar and a JSONL metrics log.
+"""The patch trainer on the engine's loop: any registered step rule (AdamW by default), warm-up + schedule,
+accumulation, validation, best checkpoint, resume after interruption, a progress bar and a JSONL metrics log.
 
 Run directory layout:
   metrics.jsonl             one JSON object per log/eval event
-  checkpoints/last/         patch/ (the patch so far), optimizer.safetensors, state.json (step, rng, best)
+  checkpoints/last/         patch/ (the patch so far), optimizer.{safetensors,json} (the step rule's state_dict
+                            and the RNG state), state.json (step, best, spec)
   checkpoints/best/         the best patch by validation metric
   patch/                    the final patch (best if validated, else last)
 A killed run resumes from checkpoints/last and loses at most `save_every` steps.
@@ -15,17 +16,19 @@ import json
 import math
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from patchlm.data.features import build_features, collate, objective_for, pad_id
 from patchlm.errors import OutputExistsError, PatchlmError
+from patchlm.models.parts import model_device
 from patchlm.patch import Patch, get_kind, provenance
 from patchlm.paths import atomic_dir
+from patchlm.train.checkpoint import load_state, save_state
 from patchlm.train.config import TrainConfig
-from patchlm.train.objectives import IGNORE, build_features, objective_for
+from patchlm.train.engine import StepInfo, autocast, causal_lm_loss, to_device, train_loop
+from patchlm.train.optim import StepRule, make_optimizer
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -39,41 +42,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if cfg.schedule == "linear":
         return cfg.lr * max(0.0, 1.0 - progress)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def collate(feats: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    n = max(len(f["input_ids"]) for f in feats)
-    ids = torch.full((len(feats), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(feats), n), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(feats), n), dtype=torch.long)
-    for i, f in enumerate(feats):
-        k = len(f["input_ids"])
-        ids[i, :k] = torch.tensor(f["input_ids"])
-        labels[i, :k] = torch.tensor(f["labels"])
-        mask[i, :k] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over labelled positions.
-
-    The output head runs only on positions that carry a label (for classification a handful per example),
-    which saves the memory and time of full-vocabulary logits everywhere.
-    """
-    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-    target = labels[:, 1:]
-    keep = target != IGNORE
-    n = int(keep.sum())
-    if n == 0:
-        raise PatchlmError("a training batch has no labelled tokens")
-    backbone = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if backbone is None or head is None or getattr(model.config, "final_logit_softcapping", None):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        return F.cross_entropy(logits[keep].float(), target[keep]), n
-    hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-    logits = head(hidden[keep])
-    return F.cross_entropy(logits.float(), target[keep]), n
 
 
 class Trainer:
@@ -92,7 +60,7 @@ class Trainer:
         self.log = log or (lambda msg: None)
         self.objective = objective_for(task, self.cfg.objective)
         tok = base.tokenizer
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.pad_id = pad_id(tok)
         # Build all inputs before any file is written: bad data fails here, leaving nothing behind.
         self.train_feats = build_features(task, "train", tok, self.objective, self.cfg.max_length)
         self.val_feats = None
@@ -106,7 +74,7 @@ class Trainer:
                                         "or --resume to continue its run")
             if resume and not (last / "state.json").exists():
                 self.resume = False  # nothing to resume: a fresh run
-        self.device = next(base.model.parameters()).device
+        self.device = model_device(base.model)
 
     # -- data order: deterministic per (seed, epoch), so a resumed run sees the same batches
     def _batch(self, micro_index: int) -> list[dict]:
@@ -121,9 +89,6 @@ class Trainer:
                 self._perm_epoch = epoch
             out.append(self.train_feats[self._perm[pos]])
         return out
-
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.bf16 else nullcontext()
 
     # -- validation
     def validate(self) -> dict:
@@ -142,9 +107,9 @@ class Trainer:
         was = model.training
         model.eval()
         tot, cnt = 0.0, 0
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), autocast(self.device, self.cfg.bf16):
             for s in range(0, len(self.val_feats), self.cfg.batch_size):
-                b = {k: v.to(self.device) for k, v in collate(self.val_feats[s: s + self.cfg.batch_size], self.pad_id).items()}
+                b = to_device(collate(self.val_feats[s: s + self.cfg.batch_size], self.pad_id), self.device)
                 loss, n = causal_lm_loss(model, b)
                 tot += loss.item() * n
                 cnt += n
@@ -166,35 +131,24 @@ class Trainer:
                                            train=self.cfg.to_dict()),
                      metrics=metrics)
 
-    def _save_last(self, step: int, opt, best: dict) -> None:
-        from safetensors.torch import save_file
-
+    def _save_last(self, step: int, rule: StepRule, best: dict) -> None:
         with atomic_dir(self.out / "checkpoints" / "last", force=True) as tmp:
             self._patch({"step": step}).save(tmp / "patch")
-            state = {}
-            for i, p in enumerate(self.params):
-                st = opt.state.get(p, {})
-                for k in ("exp_avg", "exp_avg_sq"):
-                    if k in st:
-                        state[f"{i}.{k}"] = st[k].detach().cpu().contiguous()
-            state["rng"] = torch.get_rng_state()
-            save_file(state, str(tmp / "optimizer.safetensors"))
-            adam_step = [float(opt.state.get(p, {}).get("step", 0)) for p in self.params]
-            (tmp / "state.json").write_text(json.dumps({"step": step, "best": best, "adam_step": adam_step,
-                                                        "spec": self.spec}))
+            save_state(tmp, "optimizer", {"optimizer": rule.state_dict(), "rng": torch.get_rng_state(),
+                                          "name": self.cfg.optimizer})
+            (tmp / "state.json").write_text(json.dumps({"step": step, "best": best, "spec": self.spec}))
 
-    def _load_last(self, opt) -> tuple[int, dict]:
-        from safetensors.torch import load_file
-
+    def _load_last(self, rule: StepRule) -> tuple[int, dict]:
         last = self.out / "checkpoints" / "last"
         state = json.loads((last / "state.json").read_text())
-        tensors = load_file(str(last / "optimizer.safetensors"))
-        for i, p in enumerate(self.params):
-            if f"{i}.exp_avg" in tensors:
-                opt.state[p] = {"step": torch.tensor(state["adam_step"][i]),
-                                "exp_avg": tensors[f"{i}.exp_avg"].to(p.device),
-                                "exp_avg_sq": tensors[f"{i}.exp_avg_sq"].to(p.device)}
-        torch.set_rng_state(tensors["rng"])
+        saved = load_state(last, "optimizer")
+        if saved.get("name", "adamw") != self.cfg.optimizer:
+            from patchlm.errors import ConfigError
+
+            raise ConfigError(f"the run in {self.out} was trained with optimizer {saved.get('name')!r}, not "
+                              f"{self.cfg.optimizer!r}: resume with the same optimizer or start over with --force")
+        rule.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
         return int(state["step"]), state.get("best", {})
 
     # -- the loop
@@ -216,12 +170,12 @@ class Trainer:
         self.params = self.kind.trainable_parameters(model)
         if not self.params:
             raise PatchlmError(f"a {self.kind_name} patch has no trainable parameters")
-        opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        rule = make_optimizer(cfg.optimizer, self.params, cfg)
         step, best = 0, {}
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
         if self.resume:
-            step, best = self._load_last(opt)
+            step, best = self._load_last(rule)
             self.log(f"resuming from step {step}")
         metrics_f = open(self.out / "metrics.jsonl", "a") if self.out is not None else None
 
@@ -230,64 +184,47 @@ class Trainer:
                 metrics_f.write(json.dumps(rec) + "\n")
                 metrics_f.flush()
 
-        bar = None
-        if cfg.progress:
-            from tqdm.auto import tqdm
+        t_start = time.perf_counter()
+        acc = {"tokens": 0, "train_time": 0.0, "loss": 0.0, "n": 0, "best_tensors": None, "best": best}
 
-            bar = tqdm(total=cfg.steps, initial=step, desc=f"train {self.kind_name}", unit="step", leave=False)
-        model.train()
-        t_start, tokens_total, loss_acc, n_acc = time.perf_counter(), 0, 0.0, 0
-        train_time = 0.0
-        best_tensors = None
+        def batches(step: int) -> list[dict]:
+            return [collate(self._batch(step * cfg.grad_accum + j), self.pad_id) for j in range(cfg.grad_accum)]
+
+        def on_step(info: StepInfo) -> None:
+            step = info.step
+            acc["loss"] += info.loss * info.labels
+            acc["n"] += info.labels
+            acc["tokens"] += info.tokens
+            acc["train_time"] += info.seconds
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                emit({"step": step, "loss": acc["loss"] / max(1, acc["n"]), "lr": lr_at(step - 1, cfg),
+                      "tokens_per_s": acc["tokens"] / max(acc["train_time"], 1e-9),
+                      "elapsed_s": time.perf_counter() - t_start})
+                acc["loss"], acc["n"] = 0.0, 0
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                m = self.validate()
+                if m:
+                    emit({"step": step, **m})
+                    sc = self._score(m)
+                    if not acc["best"] or sc > acc["best"]["score"]:
+                        acc["best"] = {"score": sc, "step": step, **m}
+                        if self.out is not None:
+                            self._patch({**m, "step": step}).save(self.out / "checkpoints" / "best", force=True)
+                        else:
+                            acc["best_tensors"] = self.kind.state(model)
+                    model.train()
+            if self.out is not None and (step % cfg.save_every == 0 or step == cfg.steps):
+                self._save_last(step, rule, acc["best"])
+
         try:
-            while step < cfg.steps:
-                t0 = time.perf_counter()
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step, cfg)
-                micro = [collate(self._batch(step * cfg.grad_accum + j), self.pad_id) for j in range(cfg.grad_accum)]
-                total_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-                for b in micro:
-                    b = {k: v.to(self.device) for k, v in b.items()}
-                    with self._autocast():
-                        loss, n = causal_lm_loss(model, b)
-                    (loss * n / total_labels).backward()
-                    loss_acc += loss.item() * n
-                    n_acc += n
-                    tokens_total += int(b["attention_mask"].sum())
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                train_time += time.perf_counter() - t0
-                if bar:
-                    bar.update(1)
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    rec = {"step": step, "loss": loss_acc / max(1, n_acc), "lr": lr_at(step - 1, cfg),
-                           "tokens_per_s": tokens_total / max(train_time, 1e-9), "elapsed_s": time.perf_counter() - t_start}
-                    emit(rec)
-                    if bar:
-                        bar.set_postfix(loss=f"{rec['loss']:.3f}")
-                    loss_acc, n_acc = 0.0, 0
-                if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                    m = self.validate()
-                    if m:
-                        emit({"step": step, **m})
-                        sc = self._score(m)
-                        if not best or sc > best["score"]:
-                            best = {"score": sc, "step": step, **m}
-                            if self.out is not None:
-                                self._patch({**m, "step": step}).save(self.out / "checkpoints" / "best", force=True)
-                            else:
-                                best_tensors = self.kind.state(model)
-                        model.train()
-                if self.out is not None and (step % cfg.save_every == 0 or step == cfg.steps):
-                    self._save_last(step, opt, best)
+            step = train_loop(model, rule, batches, cfg.steps, start=step, loss_fn=causal_lm_loss, bf16=cfg.bf16,
+                              lr_at=lambda s: lr_at(s, cfg), on_step=on_step, progress=cfg.progress,
+                              desc=f"train {self.kind_name}")
         finally:
-            if bar:
-                bar.close()
             if metrics_f:
                 metrics_f.close()
+        best, best_tensors = acc["best"], acc["best_tensors"]
+        tokens_total, train_time = acc["tokens"], acc["train_time"]
         model.eval()
         metrics = {"steps": step, "train_tokens_per_s": tokens_total / max(train_time, 1e-9),
                    "train_seconds": train_time}

@@ -281,8 +281,9 @@ def local_train(base, cfg: FedConfig, k: int, round_: int, examples: list[dict],
     fresh (merge protocol, or the first round) or from the global adapter `start` (continue protocol)."""
     from patchlm.adapters.inject import wrapped_modules
     from patchlm.adapters.lora import LoraKind, LoraLinear
-    from patchlm.train.objectives import build_features, objective_for
-    from patchlm.train.trainer import causal_lm_loss, collate
+    from patchlm.data.features import build_features, objective_for
+    from patchlm.data.features import collate
+    from patchlm.train.engine import causal_lm_loss
 
     t0 = time.perf_counter()
     r, alpha = cfg.rank(k), cfg.lora_alpha(k)

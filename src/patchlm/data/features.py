@@ -1,4 +1,5 @@
-"""Turn task examples into (input_ids, labels) for the three objectives.
+"""From task examples to token ids: prompt encoding, verbalizers, packing, the three training objectives, and the
+one collation and pad-id rule that training, evaluation and every method share.
 
 - classification: prompt + the gold label's verbalizer; loss on the verbalizer tokens only
 - lm: raw text packed into fixed blocks; loss on every token
@@ -7,9 +8,71 @@
 
 from __future__ import annotations
 
+import torch
+
 from patchlm.errors import ConfigError, DataError
 
 IGNORE = -100
+
+
+def pad_id(tokenizer) -> int:
+    """The id used to pad batches: the tokenizer's pad token, else its EOS token, else 0 (masked out anyway)."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+def encode_verbalizers(tokenizer, task) -> list[list[int]]:
+    """Token ids of each label's verbalizer (never empty)."""
+    ids = [tokenizer(v, add_special_tokens=False)["input_ids"] for v in task.verbalizers]
+    if any(len(i) == 0 for i in ids):
+        raise DataError(f"task {task.name} has an empty verbalizer")
+    return ids
+
+
+def encode_prompt(tokenizer, task, example, max_length: int, reserve: int = 0) -> list[int]:
+    """Token ids of the prompt, cut from the left so the question at its end survives."""
+    ids = tokenizer(task.prompt(example), add_special_tokens=False)["input_ids"]
+    room = max_length - reserve
+    return ids[-room:] if len(ids) > room else ids
+
+
+def pack_blocks(tokenizer, texts: list[str], block_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Token blocks of exactly block_size (the tail shorter than a block is dropped unless it is all there is)."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for t in texts:
+        stream += tokenizer(t, add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            stream.append(eos)
+        if max_tokens and len(stream) >= max_tokens:
+            stream = stream[:max_tokens]
+            break
+    blocks = [stream[i: i + block_size] for i in range(0, len(stream), block_size)]
+    if len(blocks) > 1 and len(blocks[-1]) < block_size:
+        blocks.pop()
+    return [b for b in blocks if len(b) > 1]
+
+
+def collate(feats: list[dict], pad: int, labels: bool = True) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and (unless labels=False) labels with IGNORE on padding."""
+    n = max(len(f["input_ids"]) for f in feats)
+    ids = torch.full((len(feats), n), pad, dtype=torch.long)
+    lab = torch.full((len(feats), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(feats), n), dtype=torch.long)
+    for i, f in enumerate(feats):
+        k = len(f["input_ids"])
+        ids[i, :k] = torch.tensor(f["input_ids"])
+        if labels:
+            lab[i, :k] = torch.tensor(f.get("labels", f["input_ids"]))
+        mask[i, :k] = 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    if labels:
+        out["labels"] = lab
+    return out
+
 
 
 def objective_for(task, objective: str = "auto") -> str:
@@ -34,8 +97,6 @@ def example_text(task, example: dict, tokenizer=None) -> str:
 
 
 def classification_features(task, examples, tokenizer, max_length: int) -> list[dict]:
-    from patchlm.evaluate.classify import encode_prompt, encode_verbalizers
-
     verbs = encode_verbalizers(tokenizer, task)
     longest = max(len(v) for v in verbs)
     out = []
@@ -47,8 +108,6 @@ def classification_features(task, examples, tokenizer, max_length: int) -> list[
 
 
 def lm_features(task, examples, tokenizer, max_length: int) -> list[dict]:
-    from patchlm.evaluate.perplexity import pack_blocks
-
     blocks = pack_blocks(tokenizer, [example_text(task, e, tokenizer) for e in examples], max_length)
     return [{"input_ids": b, "labels": list(b)} for b in blocks]
 
