@@ -22,7 +22,13 @@ class DataError(PatchlmError):
 
 
 class ConfigError(PatchlmError):
-    """A hyper-parameter or option is out of range or inconsistent."""
+    """A hyper-parameter or option is out of range or inconsistent.
+
+    `field` names the config field at fault (e.g. "lr"); the CLI adds the flag that sets it to the message."""
+
+    def __init__(self, message: str = "", field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class OutputExistsError(PatchlmError):

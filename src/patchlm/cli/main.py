@@ -18,7 +18,7 @@ def _register_all() -> None:
     import patchlm.cli as pkg
 
     for mod in sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)):
-        if mod in ("main", "common"):
+        if mod in ("main", "common", "options"):
             continue
         module = importlib.import_module(f"patchlm.cli.{mod}")
         if hasattr(module, "register"):
@@ -50,7 +50,13 @@ def main(argv: list[str] | None = None) -> None:
     except PatchlmError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        msg = str(e)
+        from patchlm.cli.options import flag_for
+
+        flag = flag_for(getattr(e, "field", None) or "")
+        if flag and flag not in msg:
+            msg += f" (option {flag})"
+        print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted (a training run resumes with --resume)", file=sys.stderr)
