@@ -11,10 +11,12 @@ from pathlib import Path
 from patchlm.errors import OutputExistsError
 
 
-def home() -> Path:
-    """The cache root: $PATCHLM_HOME, default ~/.cache/patchlm."""
-    root = Path(os.environ.get("PATCHLM_HOME", Path.home() / ".cache" / "patchlm")).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+def home(create: bool = True) -> Path:
+    """The one cache root: $PATCHLM_HOME, default ~/.cache/patchlm (read at call time)."""
+    env = os.environ.get("PATCHLM_HOME")
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "patchlm"
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     return root
 
 
@@ -50,15 +52,24 @@ def atomic_dir(target: str | Path, force: bool = False):
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file through a temporary name and a rename."""
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
+    """Write a file through a temporary sibling and a rename: readers see the old file or the new, never half.
+
+    mode: the file's permissions (mkstemp makes 0o600; pass 0o644 for ordinary shared data)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> None:
+    """Write a text file (UTF-8) through a temporary name and a rename."""
+    atomic_write_bytes(path, text.encode("utf-8"), mode=mode)

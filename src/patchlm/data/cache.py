@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from patchlm.paths import atomic_write_text, home
 
 CACHE_VERSION = "v1"
 
 
 def patchlm_home() -> Path:
-    """Root of patchlm's caches: $PATCHLM_HOME, else ~/.cache/patchlm (read at call time)."""
-    env = os.environ.get("PATCHLM_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "patchlm"
+    """Root of patchlm's caches (patchlm.paths.home, not created here)."""
+    return home(create=False)
 
 
 def cache_path(name: str) -> Path:
@@ -32,19 +31,10 @@ def read_cache(name: str) -> list[dict] | None:
 
 
 def write_cache(name: str, examples: list[dict]) -> Path | None:
-    """Write atomically (temp file + os.replace); a read-only home just means no cache."""
+    """Write atomically; a read-only home just means no cache."""
     path = cache_path(name)
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for ex in examples:
-                f.write(json.dumps(ex, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is ordinary data
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples), mode=0o644)
         return path
     except OSError:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         return None

@@ -6,33 +6,23 @@ all label scores; otherwise each (prompt, label) pair is scored in a batch.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 
-from patchlm.data.features import encode_prompt, encode_verbalizers, pad_id
+from patchlm.data.features import collate, encode_prompt, encode_verbalizers, pad_id
 from patchlm.errors import DataError
+from patchlm.models.parts import autocast, model_device
 
 
-def _autocast(bf16: bool, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
-def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
+def _pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    b = collate([{"input_ids": s} for s in seqs], pad, labels=False)
+    return b["input_ids"].to(device), b["attention_mask"].to(device)
 
 
 @torch.no_grad()
 def label_scores(model, tokenizer, task, examples: list[dict], batch_size: int = 16, max_length: int = 512,
                  bf16: bool = False) -> torch.Tensor:
     """Log-likelihood of each label's verbalizer for each example: a tensor [N, num_labels]."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     verbs = encode_verbalizers(tokenizer, task)
     longest = max(len(v) for v in verbs)
     prompts = [encode_prompt(tokenizer, task, e, max_length, reserve=longest) for e in examples]
@@ -48,7 +38,7 @@ def label_scores(model, tokenizer, task, examples: list[dict], batch_size: int =
             idx = order[s: s + batch_size]
             if single:
                 ids, mask = _pad([prompts[i] for i in idx], pad, device)
-                with _autocast(bf16, device):
+                with autocast(device, bf16):
                     logits = model(input_ids=ids, attention_mask=mask).logits
                 last = mask.sum(1) - 1
                 lp = torch.log_softmax(logits[torch.arange(len(idx), device=device), last].float(), -1)
@@ -60,7 +50,7 @@ def label_scores(model, tokenizer, task, examples: list[dict], batch_size: int =
                     seqs.append(prompts[i] + v)
                     spans.append((len(prompts[i]), len(v)))
             ids, mask = _pad(seqs, pad, device)
-            with _autocast(bf16, device):
+            with autocast(device, bf16):
                 logits = model(input_ids=ids, attention_mask=mask).logits
             lp = torch.log_softmax(logits.float(), -1)
             scores = torch.empty(len(seqs))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 
@@ -26,3 +28,9 @@ def model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def autocast(device: torch.device | str, bf16: bool):
+    """bf16 autocast on the device's type when asked, else a no-op context (the one autocast rule)."""
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return torch.autocast(kind, dtype=torch.bfloat16) if bf16 else nullcontext()

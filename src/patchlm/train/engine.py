@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,16 +20,12 @@ import torch.nn.functional as F
 
 from patchlm.data.features import IGNORE
 from patchlm.errors import PatchlmError, TrainingDiverged
-from patchlm.models.parts import backbone_and_head, model_device
+from patchlm.models.parts import autocast, backbone_and_head, model_device
 
 Batch = dict[str, torch.Tensor]
+__all__ = ["StepInfo", "autocast", "causal_lm_loss", "example_count", "example_mean_loss", "label_count",
+           "make_closure", "per_example_loss", "to_device", "train_loop"]
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, int]]
-
-
-def autocast(device: torch.device | str, bf16: bool):
-    """bf16 autocast on the model's device type when asked, else a no-op context."""
-    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
-    return torch.autocast(kind, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def to_device(batch: Batch, device: torch.device | str) -> Batch:
