@@ -26,14 +26,30 @@ TENSOR_FILE = "tensors.safetensors"
 
 
 # ---------------------------------------------------------------- kinds
+STAGES = ("weight", "depth")  # the order patches stack in: weight patches first, then depth patches
+CAPABILITIES = ("materialize", "export-peft", "export-merged")
+
+
 class PatchKind:
-    """How one kind of patch attaches to a model. Subclasses register with @register_kind("name")."""
+    """How one kind of patch attaches to a model. Subclasses register with @register_kind("name", stage=...).
+
+    stage: "weight" (changes weights or adds modules beside them: lora, mos, merged, ...) or "depth" (removes or
+    routes whole modules: drop, router); weight patches are applied before depth patches, whatever the order
+    they are given in. capabilities: "materialize" (the kind has `materialize(patch) -> Patch`, an equivalent
+    LoRA patch; merging, federated aggregation and PEFT export then accept it), "export-peft" (PEFT directory),
+    "export-merged" (a plain transformers checkpoint with the patch baked in).
+    """
 
     name: ClassVar[str] = ""
+    stage: ClassVar[str] = "weight"
+    capabilities: ClassVar[frozenset[str]] = frozenset()
 
     def attach(self, model: torch.nn.Module, spec: dict, tensors: dict[str, torch.Tensor] | None = None,
-               seed: int = 0) -> None:
-        """Install the patch's modules on `model` (fresh init from `seed` when tensors is None)."""
+               seed: int = 0) -> dict:
+        """Install the patch's modules on `model` (fresh init from `seed` when tensors is None).
+
+        Returns the resolved spec (defaults filled in, e.g. the target module list); the caller's dict is not
+        changed."""
         raise NotImplementedError
 
     def detach(self, model: torch.nn.Module) -> None:
@@ -61,15 +77,34 @@ _KINDS: dict[str, type[PatchKind]] = {}
 _ENTRY_POINTS_LOADED = False
 
 
-def register_kind(name: str):
-    """Class decorator: make a PatchKind available under `name`."""
+def register_kind(name: str, *, stage: str = "weight", capabilities: tuple[str, ...] = ()):
+    """Class decorator: make a PatchKind available under `name`, with its stage and capabilities."""
+    if stage not in STAGES:
+        raise ValueError(f"kind {name}: stage must be one of {STAGES}, got {stage!r}")
+    bad = set(capabilities) - set(CAPABILITIES)
+    if bad:
+        raise ValueError(f"kind {name}: unknown capabilities {sorted(bad)}; known: {CAPABILITIES}")
 
     def deco(cls: type[PatchKind]) -> type[PatchKind]:
         cls.name = name
+        cls.stage = stage
+        cls.capabilities = frozenset(capabilities)
+        if "materialize" in capabilities and not callable(getattr(cls, "materialize", None)):
+            raise TypeError(f"kind {name} declares 'materialize' but has no materialize(patch) method")
         _KINDS[name] = cls
         return cls
 
     return deco
+
+
+def kind_can(name: str, capability: str) -> bool:
+    """Whether kind `name` declared `capability` when it registered."""
+    return capability in get_kind(name).capabilities
+
+
+def stack_order(patches: list) -> list:
+    """Patches in the order they must be applied: by stage (weight, then depth), stable within a stage."""
+    return sorted(patches, key=lambda p: STAGES.index(get_kind(p.kind).stage))
 
 
 def _load_entry_points() -> None:
@@ -170,7 +205,7 @@ class Patch:
     def apply(self, base, force: bool = False, seed: int | None = None) -> torch.nn.Module:
         """Attach this patch onto `base.model` (after checking the base) and return the model."""
         self.check_base(base, force=force)
-        get_kind(self.kind).attach(base.model, self.spec, self.tensors,
+        get_kind(self.kind).attach(base.model, dict(self.spec), self.tensors,
                                    seed=self.spec.get("seed", 0) if seed is None else seed)
         return base.model
 
@@ -235,7 +270,3 @@ def _json_default(o):
     if isinstance(o, (set, tuple)):
         return list(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def load_patch(path: str | Path) -> Patch:
-    return Patch.load(path)
