@@ -27,9 +27,29 @@ def test_label_scores_match_a_manual_forward(tiny, toy_task):
 
 
 def test_multi_token_verbalizers_path(tiny, toy_task):
+    from patchlm.data.features import encode_prompt
+    from patchlm.evaluate.classify import label_scores
+
     toy_task.verbalizers = [" very positive", " rather negative"]
     res = evaluate_classification(tiny.model, tiny.tokenizer, toy_task)
     assert res["n"] == len(toy_task.test) and 0 <= res["accuracy"] <= 1
+    # each (prompt, verbalizer) score by hand: the sum of the verbalizer tokens' log-probabilities, one example
+    # at a time with no padding, against the batched and padded path
+    examples = toy_task.test
+    scores = label_scores(tiny.model, tiny.tokenizer, toy_task, examples, batch_size=3)
+    verbs = [tiny.tokenizer(v, add_special_tokens=False)["input_ids"] for v in toy_task.verbalizers]
+    assert all(len(v) > 1 for v in verbs)
+    with torch.no_grad():
+        for i, e in enumerate(examples):
+            prompt = encode_prompt(tiny.tokenizer, toy_task, e, 512, reserve=max(map(len, verbs)))
+            for j, v in enumerate(verbs):
+                ids = torch.tensor([prompt + v])
+                lp = torch.log_softmax(tiny.model(ids).logits[0].float(), -1)
+                want = sum(float(lp[len(prompt) - 1 + t, v[t]]) for t in range(len(v)))
+                assert float(scores[i, j]) == pytest.approx(want, abs=1e-4), (i, j)
+    pred = scores.argmax(-1).tolist()
+    gold = [int(e["label"]) for e in examples]
+    assert res["accuracy"] == pytest.approx(sum(p == g for p, g in zip(pred, gold)) / len(gold))
 
 
 def test_perplexity_matches_hf_loss(tiny):
