@@ -12,6 +12,7 @@ from patchlm.depth.drop import kv_cache_bytes
 from patchlm.depth.skip import Router, RouterKind, SkipConfig, default_layers, parse_layers, route_stats, train_routers
 from patchlm.errors import BaseMismatchError, ConfigError, PatchFormatError
 from patchlm.patch import Patch
+from patchlm.train.checkpoint import load_state
 
 
 def _normed_means(model, layer: int, ids) -> torch.Tensor:
@@ -37,8 +38,9 @@ def test_default_layers_and_parse():
     assert parse_layers("3,5,10-12", 30) == [3, 5, 10, 11, 12]
     with pytest.raises(ConfigError, match="out of range"):
         parse_layers("29-31", 30)
-    with pytest.raises(ConfigError, match="--last 29"):
+    with pytest.raises(ConfigError, match="last 29") as e:  # the library names the config field
         default_layers(30, 29)
+    assert e.value.field == "last"
 
 
 def test_zero_init_routers_give_exact_base_outputs(tiny):
@@ -159,7 +161,8 @@ def test_router_training_resumes_exactly(tiny, toy_task, tmp_path):
     with pytest.raises(TrainingInterrupted, match="after step 3 of 8"):
         train_routers(tiny, toy_task, [2, 3], config=cfg, checkpoint_dir=ckpt, save_every=2, stop_after=3)
     RouterKind().detach(tiny.model)
-    assert torch.load(ckpt / "state.pt", weights_only=False)["step"] == 3
+    assert not (ckpt / "state.pt").exists()  # safetensors + JSON, never a pickle
+    assert load_state(ckpt, "state")["step"] == 3
     with pytest.raises(ConfigError, match="other settings"):
         train_routers(tiny, toy_task, [2, 3], config=SkipConfig(samples=32, batch_size=4, lam=1.0, lr=0.05),
                       checkpoint_dir=ckpt, resume=True)
@@ -222,3 +225,144 @@ def test_padded_batch_split_equals_sequences_alone(tiny):
     assert route_stats(m) == {2: 0.5}  # kept in the batch and alone (a), skipped both times (c)
     assert torch.allclose(batch[0], alone_a[0], atol=1e-5)
     assert torch.allclose(batch[1, :6], alone_c[0], atol=1e-5)
+
+
+# ---------------------------------------------------------------- the engine gives the old loop's numbers
+def _old_collate(feats, pad_id):
+    """patchlm.train.trainer.collate as of af73a9d (the reference)."""
+    n = max(len(f["input_ids"]) for f in feats)
+    ids = torch.full((len(feats), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(feats), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(feats), n), dtype=torch.long)
+    for i, f in enumerate(feats):
+        k = len(f["input_ids"])
+        ids[i, :k] = torch.tensor(f["input_ids"])
+        labels[i, :k] = torch.tensor(f["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _old_causal_lm_loss(model, batch):
+    """patchlm.train.trainer.causal_lm_loss as of af73a9d (the reference)."""
+    import torch.nn.functional as F
+
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    target = labels[:, 1:]
+    keep = target != -100
+    n = int(keep.sum())
+    backbone = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backbone is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        return F.cross_entropy(logits[keep].float(), target[keep]), n
+    hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    logits = head(hidden[keep])
+    return F.cross_entropy(logits.float(), target[keep]), n
+
+
+def _old_train_routers(base, task, layers, granularity, cfg):
+    """The router training loop of patchlm.depth.skip.train_routers as of af73a9d (checkpointing and the
+    progress bar left out; the features come from data.features, where train.objectives moved)."""
+    import math
+    import random
+    from contextlib import nullcontext
+
+    from patchlm.data.features import build_features, objective_for
+    from patchlm.depth.arch import check_indices, decoder_layers
+
+    model = base.model
+    n = len(decoder_layers(model))
+    layers = check_indices(layers, n, "routed")
+    objective = objective_for(task)
+    feats = build_features(task, "train", base.tokenizer, objective, cfg.max_length, limit=cfg.samples)
+    spec = {"layers": layers, "granularity": granularity, "hidden_size": int(model.config.hidden_size),
+            "num_layers": n, "threshold": 0.5, "lambda": cfg.lam, "target": cfg.target, "lr": cfg.lr,
+            "samples": len(feats), "objective": objective, "epochs": cfg.epochs, "max_length": cfg.max_length,
+            "seed": cfg.seed}
+    kind = RouterKind()
+    torch.manual_seed(cfg.seed)
+    kind.attach(model, spec, None)
+    params = kind.trainable_parameters(model)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    rs = runtime.routers(model)
+    order = list(range(len(feats)))
+    steps = cfg.epochs * math.ceil(len(feats) / cfg.batch_size)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+    hist = []
+    model.train()
+    step = 0
+    for ep in range(cfg.epochs):
+        random.Random(cfg.seed * 1009 + ep).shuffle(order)
+        for s in range(0, len(order), cfg.batch_size):
+            step += 1
+            b = {k: v.to(device) for k, v in _old_collate([feats[i] for i in order[s: s + cfg.batch_size]], pad).items()}
+            with ctx:
+                lm, _ = _old_causal_lm_loss(model, b)
+            used = torch.stack([r.last_mask.float().mean() for r in rs.values()]).mean()
+            cap = used if cfg.target is None else torch.relu(used - cfg.target)
+            loss = lm.float() + cfg.lam * cap
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            hist.append({"lm_loss": float(lm.detach()), "capacity": float(used.detach())})
+    model.eval()
+    assert step == steps
+    return kind.state(model), hist, spec
+
+
+@pytest.mark.parametrize(("granularity", "target", "bf16"), [("sequence", None, False), ("sequence", 0.5, False),
+                                                             ("token", 0.25, True)])
+def test_router_training_on_the_engine_equals_the_old_loop(tiny, toy_task, granularity, target, bf16):
+    """Two epochs (the second reshuffles the first's order), a short last batch: identical router weights."""
+    cfg = SkipConfig(samples=20, batch_size=8, epochs=2, lam=3.0, lr=0.05, target=target, bf16=bf16, seed=3)
+    want, hist, spec = _old_train_routers(tiny, toy_task, [1, 2], granularity, cfg)
+    RouterKind().detach(tiny.model)
+    got = train_routers(tiny, toy_task, [1, 2], granularity, cfg)
+    assert got.spec == spec and got.metrics["steps"] == len(hist) == 6
+    assert set(got.tensors) == set(want)
+    for k, v in want.items():
+        assert torch.equal(got.tensors[k], v), k
+    assert any(float(v.abs().sum()) > 0 for v in want.values())  # the routers did move
+    tail = hist[-max(1, len(hist) // 10):]
+    assert got.metrics["first_lm_loss"] == hist[0]["lm_loss"]
+    assert got.metrics["final_capacity"] == sum(h["capacity"] for h in tail) / len(tail)
+
+
+def test_planted_pickle_in_the_checkpoint_is_never_loaded(tiny, toy_task, tmp_path, monkeypatch):
+    """A state.pt planted in OUT.ckpt (a pickle runs code when loaded) is ignored: resuming reads only the
+    safetensors + JSON checkpoint, and a directory holding nothing else cannot be resumed."""
+    import pickle
+
+    from patchlm.errors import TrainingInterrupted
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
+
+    def refuse(*a, **k):
+        raise AssertionError("torch.load / pickle.load must not be called on a router checkpoint")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    planted = pickle.dumps({"step": 99, "evil": Payload()})
+    cfg = SkipConfig(samples=16, batch_size=4, lam=2.0, lr=0.05)
+    only_pickle = tmp_path / "only"
+    only_pickle.mkdir()
+    (only_pickle / "state.pt").write_bytes(planted)
+    with pytest.raises(ConfigError, match="nothing to resume.*never loaded"):
+        train_routers(tiny, toy_task, [2, 3], config=cfg, checkpoint_dir=only_pickle, resume=True)
+    RouterKind().detach(tiny.model)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(TrainingInterrupted):
+        train_routers(tiny, toy_task, [2, 3], config=cfg, checkpoint_dir=ckpt, save_every=1, stop_after=2)
+    RouterKind().detach(tiny.model)
+    assert sorted(f.name for f in ckpt.iterdir()) == ["state.json", "state.safetensors"]
+    (ckpt / "state.pt").write_bytes(planted)
+    resumed = train_routers(tiny, toy_task, [2, 3], config=cfg, checkpoint_dir=ckpt, resume=True)
+    assert resumed.metrics["steps"] == 4
+    assert not marker.exists()

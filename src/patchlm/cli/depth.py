@@ -1,32 +1,43 @@
-"""Commands: `patchlm drop score|apply` (LLM-Drop) and `patchlm skip train|stats` (MindSkip routers)."""
+"""Commands: `patchlm drop score|apply` (LLM-Drop) and `patchlm skip train|stats` (MindSkip routers).
+
+Their hyper-parameter options are generated from `DropConfig` and `SkipConfig` (patchlm.depth.config), so every
+default and help text lives in those dataclasses.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from patchlm.cli.common import print_json, print_table, status
+from patchlm.cli.options import ConfigValues, Group, config_command
+from patchlm.depth.config import DropConfig, SkipConfig
 
 drop_app = typer.Typer(no_args_is_help=True, help="LLM-Drop: score modules and drop attention / MLP / blocks.")
 skip_app = typer.Typer(no_args_is_help=True, help="MindSkip: train routers that skip attention per sequence.")
 
-DEPTH_KINDS = ("drop", "router")
+CALIBRATION = ("calib", "samples", "seq_len", "batch_size", "bf16")  # the DropConfig fields scoring needs
+
+
+def _help(cls: type, name: str) -> str:
+    return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
 
 
 def apply_patches(base, paths: list[Path] | None, force: bool = False) -> list:
-    """Load and apply patches: weight patches (LoRA, MoS, merged...) first, then drop/router patches, each
-    group in the order given. Fingerprints are checked against the base's weights at load time."""
-    from patchlm.patch import Patch
+    """Load and apply patches in stack order (weight patches first, then depth patches; each stage in the order
+    given). Fingerprints are checked against the base's weights at load time."""
+    from patchlm.patch import Patch, stack_order
 
     patches = [Patch.load(p) for p in (paths or [])]
-    for p in sorted(patches, key=lambda p: p.kind in DEPTH_KINDS):
+    for p in stack_order(patches):
         p.apply(base, force=force)
     return patches
 
 
-def _load(model: str, patch, force: bool, dtype: str = "float32"):
+def _load(model: str, patch, force: bool):
     from patchlm.models import load_base
     from patchlm.patch import Patch
 
@@ -38,13 +49,11 @@ def _load(model: str, patch, force: bool, dtype: str = "float32"):
 
 
 @drop_app.command("score")
-def score(model: Annotated[str, typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")],
-          calib: Annotated[str, typer.Option(help="calibration task (its train split text)")] = "news_corpus",
-          samples: Annotated[int, typer.Option(help="calibration blocks")] = 32,
-          seq_len: Annotated[int, typer.Option(help="tokens per block")] = 256,
-          batch_size: Annotated[int, typer.Option(help="blocks per forward pass")] = 8,
-          patch: Annotated[Optional[list[Path]], typer.Option("--patch", "-p", help="patch(es) to apply first (LoRA, merged...)")] = None,
-          bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast")] = False,
+@config_command(Group(DropConfig, only=CALIBRATION))
+def score(cv: ConfigValues,
+          model: Annotated[str, typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")],
+          patch: Annotated[list[Path] | None, typer.Option("--patch", "-p",
+                                                           help="patch(es) to apply first (LoRA, merged...)")] = None,
           force: Annotated[bool, typer.Option("--force", help="apply patches made for another base")] = False,
           json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Similarity of every attention module, MLP module and block (higher = changes its input less).
@@ -53,9 +62,10 @@ def score(model: Annotated[str, typer.Option("--model", "-m", help="built-in nam
     """
     from patchlm.depth.scores import calibration_blocks, similarity_scores
 
+    cfg = DropConfig(**cv.values(DropConfig))
     base = _load(model, patch, force)
-    blocks = calibration_blocks(base.tokenizer, calib, samples, seq_len)
-    sc = similarity_scores(base.model, blocks, batch_size=batch_size, bf16=bf16)
+    blocks = calibration_blocks(base.tokenizer, cfg.calib, cfg.samples, cfg.seq_len)
+    sc = similarity_scores(base.model, blocks, batch_size=cfg.batch_size, bf16=cfg.bf16)
     if json_out:
         print_json(sc)
     else:
@@ -65,50 +75,49 @@ def score(model: Annotated[str, typer.Option("--model", "-m", help="built-in nam
 
 
 @drop_app.command("apply")
-def apply(model: Annotated[str, typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")],
+@config_command(Group(DropConfig))
+def apply(cv: ConfigValues,
+          model: Annotated[str, typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")],
           out: Annotated[Path, typer.Option("--out", "-o", help="where to write the drop patch")],
-          attn: Annotated[int, typer.Option("--attn", help="attention modules to drop")] = 0,
-          mlp: Annotated[int, typer.Option("--mlp", help="MLP modules to drop")] = 0,
-          blocks: Annotated[int, typer.Option("--blocks", help="whole blocks to drop")] = 0,
-          modules: Annotated[int, typer.Option("--modules", help="--method joint: modules to drop, attention and MLP ranked together")] = 0,
-          method: Annotated[str, typer.Option(help="one-shot | iterative | joint | consecutive (baseline)")] = "one-shot",
-          layers: Annotated[Optional[str], typer.Option(help="explicit plan instead of scores, e.g. 'attention=3,5;mlp=7;block=20'")] = None,
-          calib: Annotated[str, typer.Option(help="calibration task")] = "news_corpus",
-          samples: Annotated[int, typer.Option(help="calibration blocks")] = 32,
-          seq_len: Annotated[int, typer.Option(help="tokens per block")] = 256,
-          batch_size: Annotated[int, typer.Option(help="blocks per forward pass")] = 8,
-          patch: Annotated[Optional[list[Path]], typer.Option("--patch", "-p", help="patch(es) to apply before scoring (LoRA, merged...)")] = None,
-          export_hf: Annotated[Optional[Path], typer.Option("--export-hf", help="also write a HF checkpoint without the dropped blocks")] = None,
-          bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast while scoring")] = False,
-          force: Annotated[bool, typer.Option("--force", help="overwrite outputs / apply patches made for another base")] = False,
+          layers: Annotated[str | None, typer.Option(
+              help="explicit plan instead of scores, e.g. 'attention=3,5;mlp=7;block=20'")] = None,
+          patch: Annotated[list[Path] | None, typer.Option(
+              "--patch", "-p", help="patch(es) to apply before scoring (LoRA, merged...)")] = None,
+          export_hf: Annotated[Path | None, typer.Option(
+              "--export-hf", help="also write a HF checkpoint without the dropped blocks")] = None,
+          force: Annotated[bool, typer.Option("--force",
+                                              help="overwrite outputs / apply patches made for another base")] = False,
           json_out: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False) -> None:
     """Choose modules to drop from their scores and write a `drop` patch (apply it with `patchlm eval --patch`).
 
     Example: `patchlm drop apply --model smollm2-135m --attn 8 --method one-shot --out runs/drop8`
 
-    Blocks, exported as a smaller checkpoint: `patchlm drop apply -m smollm2-135m --blocks 4 --out runs/b4 --export-hf runs/b4-hf`
+    Blocks, exported as a smaller checkpoint:
+    `patchlm drop apply -m smollm2-135m --blocks 4 --out runs/b4 --export-hf runs/b4-hf`
     """
     from patchlm.depth.drop import TYPES, drop_patch, make_plan, validate_plan
     from patchlm.depth.scores import calibration_blocks, similarity_scores
     from patchlm.errors import ConfigError
     from patchlm.paths import check_output
 
+    cfg = DropConfig(**cv.values(DropConfig))
     check_output(out, force)
     if export_hf is not None:
         check_output(export_hf, force)
     explicit = _parse_plan(layers) if layers else None
+    if explicit is not None and (cfg.attn or cfg.mlp or cfg.blocks or cfg.modules):
+        raise ConfigError("--layers gives the plan: do not combine it with --attn/--mlp/--blocks/--modules")
     base = _load(model, patch, force)
-    blocks_t = calibration_blocks(base.tokenizer, calib, samples, seq_len)
+    blocks_t = calibration_blocks(base.tokenizer, cfg.calib, cfg.samples, cfg.seq_len)
     if explicit is not None:
-        if attn or mlp or blocks or modules:
-            raise ConfigError("--layers gives the plan: do not combine it with --attn/--mlp/--blocks/--modules")
         plan = validate_plan(explicit, base.num_layers)
-        scores = similarity_scores(base.model, blocks_t, batch_size=batch_size, bf16=bf16)
+        scores = similarity_scores(base.model, blocks_t, batch_size=cfg.batch_size, bf16=cfg.bf16)
         method = "explicit"
     else:
-        plan, scores = make_plan(base.model, blocks_t, method, attn=attn, mlp=mlp, blocks=blocks, modules=modules,
-                                 batch_size=batch_size, bf16=bf16, log=status)
-    calib_d = {"task": calib, "samples": int(blocks_t.shape[0]), "seq_len": seq_len}
+        plan, scores = make_plan(base.model, blocks_t, cfg.method, attn=cfg.attn, mlp=cfg.mlp, blocks=cfg.blocks,
+                                 modules=cfg.modules, batch_size=cfg.batch_size, bf16=cfg.bf16, log=status)
+        method = cfg.method
+    calib_d = {"task": cfg.calib, "samples": int(blocks_t.shape[0]), "seq_len": cfg.seq_len}
     p = drop_patch(base, plan, scores, method, calib_d, on_patches=[str(x) for x in (patch or [])])
     if export_hf is not None:
         from patchlm.adapters.lora import bake_lora
@@ -150,25 +159,23 @@ def _parse_plan(text: str) -> dict:
 
 
 @skip_app.command("train")
-def skip_train(model: Annotated[str, typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")],
+@config_command(Group(SkipConfig, exclude=("lam",)))
+def skip_train(cv: ConfigValues,
+               model: Annotated[str, typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")],
                out: Annotated[Path, typer.Option("--out", "-o", help="where to write the router patch")],
-               task: Annotated[str, typer.Option("--task", "-t", help="instruction data (chat objective)")] = "sharegpt",
-               samples: Annotated[int, typer.Option(help="training samples (one epoch)")] = 1000,
-               layers: Annotated[Optional[str], typer.Option(help="routed layers, e.g. '14-28' [the last --last but the final one]")] = None,
-               last: Annotated[Optional[int], typer.Option(help="route the last N layers but the final one [half the layers]")] = None,
-               granularity: Annotated[str, typer.Option(help="sequence (real skipping) | token (masked study variant)")] = "sequence",
-               lam: Annotated[float, typer.Option("--lambda", help="weight of the capacity term")] = 1.0,
-               target: Annotated[Optional[float], typer.Option(help="capacity target: penalise relu(mean(m) - target) instead of mean(m)")] = None,
-               lr: Annotated[float, typer.Option(help="router learning rate (AdamW)")] = 1e-3,
-               epochs: Annotated[int, typer.Option(help="passes over the samples")] = 1,
-               batch_size: Annotated[int, typer.Option(help="sequences per step")] = 8,
-               max_length: Annotated[int, typer.Option(help="max tokens per sample")] = 256,
-               seed: Annotated[int, typer.Option(help="seed for data order")] = 0,
-               patch: Annotated[Optional[list[Path]], typer.Option("--patch", "-p", help="patch(es) to apply first (LoRA, merged, drop...)")] = None,
-               bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast")] = False,
-               force: Annotated[bool, typer.Option("--force", help="overwrite OUT / apply patches made for another base")] = False,
-               resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted training from OUT.ckpt")] = False,
-               save_every: Annotated[int, typer.Option(help="checkpoint the routers every N steps (in OUT.ckpt)")] = 25,
+               task: Annotated[str, typer.Option("--task", "-t",
+                                                 help="instruction data (chat objective)")] = "sharegpt",
+               layers: Annotated[str | None, typer.Option(
+                   help="routed layers, e.g. '14-28' (instead of --last)")] = None,
+               # `lambda` is a Python keyword, so this one option is declared here; its default and help are
+               # SkipConfig.lam's
+               lam: Annotated[float, typer.Option("--lambda", help=_help(SkipConfig, "lam"))] = SkipConfig.lam,
+               patch: Annotated[list[Path] | None, typer.Option(
+                   "--patch", "-p", help="patch(es) to apply first (LoRA, merged, drop...)")] = None,
+               force: Annotated[bool, typer.Option("--force",
+                                                   help="overwrite OUT / apply patches made for another base")] = False,
+               resume: Annotated[bool, typer.Option("--resume",
+                                                    help="continue an interrupted training from OUT.ckpt")] = False,
                quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
                json_out: Annotated[bool, typer.Option("--json", help="print the patch info as JSON")] = False) -> None:
     """Train MindSkip routers (base frozen, routers only) and write a `router` patch.
@@ -178,40 +185,35 @@ def skip_train(model: Annotated[str, typer.Option("--model", "-m", help="built-i
 
     Example: `patchlm skip train --model smollm2-135m --samples 1000 --target 0.3 --bf16 --out runs/skip`
     """
+    import shutil
+
     from patchlm.data import load_task
-    from patchlm.depth.skip import SkipConfig, default_layers, parse_layers, train_routers
+    from patchlm.depth.skip import check_resumable, default_layers, parse_layers, train_routers
     from patchlm.errors import ConfigError
     from patchlm.paths import check_output
 
+    cfg = SkipConfig(**cv.values(SkipConfig), lam=lam)
     check_output(out, force and not resume)
     ckpt = out.with_name(out.name + ".ckpt")
-    if layers and last is not None:
+    if layers and cfg.last is not None:
         raise ConfigError("give --layers or --last, not both")
-    if save_every <= 0:
-        raise ConfigError(f"--save-every must be positive, got {save_every}")
     if resume and force:
         raise ConfigError("give --resume (continue) or --force (start over), not both")
-    if resume and not (ckpt / "state.pt").exists():
-        raise ConfigError(f"nothing to resume: no router checkpoint in {ckpt}")
-    if not resume and ckpt.exists() and not force:
+    if resume:
+        check_resumable(ckpt)
+    elif ckpt.exists() and not force:
         raise ConfigError(f"an interrupted router training is in {ckpt}; pass --resume to continue it or --force "
                           "to start over")
-    cfg = SkipConfig(samples=samples, batch_size=batch_size, max_length=max_length, lr=lr, lam=lam, target=target,
-                     epochs=epochs, seed=seed, bf16=bf16)
-    t = load_task(task, seed=seed)
+    t = load_task(task, seed=cfg.seed)
     base = _load(model, patch, force)
     n = base.num_layers
-    chosen = parse_layers(layers, n) if layers else default_layers(n, last)
+    chosen = parse_layers(layers, n) if layers else default_layers(n, cfg.last)
     if force and not resume and ckpt.exists():
-        import shutil
-
         shutil.rmtree(ckpt)
-    p = train_routers(base, t, chosen, granularity, cfg, log=status, progress=not quiet, checkpoint_dir=ckpt,
-                      save_every=save_every, resume=resume)
+    p = train_routers(base, t, chosen, cfg.granularity, cfg, log=status, progress=not quiet, checkpoint_dir=ckpt,
+                      resume=resume)
     p.spec["on_patches"] = [str(x) for x in (patch or [])]
     p.save(out, force=force)
-    import shutil
-
     shutil.rmtree(ckpt, ignore_errors=True)
     info = p.info()
     if json_out:
@@ -223,8 +225,10 @@ def skip_train(model: Annotated[str, typer.Option("--model", "-m", help="built-i
 
 @skip_app.command("stats")
 def skip_stats(model: Annotated[str, typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")],
-               patch: Annotated[list[Path], typer.Option("--patch", "-p", help="router patch (and patches to apply first)")],
-               task: Annotated[str, typer.Option("--task", "-t", help="task whose prompts are routed")] = "rotten_tomatoes",
+               patch: Annotated[list[Path], typer.Option("--patch", "-p",
+                                                         help="router patch (and patches to apply first)")],
+               task: Annotated[str, typer.Option("--task", "-t",
+                                                 help="task whose prompts are routed")] = "rotten_tomatoes",
                limit: Annotated[int, typer.Option(help="examples of the test split")] = 64,
                bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast")] = False,
                force: Annotated[bool, typer.Option("--force", help="apply patches made for another base")] = False,
@@ -243,7 +247,8 @@ def skip_stats(model: Annotated[str, typer.Option("--model", "-m", help="built-i
     res = evaluate(base.model, base.tokenizer, t, split="test", limit=limit, bf16=bf16)
     st = route_stats(base.model)
     out = {"executed_fraction": {str(k): v for k, v in st.items()},
-           "mean_executed": sum(st.values()) / max(1, len(st)), **{k: res[k] for k in ("accuracy", "perplexity") if k in res}}
+           "mean_executed": sum(st.values()) / max(1, len(st)),
+           **{k: res[k] for k in ("accuracy", "perplexity") if k in res}}
     if json_out:
         print_json(out)
     else:

@@ -49,10 +49,7 @@ def family(model: nn.Module, for_what: str = "scoring") -> Family:
     """The family entry of `model`, refusing families that cannot do `for_what` (scoring, dropping, routing)."""
     arch = architecture(model)
     fam = FAMILIES.get(arch)
-    if for_what == "scoring":
-        ok = sorted(FAMILIES)
-    else:
-        ok = sorted(a for a, f in FAMILIES.items() if f.can_drop)
+    ok = sorted(FAMILIES) if for_what == "scoring" else sorted(a for a, f in FAMILIES.items() if f.can_drop)
     if fam is None or arch not in ok:
         raise UnsupportedModelError(f"{for_what} is not supported for {arch}; supported: {', '.join(ok)}")
     if for_what != "scoring":

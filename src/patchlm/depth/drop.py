@@ -19,11 +19,14 @@ from pathlib import Path
 import torch
 
 from patchlm.depth import runtime
-from patchlm.depth.arch import architecture, check_indices, decoder_layers, family
+from patchlm.depth.arch import check_indices, decoder_layers, family
+from patchlm.depth.config import METHODS, DropConfig
+from patchlm.depth.scores import similarity_scores, span_similarity
 from patchlm.errors import ConfigError, PatchFormatError, UnknownNameError, did_you_mean
+from patchlm.models.export import save_hf_checkpoint
 from patchlm.patch import Patch, PatchKind, provenance, register_kind
+from patchlm.paths import check_output
 
-METHODS = ("one-shot", "iterative", "joint", "consecutive")
 TYPES = ("attention", "mlp", "block")
 
 
@@ -52,7 +55,7 @@ def joint(scores: dict[str, list[float]], modules: int) -> dict[str, list[int]]:
 
 def consecutive(span_scores: list[float], blocks: int) -> dict[str, list[int]]:
     """Drop `blocks` consecutive blocks starting where cos(in_l, out_{l+n-1}) is highest."""
-    start = max(range(len(span_scores)), key=lambda l: (span_scores[l], l))
+    start = max(range(len(span_scores)), key=lambda i: (span_scores[i], i))
     return {"attention": [], "mlp": [], "block": list(range(start, start + blocks))}
 
 
@@ -77,31 +80,33 @@ def validate_plan(plan: dict, num_layers: int) -> dict[str, list[int]]:
     return out
 
 
-def make_plan(model, blocks_tensor: torch.Tensor, method: str = "one-shot", attn: int = 0, mlp: int = 0,
-              blocks: int = 0, modules: int = 0, batch_size: int = 8, bf16: bool = False,
+def make_plan(model, blocks_tensor: torch.Tensor, method: str = DropConfig.method, attn: int = DropConfig.attn,
+              mlp: int = DropConfig.mlp, blocks: int = DropConfig.blocks, modules: int = DropConfig.modules,
+              batch_size: int = DropConfig.batch_size, bf16: bool = DropConfig.bf16,
               log=None) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
-    """Score the model on calibration blocks and choose the drops; returns (plan, scores of the full model)."""
-    from patchlm.depth.scores import similarity_scores, span_similarity
+    """Score the model on calibration blocks and choose the drops; returns (plan, scores of the full model).
 
+    The arguments are DropConfig's fields (errors name them)."""
     if method not in METHODS:
         raise UnknownNameError(f"unknown drop method {method!r}; {did_you_mean(method, METHODS)}")
     n = len(decoder_layers(model))
-    for name, v in (("--attn", attn), ("--mlp", mlp), ("--blocks", blocks), ("--modules", modules)):
-        if v < 0 or v > n * (2 if name == "--modules" else 1):
-            raise ConfigError(f"{name} {v} is out of range for a model with {n} layers")
+    for name, v in (("attn", attn), ("mlp", mlp), ("blocks", blocks), ("modules", modules)):
+        if v < 0 or v > n * (2 if name == "modules" else 1):
+            raise ConfigError(f"{name} {v} is out of range for a model with {n} layers", field=name)
     if method == "joint":
         if modules <= 0:
             modules = attn + mlp
         if modules <= 0 or blocks:
-            raise ConfigError("--method joint drops attention and MLP modules ranked together: give --modules N "
-                              "(or --attn/--mlp, summed), not --blocks")
+            raise ConfigError("the joint method drops attention and MLP modules ranked together: set modules "
+                              "(or attn and mlp, summed), not blocks", field="modules")
     elif method == "consecutive":
         if blocks <= 0 or attn or mlp:
-            raise ConfigError("--method consecutive drops whole blocks: give --blocks N only")
+            raise ConfigError("the consecutive method drops whole blocks: set blocks only", field="blocks")
     elif attn + mlp + blocks == 0:
-        raise ConfigError("nothing to drop: give --attn N, --mlp N or --blocks N")
+        raise ConfigError("nothing to drop: set attn, mlp or blocks", field="attn")
     if method != "joint" and (attn >= n or blocks >= n):
-        raise ConfigError(f"cannot drop {max(attn, blocks)} of {n} attention layers: at least one must remain")
+        raise ConfigError(f"cannot drop {max(attn, blocks)} of {n} attention layers: at least one must remain",
+                          field="attn" if attn >= n else "blocks")
     family(model, "dropping")
     log = log or (lambda m: None)
     scores = similarity_scores(model, blocks_tensor, batch_size=batch_size, bf16=bf16)
@@ -116,11 +121,9 @@ def make_plan(model, blocks_tensor: torch.Tensor, method: str = "one-shot", attn
     return validate_plan(plan, n), scores
 
 
-def iterative(model, blocks_tensor, attn: int, mlp: int, blocks: int, first_scores: dict, batch_size: int = 8,
-              bf16: bool = False, log=None) -> dict[str, list[int]]:
+def iterative(model, blocks_tensor, attn: int, mlp: int, blocks: int, first_scores: dict,
+              batch_size: int = DropConfig.batch_size, bf16: bool = DropConfig.bf16, log=None) -> dict[str, list[int]]:
     """Drop one module at a time, re-scoring with the drops so far applied (one type after the other)."""
-    from patchlm.depth.scores import similarity_scores
-
     log = log or (lambda m: None)
     before = runtime.dropped(model)
     plan = {"attention": [], "mlp": [], "block": []}
@@ -145,7 +148,7 @@ def iterative(model, blocks_tensor, attn: int, mlp: int, blocks: int, first_scor
 
 
 # ---------------------------------------------------------------- the patch kind
-@register_kind("drop")
+@register_kind("drop", stage="depth")
 class DropKind(PatchKind):
     """spec: attention, mlp, block (dropped layer indices), method, num_layers, calib. tensors: scores.<type>."""
 
@@ -156,6 +159,7 @@ class DropKind(PatchKind):
         plan = validate_plan({t: spec.get(t, []) for t in TYPES}, n)
         a, m = effective(plan)
         runtime.apply_drops(model, a, m)
+        return {**spec, **plan, "num_layers": n}
 
     def detach(self, model):
         runtime.restore_drops(model)
@@ -188,22 +192,20 @@ def drop_patch(base, plan: dict[str, list[int]], scores: dict[str, list[float]],
 def export_hf(model, tokenizer, blocks: list[int], out: str | Path, force: bool = False) -> Path:
     """Write a standard HF checkpoint without the dropped blocks (layers renumbered, config consistent).
 
-    The model must carry no runtime drops or routers (LoRA wrappers are baked in first by the caller).
+    The model must carry no runtime drops or routers (LoRA wrappers are baked in first by the caller). The layer
+    removal is done here; the writing is patchlm.models.export.save_hf_checkpoint (atomic, plain checkpoints only).
     """
     import copy
 
-    from patchlm.paths import atomic_dir, check_output
-
-    out = Path(out)
-    check_output(out, force)
-    fam = family(model, "dropping")
+    out = check_output(out, force)
+    family(model, "dropping")
     n = len(decoder_layers(model))
     blocks = check_indices(blocks, n, "block")
     if not blocks:
         raise ConfigError("nothing to export: the plan drops no whole block (only block drops export)")
     if len(blocks) >= n:
         raise ConfigError(f"cannot drop every layer ({n} of {n})")
-    if any(getattr(l, "_depth", None) is not None for l in decoder_layers(model)):
+    if any(getattr(layer, "_depth", None) is not None for layer in decoder_layers(model)):
         raise ConfigError("export the base model without runtime drops or routers applied")
     sd = model.state_dict()
     if any(".lora_" in k or k.endswith(".base.weight") for k in sd):
@@ -225,7 +227,6 @@ def export_hf(model, tokenizer, blocks: list[int], out: str | Path, force: bool 
         cfg.layer_types = [cfg.layer_types[i] for i in keep]
     if getattr(cfg, "max_window_layers", None) is not None:
         cfg.max_window_layers = min(cfg.max_window_layers, len(keep))
-    del fam
     new_model = type(model)(cfg)
     missing, unexpected = new_model.load_state_dict(new_sd, strict=False)
     missing = [k for k in missing if k not in getattr(new_model, "_tied_weights_keys", {})]
@@ -234,11 +235,7 @@ def export_hf(model, tokenizer, blocks: list[int], out: str | Path, force: bool 
     if getattr(cfg, "tie_word_embeddings", False):
         new_model.tie_weights()
     new_model.eval()
-    with atomic_dir(out, force=force) as tmp:
-        new_model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return out
+    return save_hf_checkpoint(new_model, tokenizer, out, force=force)
 
 
 def kv_cache_bytes(cache) -> int:
@@ -250,7 +247,3 @@ def kv_cache_bytes(cache) -> int:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
-
-
-def arch_of(model) -> str:
-    return architecture(model)

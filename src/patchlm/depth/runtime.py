@@ -219,12 +219,6 @@ def dropped(model: nn.Module) -> tuple[list[int], list[int]]:
     return a, m
 
 
-def attention_module(model: nn.Module, i: int) -> nn.Module:
-    """The attention module of layer i (also when it is dropped and stashed)."""
-    layer = decoder_layers(model)[i]
-    return _attn_module(layer, getattr(layer, "_depth", None))
-
-
 # ---------------------------------------------------------------- routers
 def install_routers(model: nn.Module, routers: dict[int, nn.Module]) -> None:
     """Put a router on the attention of each listed layer (and the padding-mask hook on the backbone)."""

@@ -11,22 +11,21 @@ re-implemented: the hooks read the residual stream where transformers' own forwa
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 
+from patchlm.data import load_task
+from patchlm.data.features import example_text, pack_blocks
 from patchlm.depth.arch import decoder_layers, family
+from patchlm.depth.config import DropConfig
 from patchlm.errors import DataError
+from patchlm.models.parts import model_device
+from patchlm.train.engine import autocast
 
 
-def calibration_blocks(tokenizer, task: str = "news_corpus", samples: int = 32, seq_len: int = 256,
-                       split: str = "train", seed: int = 0) -> torch.Tensor:
+def calibration_blocks(tokenizer, task: str = DropConfig.calib, samples: int = DropConfig.samples,
+                       seq_len: int = DropConfig.seq_len, split: str = "train", seed: int = 0) -> torch.Tensor:
     """`samples` blocks of `seq_len` tokens of the task's text (packed with EOS), as a LongTensor [N, T]."""
-    from patchlm.data import load_task
-    from patchlm.data.features import pack_blocks
-    from patchlm.data.features import example_text
-
     if samples <= 0 or seq_len < 2:
         raise DataError(f"calibration needs samples >= 1 and seq_len >= 2, got {samples} x {seq_len}")
     t = load_task(task, seed=seed)
@@ -44,7 +43,8 @@ def _cos_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def similarity_scores(model, blocks: torch.Tensor, batch_size: int = 8, bf16: bool = False) -> dict[str, list[float]]:
+def similarity_scores(model, blocks: torch.Tensor, batch_size: int = DropConfig.batch_size,
+                      bf16: bool = DropConfig.bf16) -> dict[str, list[float]]:
     """{"attention": [...], "mlp": [...], "block": [...]}: one mean cosine similarity per layer."""
     fam = family(model, "scoring")
     layers = decoder_layers(model)
@@ -86,14 +86,13 @@ def similarity_scores(model, blocks: torch.Tensor, batch_size: int = 8, bf16: bo
         mid_mod = layer._modules.get(fam.mlp_norm)
         if mid_mod is not None:
             handles.append(mid_mod.register_forward_pre_hook(on_mid(i)))
-    device = next(model.parameters()).device
+    device = model_device(model)
     was = model.training
     model.eval()
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     try:
         for s in range(0, len(blocks), batch_size):
             ids = blocks[s: s + batch_size].to(device)
-            with ctx:
+            with autocast(device, bf16):
                 model(input_ids=ids, use_cache=False, logits_to_keep=1)
     finally:
         for h in handles:
@@ -103,7 +102,8 @@ def similarity_scores(model, blocks: torch.Tensor, batch_size: int = 8, bf16: bo
 
 
 @torch.no_grad()
-def span_similarity(model, blocks: torch.Tensor, span: int, batch_size: int = 8, bf16: bool = False) -> list[float]:
+def span_similarity(model, blocks: torch.Tensor, span: int, batch_size: int = DropConfig.batch_size,
+                    bf16: bool = DropConfig.bf16) -> list[float]:
     """cos(input of layer l, output of layer l+span-1) for every start l: the consecutive-block criterion."""
     family(model, "scoring")
     layers = decoder_layers(model)
@@ -132,14 +132,13 @@ def span_similarity(model, blocks: torch.Tensor, span: int, batch_size: int = 8,
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(on_in(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(on_out(i), with_kwargs=True))
-    device = next(model.parameters()).device
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    device = model_device(model)
     was = model.training
     model.eval()
     try:
         for s in range(0, len(blocks), batch_size):
             ids = blocks[s: s + batch_size].to(device)
-            with ctx:
+            with autocast(device, bf16):
                 model(input_ids=ids, use_cache=False, logits_to_keep=1)
             count[0] += ids.numel()
             ins.clear()

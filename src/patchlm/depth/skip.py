@@ -12,19 +12,24 @@ Token-level routing is a masked study variant: it saves no compute.
 
 from __future__ import annotations
 
-import math
-from contextlib import nullcontext
+import random
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
+from patchlm.data.features import build_features, collate, objective_for, pad_id
 from patchlm.depth import runtime
 from patchlm.depth.arch import check_indices, decoder_layers
-from patchlm.errors import ConfigError, PatchFormatError
+from patchlm.depth.config import GRANULARITIES, SkipConfig
+from patchlm.errors import ConfigError, PatchFormatError, TrainingInterrupted
 from patchlm.patch import Patch, PatchKind, provenance, register_kind
-
-GRANULARITIES = ("sequence", "token")
+from patchlm.paths import atomic_dir
+from patchlm.train.checkpoint import load_state, save_state
+from patchlm.train.engine import StepInfo, causal_lm_loss, train_loop
+from patchlm.train.optim import make_optimizer
 
 
 @dataclass
@@ -38,10 +43,11 @@ class Gate:
 class Router(nn.Module):
     """A linear score from the (normed) hidden state; weight [1, hidden], no bias."""
 
-    def __init__(self, hidden: int, granularity: str = "sequence"):
+    def __init__(self, hidden: int, granularity: str = SkipConfig.granularity):
         super().__init__()
         if granularity not in GRANULARITIES:
-            raise ConfigError(f"unknown router granularity {granularity!r}; choices: {', '.join(GRANULARITIES)}")
+            raise ConfigError(f"unknown router granularity {granularity!r}; choices: {', '.join(GRANULARITIES)}",
+                              field="granularity")
         self.weight = nn.Parameter(torch.zeros(1, hidden, dtype=torch.float32))
         self.granularity = granularity
         self._cached: tuple | None = None  # (weakref to the cache, keep)
@@ -89,11 +95,11 @@ class Router(nn.Module):
 
 
 def default_layers(num_layers: int, n: int | None = None) -> list[int]:
-    """The last n layers but the final one (n defaults to half the layers)."""
+    """The last n layers but the final one (n defaults to half the layers; SkipConfig.last)."""
     n = num_layers // 2 if n is None else n
     if not 1 <= n <= num_layers - 2:
-        raise ConfigError(f"--last {n} is out of range: route between 1 and {num_layers - 2} layers "
-                          f"(the first and final layers stay unrouted) of this {num_layers}-layer model")
+        raise ConfigError(f"last {n} is out of range: route between 1 and {num_layers - 2} layers "
+                          f"(the first and final layers stay unrouted) of this {num_layers}-layer model", field="last")
     return list(range(num_layers - 1 - n, num_layers - 1))
 
 
@@ -111,24 +117,25 @@ def parse_layers(text: str, num_layers: int) -> list[int]:
             else:
                 out.append(int(part))
         except ValueError:
-            raise ConfigError(f"cannot read layer list {text!r}: use indices and ranges like 3,5,10-12") from None
+            raise ConfigError(f"cannot read layer list {text!r}: use indices and ranges like 3,5,10-12",
+                              field="layers") from None
     return check_indices(out, num_layers, "routed")
 
 
-@register_kind("router")
+@register_kind("router", stage="depth")
 class RouterKind(PatchKind):
     """spec: layers, granularity, hidden_size, num_layers (+ training facts). tensors: layers.<i>.router.weight."""
 
     def attach(self, model, spec, tensors=None, seed=0):
         n = len(decoder_layers(model))
         if int(spec.get("num_layers", n)) != n:
-            raise PatchFormatError(f"router patch was made for a model with {spec['num_layers']} layers, this one has {n}")
+            raise PatchFormatError(f"router patch was made for a model with {spec['num_layers']} layers, "
+                                   f"this one has {n}")
         hidden = int(model.config.hidden_size)
         if int(spec.get("hidden_size", hidden)) != hidden:
             raise PatchFormatError(f"router patch has hidden size {spec['hidden_size']}, the model {hidden}")
         layers = check_indices(spec.get("layers") or default_layers(n), n, "routed")
-        spec["layers"] = layers
-        gran = spec.get("granularity", "sequence")
+        gran = spec.get("granularity", SkipConfig.granularity)
         device = next(model.parameters()).device
         rs = {}
         for i in layers:
@@ -148,6 +155,7 @@ class RouterKind(PatchKind):
             p.requires_grad_(False)
         for r in rs.values():
             r.weight.requires_grad_(True)
+        return {**spec, "layers": layers, "granularity": gran}
 
     def detach(self, model):
         runtime.remove_routers(model)
@@ -175,136 +183,128 @@ def reset_stats(model) -> None:
 
 
 # ---------------------------------------------------------------- training
-@dataclass
-class SkipConfig:
-    samples: int = 1000        # instruction samples (one epoch over them)
-    batch_size: int = 8
-    max_length: int = 256
-    lr: float = 1e-3           # AdamW on the routers only
-    lam: float = 1.0           # weight of the capacity term
-    target: float | None = None  # None: capacity = mean(m); else relu(mean(m) - target)
-    epochs: int = 1
-    seed: int = 0
-    bf16: bool = False
-
-    def __post_init__(self):
-        for k in ("samples", "batch_size", "max_length", "epochs"):
-            if getattr(self, k) <= 0:
-                raise ConfigError(f"{k} must be positive, got {getattr(self, k)}")
-        if self.lr <= 0 or self.lam < 0:
-            raise ConfigError(f"lr must be > 0 and lambda >= 0, got lr={self.lr}, lambda={self.lam}")
-        if self.target is not None and not 0.0 <= self.target <= 1.0:
-            raise ConfigError(f"capacity target must be in [0, 1], got {self.target}")
+CHECKPOINT = "state"  # a router checkpoint directory holds state.safetensors + state.json (patchlm.train.checkpoint)
 
 
-def _save_checkpoint(ckpt, step: int, spec: dict, params, opt, hist) -> None:
-    """Routers, optimizer state, step and loss history, written through a temporary file and a rename."""
-    import os
+def data_order(n: int, epochs: int, seed: int, batch_size: int) -> list[list[int]]:
+    """The feature indices of every training step: each epoch reshuffles the previous epoch's order in place
+    with Random(seed * 1009 + epoch) and cuts it into batches (so step k's batch is known before step k runs)."""
+    order = list(range(n))
+    out = []
+    for ep in range(epochs):
+        random.Random(seed * 1009 + ep).shuffle(order)
+        out += [order[s: s + batch_size] for s in range(0, n, batch_size)]
+    return out
 
-    ckpt.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt / ".state.pt.tmp"
-    torch.save({"step": step, "spec": spec, "params": [p.detach().clone() for p in params],
-                "optimizer": opt.state_dict(), "hist": hist}, tmp)
-    os.replace(tmp, ckpt / "state.pt")
+
+def has_checkpoint(checkpoint_dir) -> bool:
+    """Whether `checkpoint_dir` holds a router checkpoint that `train_routers(resume=True)` can continue."""
+    return checkpoint_dir is not None and (Path(checkpoint_dir) / f"{CHECKPOINT}.json").exists()
 
 
-def train_routers(base, task, layers: list[int] | None = None, granularity: str = "sequence",
+def _save_checkpoint(ckpt: Path, step: int, spec: dict, params, rule, hist: list[dict]) -> None:
+    """Routers, the optimizer's state_dict, step, spec and loss history in safetensors + JSON; the directory is
+    replaced in one rename, so a kill mid-write leaves the previous checkpoint."""
+    with atomic_dir(ckpt, force=True) as tmp:
+        save_state(tmp, CHECKPOINT, {"step": step, "spec": spec, "params": [p.detach() for p in params],
+                                     "optimizer": rule.state_dict(), "hist": hist})
+
+
+def check_resumable(checkpoint_dir) -> None:
+    """Refuse to resume from a directory without a router checkpoint (a state.pt of an older patchlm is a pickle,
+    which could run code when loaded: it is never read)."""
+    if not has_checkpoint(checkpoint_dir):
+        old = " (its state.pt, from an older patchlm, is a pickle and is never loaded)" \
+            if checkpoint_dir is not None and (Path(checkpoint_dir) / "state.pt").exists() else ""
+        raise ConfigError(f"nothing to resume: no router checkpoint in {checkpoint_dir}{old}")
+
+
+def _load_checkpoint(ckpt: Path | None, spec: dict) -> dict:
+    """The saved training state, refused when it was made with other settings."""
+    check_resumable(ckpt)
+    st = load_state(ckpt, CHECKPOINT)
+    if st["spec"] != spec:
+        diff = sorted(k for k in set(spec) | set(st["spec"]) if spec.get(k) != st["spec"].get(k))
+        raise ConfigError(f"the checkpoint in {ckpt} was made with other settings ({', '.join(diff)}); "
+                          "use the same options or start over with --force")
+    return st
+
+
+def train_routers(base, task, layers: list[int] | None = None, granularity: str | None = None,
                   config: SkipConfig | None = None, log=None, progress: bool = False,
-                  checkpoint_dir=None, save_every: int = 25, resume: bool = False,
+                  checkpoint_dir=None, save_every: int | None = None, resume: bool = False,
                   stop_after: int | None = None) -> Patch:
     """Attach zero-initialised routers to `base.model` and train them (base frozen); return the router patch.
 
-    With `checkpoint_dir`, the routers, the optimizer state and the step are saved every `save_every` steps;
-    `resume=True` continues from that checkpoint (same data order, so the result equals an uninterrupted run).
-    `stop_after` ends training after that many steps (with a checkpoint) and raises `TrainingInterrupted`."""
-    import random
-    from pathlib import Path
-
-    from patchlm.data.features import build_features, objective_for
-    from patchlm.data.features import collate
-    from patchlm.train.engine import causal_lm_loss
-
+    Runs the engine's loop with AdamW (config.lr, no weight decay, no clipping) on loss = LM loss + lam * capacity.
+    `layers` defaults to the last config.last layers but the final one, `granularity` to config.granularity.
+    With `checkpoint_dir`, the routers, the optimizer state and the step are saved every `save_every` steps
+    (config.save_every); `resume=True` continues from that checkpoint (same data order, so the result equals an
+    uninterrupted run). `stop_after` ends training after that many steps (with a checkpoint) and raises
+    `TrainingInterrupted`."""
     cfg = config or SkipConfig()
+    granularity = granularity or cfg.granularity
+    save_every = cfg.save_every if save_every is None else save_every
     log = log or (lambda m: None)
     model = base.model
     n = len(decoder_layers(model))
-    layers = check_indices(layers, n, "routed") if layers else default_layers(n)
+    layers = check_indices(layers, n, "routed") if layers else default_layers(n, cfg.last)
     if granularity not in GRANULARITIES:
-        raise ConfigError(f"unknown router granularity {granularity!r}; choices: {', '.join(GRANULARITIES)}")
+        raise ConfigError(f"unknown router granularity {granularity!r}; choices: {', '.join(GRANULARITIES)}",
+                          field="granularity")
     objective = objective_for(task)
     feats = build_features(task, "train", base.tokenizer, objective, cfg.max_length, limit=cfg.samples)
     if not feats:
         raise ConfigError(f"task {task.name} has no training examples for the routers")
     spec = {"layers": layers, "granularity": granularity, "hidden_size": int(model.config.hidden_size),
             "num_layers": n, "threshold": 0.5, "lambda": cfg.lam, "target": cfg.target, "lr": cfg.lr,
-            "samples": len(feats), "objective": objective, "epochs": cfg.epochs, "max_length": cfg.max_length, "seed": cfg.seed}
+            "samples": len(feats), "objective": objective, "epochs": cfg.epochs, "max_length": cfg.max_length,
+            "seed": cfg.seed}
     kind = RouterKind()
     torch.manual_seed(cfg.seed)
     kind.attach(model, spec, None)
     params = kind.trainable_parameters(model)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
+    rule = make_optimizer("adamw", params, SimpleNamespace(lr=cfg.lr, weight_decay=0.0, max_grad_norm=0.0))
+    pad = pad_id(base.tokenizer)
     rs = runtime.routers(model)
-    order = list(range(len(feats)))
-    steps = cfg.epochs * math.ceil(len(feats) / cfg.batch_size)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="train routers", unit="step", leave=False)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-    hist = []
+    plan = data_order(len(feats), cfg.epochs, cfg.seed, cfg.batch_size)
+    steps = len(plan)
+    hist: list[dict] = []
     done = 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if resume:
-        if ckpt is None or not (ckpt / "state.pt").exists():
-            raise ConfigError(f"nothing to resume: no router checkpoint in {ckpt}")
-        st = torch.load(ckpt / "state.pt", weights_only=False)
-        if st["spec"] != spec:
-            diff = sorted(k for k in set(spec) | set(st["spec"]) if spec.get(k) != st["spec"].get(k))
-            raise ConfigError(f"the checkpoint in {ckpt} was made with other settings ({', '.join(diff)}); "
-                              "use the same options or start over with --force")
+        st = _load_checkpoint(ckpt, spec)
         with torch.no_grad():
-            for p, saved in zip(params, st["params"]):
+            for p, saved in zip(params, st["params"], strict=True):
                 p.copy_(saved)
-        opt.load_state_dict(st["optimizer"])
+        rule.load_state_dict(st["optimizer"])
         done, hist = int(st["step"]), list(st["hist"])
         log(f"resuming router training after step {done} of {steps}")
-        if bar:
-            bar.update(done)
-    model.train()
-    step = 0
-    try:
-        for ep in range(cfg.epochs):
-            random.Random(cfg.seed * 1009 + ep).shuffle(order)
-            for s in range(0, len(order), cfg.batch_size):
-                step += 1
-                if step <= done:
-                    continue
-                b = {k: v.to(device) for k, v in collate([feats[i] for i in order[s: s + cfg.batch_size]], pad).items()}
-                with ctx:
-                    lm, _ = causal_lm_loss(model, b)
-                used = torch.stack([r.last_mask.float().mean() for r in rs.values()]).mean()
-                cap = used if cfg.target is None else torch.relu(used - cfg.target)
-                loss = lm.float() + cfg.lam * cap
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                hist.append({"lm_loss": float(lm.detach()), "capacity": float(used.detach())})
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(lm=f"{hist[-1]['lm_loss']:.3f}", cap=f"{hist[-1]['capacity']:.2f}")
-                if ckpt is not None and (step % save_every == 0 or step == stop_after):
-                    _save_checkpoint(ckpt, step, spec, params, opt, hist)
-                if stop_after is not None and step >= stop_after and step < steps:
-                    from patchlm.errors import TrainingInterrupted
+    last: dict[str, float] = {}
 
-                    raise TrainingInterrupted(f"router training stopped after step {step} of {steps}; "
-                                              "continue with --resume")
+    def loss_fn(m, batch):
+        lm, labelled = causal_lm_loss(m, batch)
+        used = torch.stack([r.last_mask.float().mean() for r in rs.values()]).mean()
+        cap = used if cfg.target is None else torch.relu(used - cfg.target)
+        last["lm_loss"], last["capacity"] = float(lm.detach()), float(used.detach())
+        return lm.float() + cfg.lam * cap, labelled
+
+    def batches(step: int) -> list[dict]:
+        return [collate([feats[i] for i in plan[step]], pad)]
+
+    def on_step(info: StepInfo) -> None:
+        hist.append(dict(last))
+        if ckpt is not None and (info.step % save_every == 0 or info.step == stop_after):
+            _save_checkpoint(ckpt, info.step, spec, params, rule, hist)
+        if stop_after is not None and stop_after <= info.step < steps:
+            raise TrainingInterrupted(f"router training stopped after step {info.step} of {steps}; "
+                                      "continue with --resume")
+
+    try:
+        # one micro-batch per step, weighted 1: the loss is back-propagated as computed (bit-exact)
+        train_loop(model, rule, batches, steps, start=done, loss_fn=loss_fn, bf16=cfg.bf16, count=lambda b: 1,
+                   on_step=on_step, progress=progress, desc="train routers")
     finally:
-        if bar:
-            bar.close()
         model.eval()
     for r in rs.values():
         r.last_mask = None
