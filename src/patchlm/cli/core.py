@@ -119,7 +119,7 @@ def export(patch: Annotated[Path, typer.Argument(help="patch directory")],
     """
     from patchlm.errors import ConfigError
     from patchlm.patch import Patch
-    from patchlm.paths import atomic_dir, check_output
+    from patchlm.paths import check_output
 
     check_output(out, force)
     p = Patch.load(patch)
@@ -131,14 +131,13 @@ def export(patch: Annotated[Path, typer.Argument(help="patch directory")],
         from patchlm.adapters.lora import bake_lora
         from patchlm.adapters.peft_io import to_lora_patch
         from patchlm.models import load_base
+        from patchlm.models.export import save_hf_checkpoint
 
         p = to_lora_patch(p)
         base = load_base(model or p.base["name"])
         p.apply(base, force=force)
         bake_lora(base.model)
-        with atomic_dir(out, force=force) as tmp:
-            base.model.save_pretrained(tmp, safe_serialization=True)
-            base.tokenizer.save_pretrained(tmp)
+        save_hf_checkpoint(base.model, base.tokenizer, out, force=force)
     else:
         raise ConfigError(f"unknown export format {fmt!r}; choices: peft, merged")
     status(f"wrote {out}")
