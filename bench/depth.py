@@ -27,11 +27,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, RowCache, md_table, write_results
 
+from patchlm.depth.config import DropConfig, SkipConfig
+
 MODEL = "smollm2-135m"
 TASKS = ["rotten_tomatoes", "trec", "bbc_news"]
 
 FULL = dict(limit=200, bbc_limit=100, lora_steps={"rotten_tomatoes": 120, "trec": 120, "bbc_news": 80},
-            calib_samples=32, calib_len=256, ppl_blocks=16, router_samples=1000, router_len=128, repeats=5,
+            calib_samples=DropConfig.samples, calib_len=DropConfig.seq_len, ppl_blocks=16, router_samples=1000,
+            router_len=128, repeats=5,
             attn=[2, 4, 8, 15], mlp=[2, 4], blocks=[4, 8], joint=[8], capacities=[0.75, 0.5, 0.25])
 QUICK = dict(limit=24, bbc_limit=12, lora_steps={"rotten_tomatoes": 10, "trec": 10, "bbc_news": 6},
              calib_samples=4, calib_len=128, ppl_blocks=2, router_samples=32, router_len=64, repeats=1,
@@ -68,14 +71,13 @@ def lora_patch(task_name: str, steps: int, tag: str):
 def router_patch(base, capacity: float, o: dict, tag: str):
     """MindSkip routers trained with a capacity target (cached)."""
     from patchlm.data import load_task
-    from patchlm.depth.skip import RouterKind, SkipConfig, train_routers
+    from patchlm.depth.skip import RouterKind, train_routers
     from patchlm.patch import Patch
 
     d = CACHE / "depth" / tag / f"router-{int(capacity * 100)}"
     if (d / "patch.json").exists():
         return Patch.load(d)
-    cfg = SkipConfig(samples=o["router_samples"], batch_size=8, max_length=o["router_len"], lr=1e-3, lam=2.0,
-                     target=capacity, bf16=True)
+    cfg = SkipConfig(samples=o["router_samples"], max_length=o["router_len"], lam=2.0, target=capacity, bf16=True)
     t0 = time.perf_counter()
     p = train_routers(base, load_task("sharegpt"), None, "sequence", cfg)
     RouterKind().detach(base.model)
@@ -223,7 +225,7 @@ def main() -> None:
     loras = {t: lora_patch(t, o["lora_steps"][t], tag) for t in TASKS}
     base = load_base(MODEL)
     model = base.model
-    calib = calibration_blocks(base.tokenizer, "news_corpus", o["calib_samples"], o["calib_len"])
+    calib = calibration_blocks(base.tokenizer, DropConfig.calib, o["calib_samples"], o["calib_len"])
     pre_ids = prompts(base.tokenizer, 8, 128)
     dec_ids = pre_ids[:, :32]
 
@@ -255,7 +257,7 @@ def main() -> None:
             elif s["kind"] == "drop":
                 plan, scores = make_plan(model, calib, s["method"], attn=s.get("attn", 0), mlp=s.get("mlp", 0),
                                          blocks=s.get("blocks", 0), modules=s.get("modules", 0), bf16=True)
-                p = drop_patch(base, plan, scores, s["method"], {"task": "news_corpus"})
+                p = drop_patch(base, plan, scores, s["method"], {"task": DropConfig.calib})
                 kind = DropKind()
                 on = lambda: kind.attach(model, p.spec)
                 off = lambda: kind.detach(model)
@@ -444,11 +446,11 @@ in the JSON). bf16 autocast everywhere. Scale{' (QUICK smoke run: numbers are no
 accuracy on the first {o['limit']} test examples of rotten_tomatoes and trec and {o['bbc_limit']} of bbc_news (max 256
 tokens), each with a LoRA patch (r=8, all linear layers, {o['lora_steps']} steps) trained on the full model and cached;
 perplexity on {o['ppl_blocks']} x 256 held-out news_corpus tokens; drop plans scored on {o['calib_samples']} x
-{o['calib_len']} news_corpus train tokens (the paper uses 256 x 2048 C4 tokens); routers trained on
+{o['calib_len']} {DropConfig.calib} train tokens (the paper uses 256 x 2048 C4 tokens); routers trained on
 {o['router_samples']} sharegpt conversations cut to {o['router_len']} tokens (those with an assistant reply inside
-the cut: `router_train_samples` in the JSON; 1 epoch, batch 8, lr 1e-3, capacity term
-2.0 x relu(mean(m) - target)), routing the last 15 layers but the final one (14..28). Speed: prefill of 8 x 128
-tokens; greedy decoding of 32 tokens after a 32-token prompt at batch 1 and 8; KV-cache bytes after decoding at batch 8.
+the cut: `router_train_samples` in the JSON; {SkipConfig.epochs} epoch, batch {SkipConfig.batch_size},
+lr {SkipConfig.lr}, capacity term 2.0 x relu(mean(m) - target)), routing the last 15 layers but the final one
+(14..28). Speed: prefill of 8 x 128 tokens; greedy decoding of 32 tokens after a 32-token prompt at batch 1 and 8; KV-cache bytes after decoding at batch 8.
 `python bench/depth.py --respeed` re-measures only the speed columns of the cached rows (it was run once after the
 first pass, raising the repeats from 3 to {o['repeats']} because the full-vs-full ratio showed up to 9% noise).
 
