@@ -450,7 +450,8 @@ perplexity on {o['ppl_blocks']} x 256 held-out news_corpus tokens; drop plans sc
 {o['router_samples']} sharegpt conversations cut to {o['router_len']} tokens (those with an assistant reply inside
 the cut: `router_train_samples` in the JSON; {SkipConfig.epochs} epoch, batch {SkipConfig.batch_size},
 lr {SkipConfig.lr}, capacity term 2.0 x relu(mean(m) - target)), routing the last 15 layers but the final one
-(14..28). Speed: prefill of 8 x 128 tokens; greedy decoding of 32 tokens after a 32-token prompt at batch 1 and 8; KV-cache bytes after decoding at batch 8.
+(14..28). Speed: prefill of 8 x 128 tokens; greedy decoding of 32 tokens after a 32-token prompt at batch 1 and 8;
+KV-cache bytes after decoding at batch 8.
 `python bench/depth.py --respeed` re-measures only the speed columns of the cached rows (it was run once after the
 first pass, raising the repeats from 3 to {o['repeats']} because the full-vs-full ratio showed up to 9% noise).
 
