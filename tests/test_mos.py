@@ -20,9 +20,10 @@ def _ids():
 
 
 def _attach(base, seed=0, **over):
+    """Attach MoS; return the kind and the resolved spec attach returns (the given dict stays as it was)."""
     kind = get_kind("mos")
-    spec = {**SPEC, **over}
-    kind.attach(base.model, spec, seed=seed)
+    given = {**SPEC, **over}
+    spec = kind.attach(base.model, dict(given), seed=seed)
     return kind, spec
 
 
@@ -264,14 +265,15 @@ def test_pure_sharing_gives_identical_layers(tiny):
 
 
 @pytest.mark.parametrize("over,match", [
-    ({"p": 3}, r"p=3 exceeds the equivalent rank e=2.*--mos-p"),
-    ({"l": 3}, r"l=3 does not divide .*--mos-l"),
-    ({"r": 8}, r"r=8 asks .*lower --mos-r to at most 5"),
-    ({"r": 0}, r"r must be positive.*--mos-r"),
-    ({"e": 1, "p": 1}, r"no public shards.*--mos-p"),
+    ({"p": 3}, r"p=3 exceeds the equivalent rank e=2.*lower p"),
+    ({"l": 3}, r"l=3 does not divide .*set l to one of"),
+    ({"r": 8}, r"r=8 asks .*lower r to at most 5"),
+    ({"r": 0}, r"r must be positive.*set r to 1"),
+    ({"e": 1, "p": 1}, r"no public shards.*lower p"),
     ({"p": -1}, r"p must not be negative"),
     ({"r": 2.5}, r"r must be an integer"),
     ({"dropout": 1.5}, r"dropout"),
+    ({"rank": 4}, r"unknown mos spec key 'rank'"),
 ])
 def test_bad_hyper_parameters_fail_clearly_and_change_nothing(tiny, over, match):
     ref = tiny.model(_ids()).logits
@@ -301,18 +303,45 @@ def test_peft_export_reloads_with_equal_logits(tiny, tmp_path):
     assert (peft_model(_ids()).logits - ours).abs().max() < 1e-5
 
 
-def test_trainer_trains_pools_and_resumes_exactly(tiny, toy_task, tmp_path):
+def test_trainer_trains_pools_and_resumes_exactly(tiny, toy_task, tmp_path, monkeypatch):
+    import patchlm.train.trainer as tr
+    from patchlm.errors import OutputExistsError
     from patchlm.models import load_base
     from patchlm.train import TrainConfig, Trainer
 
-    cfg = TrainConfig(steps=6, batch_size=4, lr=5e-3, save_every=3, progress=False)
-    patch = Trainer(tiny, "mos", dict(SPEC), toy_task, cfg, out_dir=tmp_path / "run").run()
+    cfg = TrainConfig(steps=6, batch_size=4, lr=5e-3, save_every=3, progress=False, eval_limit=8)
+    spec = {**SPEC, "dropout": 0.1}  # dropout draws from the RNG, which the checkpoint must restore
+    patch = Trainer(tiny, "mos", dict(spec), toy_task, cfg, out_dir=tmp_path / "run").run()
     assert patch.kind == "mos" and patch.trainable_params == 2 * 4 * 1024
     assert any(t.abs().sum() > 0 for k, t in patch.tensors.items() if k.endswith(".pool_B"))  # B moved off zero
     trained = tiny.model(_ids()).logits.detach()
     fresh = load_base("tiny-random-llama")
     Patch.load(tmp_path / "run" / "patch").apply(fresh)
     assert torch.allclose(fresh.model(_ids()).logits, trained, atol=1e-6)
+
+    # interrupt in the middle of step 5 (after the step-3 checkpoint), then resume: the same patch exactly
+    real, calls = tr.causal_lm_loss, {"n": 0}
+
+    def dying(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(tr, "causal_lm_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(load_base("tiny-random-llama"), "mos", dict(spec), toy_task, cfg, out_dir=tmp_path / "b").run()
+    assert json.loads((tmp_path / "b" / "checkpoints" / "last" / "state.json").read_text())["step"] == 3
+    assert not (tmp_path / "b" / "patch").exists()
+    monkeypatch.setattr(tr, "causal_lm_loss", real)
+    with pytest.raises(OutputExistsError):
+        Trainer(load_base("tiny-random-llama"), "mos", dict(spec), toy_task, cfg, out_dir=tmp_path / "b")
+    resumed = Trainer(load_base("tiny-random-llama"), "mos", dict(spec), toy_task, cfg, out_dir=tmp_path / "b",
+                      resume=True).run()
+    assert resumed.spec == patch.spec
+    assert set(resumed.tensors) == set(patch.tensors)
+    for k in patch.tensors:
+        assert torch.equal(resumed.tensors[k], patch.tensors[k]), k
 
 
 def test_cli_train_mos_and_info(tmp_path, capsys):

@@ -82,10 +82,14 @@ def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def replace_modules(model: nn.Module, names: Iterable[str], factory: Callable[[str, nn.Module], nn.Module]) -> None:
-    """Replace each named module by factory(name, module)."""
+    """Replace each named module by factory(name, module), in the train/eval mode of the module it replaces (a
+    patch applied to a model in eval mode must not run its dropout)."""
     for name in names:
         parent, child = get_parent(model, name)
-        setattr(parent, child, factory(name, getattr(parent, child)))
+        old = getattr(parent, child)
+        new = factory(name, old)
+        new.train(old.training)
+        setattr(parent, child, new)
 
 
 def wrapped_modules(model: nn.Module, cls: type) -> dict[str, nn.Module]:

@@ -2,20 +2,53 @@
 
 Tensors are saved as `<module>.lora_A` and `<module>.lora_B`. The rank of each module is read from its
 tensors, so patches with per-module ranks (e.g. FLoRA's stacked adapters) load too; `spec["scaling"]`,
-when present, overrides alpha/r.
+when present, overrides alpha/r. The spec maps onto `LoraConfig`; alpha unset means 2 x r, in the library and
+the CLI alike (every benchmark figure was measured with scaling 2).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from patchlm.adapters.config import check_dropout, check_positive_int, from_spec, to_spec
 from patchlm.adapters.inject import has_module, replace_modules, resolve_targets, unwrap_modules, wrapped_modules
 from patchlm.errors import ConfigError, PatchFormatError
 from patchlm.patch import PatchKind, register_kind
+
+TARGETS_HELP = "modules: names (q_proj,v_proj), full names, re:<regex>, or a preset: attn, mlp, qv, all-linear"
+
+
+@dataclass
+class LoraConfig:
+    """LoRA hyper-parameters: a LoRA patch's spec, the `patchlm train --method lora` options, a recipe's spec."""
+
+    r: int = field(default=8, metadata={"help": "LoRA rank", "short": "-r"})
+    alpha: float | None = field(default=None, metadata={"help": "scaling = alpha / rank; unset: 2 x rank"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input"})
+    targets: str | list[str] = field(default="all-linear", metadata={"help": TARGETS_HELP})
+    scaling: float | None = field(default=None, metadata={
+        "cli": False, "help": "overrides alpha / r (imported, federated and merged patches)"})
+
+    def __post_init__(self):
+        check_positive_int(self.r, "r", "LoRA rank")
+        check_dropout(self.dropout, "LoRA")
+        if self.alpha is not None and not float(self.alpha) > 0:
+            raise ConfigError(f"LoRA alpha must be positive, got {self.alpha}", field="alpha")
+
+    @property
+    def lora_alpha(self) -> float:
+        """alpha as used: the given value, else 2 x r."""
+        return default_alpha(self.r) if self.alpha is None else float(self.alpha)
+
+
+def default_alpha(r: int) -> float:
+    """The one alpha default of LoRA-style adapters (LoRA, MoS): 2 x the rank."""
+    return float(2 * int(r))
 
 
 class LoraLinear(nn.Module):
@@ -24,7 +57,7 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, scaling: float | None = None):
         super().__init__()
         if r <= 0:
-            raise ConfigError(f"LoRA rank must be positive, got {r}")
+            raise ConfigError(f"LoRA rank must be positive, got {r}", field="r")
         self.base = base
         w = base.weight
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=torch.float32, device=w.device))
@@ -108,27 +141,30 @@ def lora_modules_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, tup
 
 
 def module_scaling(spec: dict, rank: int) -> float:
+    """The scaling of a module of rank `rank` in a LoRA patch: spec scaling, else alpha / rank (alpha unset: 2r)."""
     if spec.get("scaling") is not None:
         return float(spec["scaling"])
-    return float(spec.get("alpha", rank)) / rank
+    alpha = spec.get("alpha")
+    return (default_alpha(spec.get("r", rank)) if alpha is None else float(alpha)) / rank
 
 
-@register_kind("lora")
+@register_kind("lora", stage="weight", capabilities=("export-peft", "export-merged"))
 class LoraKind(PatchKind):
-    """spec: r, alpha, dropout, targets (resolved full names), [scaling]."""
+    """spec: LoraConfig's fields (targets resolved to full module names) and the init seed."""
 
     def attach(self, model, spec, tensors=None, seed=0):
+        cfg = from_spec(LoraConfig, spec, "lora", strict=tensors is None)
         if tensors is not None:
             mods = lora_modules_from_tensors(tensors)
             names = list(mods)
         else:
-            names = resolve_targets(model, spec.get("targets", "all-linear"))
-            spec["targets"] = names
+            names = resolve_targets(model, cfg.targets)
         missing = [n for n in names if not has_module(model, n)]
         if missing:
             raise PatchFormatError(f"LoRA patch targets modules this model does not have: {', '.join(missing[:3])}")
         gen = torch.Generator().manual_seed(int(seed))
-        dropout = float(spec.get("dropout", 0.0))
+        dropout = float(cfg.dropout)
+        alpha = cfg.lora_alpha
 
         def make(name, mod):
             if not isinstance(mod, nn.Linear):
@@ -140,13 +176,13 @@ class LoraKind(PatchKind):
                         f"LoRA module {name} has shape {tuple(b.shape[:1])}x{tuple(a.shape[1:])} but the model's is "
                         f"{mod.out_features}x{mod.in_features}: patch made for another architecture")
                 r = a.shape[0]
-                m = LoraLinear(mod, r, float(spec.get("alpha", r)), dropout, module_scaling(spec, r))
+                m = LoraLinear(mod, r, alpha, dropout, module_scaling(spec, r))
                 with torch.no_grad():
                     m.lora_A.copy_(a)
                     m.lora_B.copy_(b)
             else:
-                r = int(spec["r"])
-                m = LoraLinear(mod, r, float(spec.get("alpha", r)), dropout, spec.get("scaling"))
+                r = int(cfg.r)
+                m = LoraLinear(mod, r, alpha, dropout, cfg.scaling)
                 with torch.no_grad():  # seeded Kaiming-uniform, same bound as nn.init.kaiming_uniform_(a=sqrt(5))
                     bound = 1.0 / math.sqrt(mod.in_features)
                     m.lora_A.copy_((torch.rand(m.lora_A.shape, generator=gen) * 2 - 1) * bound)
@@ -158,6 +194,10 @@ class LoraKind(PatchKind):
         for m in wrapped_modules(model, LoraLinear).values():
             m.lora_A.requires_grad_(True)
             m.lora_B.requires_grad_(True)
+        resolved = to_spec(cfg, alpha=alpha, targets=names)
+        if cfg.scaling is None:
+            del resolved["scaling"]
+        return {**spec, **resolved}
 
     def detach(self, model):
         for m in wrapped_modules(model, LoraLinear).values():

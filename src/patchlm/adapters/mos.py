@@ -43,83 +43,89 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from patchlm.adapters.config import check_dropout, from_spec, to_spec
 from patchlm.adapters.inject import has_module, replace_modules, resolve_targets, unwrap_modules, wrapped_modules
+from patchlm.adapters.lora import TARGETS_HELP, default_alpha
 from patchlm.errors import ConfigError, PatchFormatError
 from patchlm.patch import Patch, PatchKind, provenance, register_kind
 
 STRATEGIES = ("subset_selection", "pair_dissociation", "vector_sharding", "privatization")
-DEFAULTS = {"r": 16, "e": 2, "p": 1, "l": 4, "dropout": 0.0, "targets": "all-linear",
-            **{s: True for s in STRATEGIES}}
 
 
 # ---------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class MosConfig:
-    """The effective hyper-parameters (after the strategy switches) of one MoS patch."""
+    """MoS hyper-parameters: a MoS patch's spec, the `patchlm train --method mos` options, a recipe's spec.
 
-    r: int
-    e: int
-    p: int
-    l: int
-    alpha: float
-    dropout: float
-    subset_selection: bool
-    pair_dissociation: bool
-    vector_sharding: bool
-    privatization: bool
-    seed: int
+    `mos_config(spec)` gives the *effective* configuration (after the strategy switches: p=0 without
+    privatization, l=1 without vector sharding; alpha resolved), which the construction uses."""
+
+    r: int = field(default=16, metadata={"help": "MoS: rank of each module's A and B"})
+    e: int = field(default=2, metadata={"help": "MoS: equivalent LoRA rank, the parameter budget"})
+    p: int = field(default=1, metadata={"help": "MoS: private rank vectors per layer"})
+    l: int = field(default=4, metadata={"help": "MoS: shards per rank vector"})
+    alpha: float | None = field(default=None, metadata={"help": "scaling = alpha / r; unset: 2 x r"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input"})
+    targets: str | list[str] = field(default="all-linear", metadata={"help": TARGETS_HELP})
+    subset_selection: bool = field(default=True, metadata={
+        "help": "MoS: each layer picks its own subset of public shards (off: all layers use the same ones)"})
+    pair_dissociation: bool = field(default=True, metadata={
+        "help": "MoS: A and B draw their shard indices independently (off: B uses A's indices)"})
+    vector_sharding: bool = field(default=True, metadata={
+        "help": "MoS: each rank vector is l concatenated shards (off: l=1, whole vectors)"})
+    privatization: bool = field(default=True, metadata={
+        "help": "MoS: each layer owns p private rank vectors (off: p=0, all shards public). All four off = pure "
+                "sharing"})
+    seed: int = field(default=0, metadata={"cli": False, "help": "seed of the index draws and the pool init"})
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r
+        return (default_alpha(self.r) if self.alpha is None else float(self.alpha)) / self.r
 
 
-def _as_int(spec: dict, key: str, flag: str) -> int:
-    v = spec.get(key, DEFAULTS.get(key))
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
-        raise ConfigError(f"MoS {key} must be an integer, got {v!r}; set {flag}")
-    return int(v)
+def _as_int(value, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ConfigError(f"MoS {key} must be an integer, got {value!r}", field=key)
+    return int(value)
 
 
-def mos_config(spec: dict) -> MosConfig:
+def mos_config(spec: dict, strict: bool = False) -> MosConfig:
     """Check a MoS spec (model-independent checks) and return its effective configuration."""
-    r, e = _as_int(spec, "r", "--mos-r"), _as_int(spec, "e", "--mos-e")
-    p, l = _as_int(spec, "p", "--mos-p"), _as_int(spec, "l", "--mos-l")
+    given = from_spec(MosConfig, spec, "mos", strict=strict)
+    r, e, p, l = (_as_int(getattr(given, k), k) for k in ("r", "e", "p", "l"))
     if r <= 0:
-        raise ConfigError(f"MoS rank r must be positive, got r={r}; set --mos-r to 1 or more")
+        raise ConfigError(f"MoS rank r must be positive, got r={r}; set r to 1 or more", field="r")
     if e <= 0:
-        raise ConfigError(f"MoS equivalent rank e must be positive, got e={e}; set --mos-e to 1 or more")
+        raise ConfigError(f"MoS equivalent rank e must be positive, got e={e}; set e to 1 or more", field="e")
     if l <= 0:
-        raise ConfigError(f"MoS shards per vector l must be positive, got l={l}; set --mos-l to 1 or more")
+        raise ConfigError(f"MoS shards per vector l must be positive, got l={l}; set l to 1 or more", field="l")
     if p < 0:
-        raise ConfigError(f"MoS private rank p must not be negative, got p={p}; set --mos-p to 0 or more")
-    flags = {s: bool(spec.get(s, True)) for s in STRATEGIES}
+        raise ConfigError(f"MoS private rank p must not be negative, got p={p}; set p to 0 or more", field="p")
+    flags = {s: bool(getattr(given, s)) for s in STRATEGIES}
     if not flags["privatization"]:
         p = 0
     if not flags["vector_sharding"]:
         l = 1
     if p > e:
         raise ConfigError(f"MoS private rank p={p} exceeds the equivalent rank e={e} (the private region is p of "
-                          f"the e rank vectors each layer owns); lower --mos-p or raise --mos-e")
+                          f"the e rank vectors each layer owns); lower p or raise e", field="p")
     if p > r:
-        raise ConfigError(f"MoS private rank p={p} exceeds the MoS rank r={r}; lower --mos-p or raise --mos-r")
+        raise ConfigError(f"MoS private rank p={p} exceeds the MoS rank r={r}; lower p or raise r", field="p")
     if p == e and r > p:
         raise ConfigError(f"MoS with p=e={e} leaves no public shards for the other r-p={r - p} rank vectors; "
-                          f"lower --mos-p below --mos-e or set --mos-r to {p}")
-    dropout = float(spec.get("dropout", 0.0))
-    if not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"MoS dropout must be in [0, 1), got {dropout}; set --dropout")
-    alpha = spec.get("alpha")
-    alpha = float(2 * r if alpha is None else alpha)
+                          f"lower p below e or set r to {p}", field="p")
+    check_dropout(given.dropout, "MoS")
+    alpha = default_alpha(r) if given.alpha is None else float(given.alpha)
     if alpha <= 0:
-        raise ConfigError(f"MoS alpha must be positive, got {alpha}; set --alpha (default 2 x --mos-r)")
-    return MosConfig(r=r, e=e, p=p, l=l, alpha=alpha, dropout=dropout, seed=int(spec.get("seed", 0)), **flags)
+        raise ConfigError(f"MoS alpha must be positive, got {alpha} (unset: 2 x r)", field="alpha")
+    return replace(given, r=r, e=e, p=p, l=l, alpha=alpha, dropout=float(given.dropout), seed=int(given.seed),
+                   **flags)
 
 
 def type_key(name: str) -> str:
@@ -146,12 +152,12 @@ def _check_group(cfg: MosConfig, key: str, L: int, d_in: int, d_out: int) -> Non
             g = math.gcd(d_in, d_out)
             divisors = [k for k in range(1, 33) if g % k == 0]
             raise ConfigError(f"MoS shards per vector l={cfg.l} does not divide the {what} size {d} of {key}; "
-                              f"set --mos-l to one of {divisors} (or target other modules)")
+                              f"set l to one of {divisors} (or target other modules)", field="l")
     n_pub, need = (cfg.e - cfg.p) * L * cfg.l, (cfg.r - cfg.p) * cfg.l
     if need > n_pub:
         raise ConfigError(f"MoS rank r={cfg.r} asks each layer of {key} for (r-p)*l={need} public shards but its "
-                          f"pool holds only (e-p)*L*l={n_pub} (L={L} layers); lower --mos-r to at most "
-                          f"{cfg.p + (cfg.e - cfg.p) * L} or raise --mos-e")
+                          f"pool holds only (e-p)*L*l={n_pub} (L={L} layers); lower r to at most "
+                          f"{cfg.p + (cfg.e - cfg.p) * L} or raise e", field="r")
 
 
 def _generator(seed: int, group: int, stream: int) -> torch.Generator:
@@ -239,18 +245,18 @@ def _index_dtype(n: int) -> torch.dtype:
 
 
 
-@register_kind("mos")
+@register_kind("mos", stage="weight", capabilities=("materialize", "export-peft", "export-merged"))
 class MosKind(PatchKind):
-    """spec: r, e, p, l, alpha, dropout, targets, subset_selection, pair_dissociation, vector_sharding,
-    privatization, seed. Trainable parameters: the pools, e*L*(d_in+d_out) per projection type (LoRA at rank e)."""
+    """spec: MosConfig's fields (targets resolved to full module names; seed: the draws' seed). Trainable
+    parameters: the pools, e*L*(d_in+d_out) per projection type (LoRA at rank e)."""
 
     def attach(self, model, spec, tensors=None, seed=0):
+        spec = dict(spec)
         if tensors is None:
             spec["seed"] = int(seed)
-        cfg = mos_config(spec)
+        cfg = mos_config(spec, strict=tensors is None)
         if tensors is None:
-            names = resolve_targets(model, spec.get("targets", "all-linear"))
-            spec["targets"] = names
+            names = resolve_targets(model, cfg.targets)
         else:
             names = list(spec.get("targets") or [])
             if not names or isinstance(names, str):
@@ -268,7 +274,7 @@ class MosKind(PatchKind):
             d_in, d_out = mods[0].in_features, mods[0].out_features
             if any((m.in_features, m.out_features) != (d_in, d_out) for m in mods):
                 raise ConfigError(f"modules of type {key} differ in shape; MoS shares a pool per type, so they "
-                                  "must match: target them separately")
+                                  "must match: target them separately", field="targets")
             L = len(members)
             _check_group(cfg, key, L, d_in, d_out)
             N = cfg.e * L * cfg.l
@@ -304,6 +310,9 @@ class MosKind(PatchKind):
             p.requires_grad_(False)
         for p in self.trainable_parameters(model):
             p.requires_grad_(True)
+        # the spec as given (the switches keep p and l as typed; mos_config derives the effective values)
+        given = from_spec(MosConfig, spec, "mos", strict=False)
+        return {**spec, **to_spec(given, alpha=cfg.alpha, targets=names, seed=cfg.seed)}
 
     def detach(self, model):
         unwrap_modules(model, MosLinear)

@@ -13,7 +13,7 @@ import torch
 
 from patchlm.adapters.lora import lora_modules_from_tensors, module_scaling
 from patchlm.errors import PatchFormatError
-from patchlm.patch import Patch, get_kind, provenance
+from patchlm.patch import Patch, get_kind, kind_can, provenance
 from patchlm.paths import atomic_dir
 
 PREFIX = "base_model.model."
@@ -23,10 +23,9 @@ def to_lora_patch(patch: Patch) -> Patch:
     """The patch itself if it is LoRA, else its materialized LoRA (kinds that can be materialized)."""
     if patch.kind == "lora":
         return patch
-    kind = get_kind(patch.kind)
-    if not hasattr(kind, "materialize"):
+    if not kind_can(patch.kind, "materialize"):
         raise PatchFormatError(f"a {patch.kind} patch cannot be exported as LoRA (it has no low-rank form)")
-    return kind.materialize(patch)
+    return get_kind(patch.kind).materialize(patch)
 
 
 def export_peft(patch: Patch, out: str | Path, force: bool = False) -> Path:
