@@ -165,8 +165,9 @@ class Trainer:
             import shutil
 
             shutil.rmtree(self.out)
-        self.kind.attach(model, self.spec, resume_tensors if resume_tensors is not None else self.init_tensors,
-                         seed=self.spec["seed"])
+        self.spec = self.kind.attach(model, self.spec,
+                                     resume_tensors if resume_tensors is not None else self.init_tensors,
+                                     seed=self.spec["seed"]) or self.spec
         self.params = self.kind.trainable_parameters(model)
         if not self.params:
             raise PatchlmError(f"a {self.kind_name} patch has no trainable parameters")
