@@ -12,7 +12,8 @@ class TrainConfig:
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    optimizer: str = field(default="adamw", metadata={"help": "step rule: adamw | sgd (see patchlm.train.optim)"})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "step rule: adamw | sgd | zo-sgd | zo-sgd-sign | zo-sgd-mmt | zo-sgd-cons | zo-adam | forward-grad"})
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay (decoupled for AdamW)"})
     momentum: float = field(default=0.0, metadata={"help": "SGD momentum"})
@@ -20,6 +21,19 @@ class TrainConfig:
     beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
     warmup: float = field(default=0.06, metadata={"help": "warm-up: a fraction of steps (<1) or a step count"})
     schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant (after warm-up)"})
+    zo_eps: float = field(default=1e-3, metadata={"help": "zeroth order: perturbation size eps"})
+    zo_queries: int = field(default=1, metadata={"help": "zeroth order: random directions per step (q)"})
+    zo_one_sided: bool = field(default=False, metadata={
+        "help": "zeroth order: one-sided estimate (L(theta + eps z) - L(theta)) / eps instead of two-sided"})
+    zo_momentum: float = field(default=0.9, metadata={"help": "zo-sgd-mmt: momentum"})
+    zo_block: str = field(default="none", metadata={
+        "help": "block-wise ZO, one block per step: none | layer | sublayer (attention / MLP) | linear"})
+    zo_sparsity: float = field(default=1.0, metadata={"help": "sparse ZO: fraction of each tensor perturbed (0, 1]"})
+    zo_sparse_mode: str = field(default="magnitude", metadata={
+        "help": "sparse ZO: which entries: magnitude (the smallest, as Sparse-MeZO) | random"})
+    zo_fo_layers: str = field(default="", metadata={
+        "help": "hybrid ZO/FO: decoder layers trained first-order, e.g. 0-3 (empty: none)"})
+    zo_fo_lr: float | None = field(default=None, metadata={"help": "hybrid ZO/FO: first-order learning rate [lr]"})
     max_length: int = field(default=256, metadata={"help": "max tokens per example"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
     eval_every: int = field(default=0, metadata={"help": "validate every N steps (0 = only at the end)"})
@@ -48,6 +62,9 @@ class TrainConfig:
             from patchlm.errors import did_you_mean
 
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; {did_you_mean(self.optimizer, optimizers())}")
+        from patchlm.train.zo import check_options
+
+        check_options(self)
         if not (0 <= self.momentum < 1 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError("momentum, beta1 and beta2 must be in [0, 1)")
         if self.objective not in ("auto", "classification", "lm", "chat"):

@@ -87,6 +87,7 @@ class StepInfo:
     labels: int          # labelled tokens in this step's batches
     tokens: int          # non-padding tokens in this step's batches
     seconds: float       # wall time of this step (data, forward, backward, update)
+    forwards: int = 0    # forward passes over a micro-batch the step rule made (2 per query for two-point ZO)
 
 
 def make_closure(model, micro: Sequence[Batch], loss_fn: LossFn, bf16: bool,
@@ -109,9 +110,37 @@ def make_closure(model, micro: Sequence[Batch], loss_fn: LossFn, bf16: bool,
             if backward:
                 (loss * w / total).backward()
             tot += float(loss.detach()) * w
+        closure.forwards += len(micro)
         return tot / total if total else math.nan
 
+    def functional(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The same loss as a differentiable function of the named parameters (torch.func: jvp, vmap)."""
+        from torch.func import functional_call
+
+        holder = _LossHolder(model, loss_fn)
+        out = None
+        for b, w in zip(micro, weights):
+            with autocast(device, bf16):
+                loss = functional_call(holder, {f"model.{k}": v for k, v in params.items()}, (b,), strict=False)
+            out = loss * (w / total) if out is None else out + loss * (w / total)
+        closure.forwards += len(micro)
+        return out
+
+    closure.forwards = 0
+    closure.functional = functional
     return closure
+
+
+class _LossHolder(torch.nn.Module):
+    """A module whose forward is loss_fn(model, batch), so torch.func.functional_call can swap its parameters."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+
+    def forward(self, batch):
+        return self._loss_fn(self.model, batch)[0]
 
 
 def example_count(batch: Batch) -> int:
@@ -153,7 +182,7 @@ def train_loop(model: torch.nn.Module, rule, batches: Callable[[int], Sequence[B
             step += 1
             info = StepInfo(step=step, loss=loss, labels=sum(label_count(b) for b in micro if "labels" in b),
                             tokens=sum(int(b["attention_mask"].sum()) for b in micro if "attention_mask" in b),
-                            seconds=time.perf_counter() - t0)
+                            seconds=time.perf_counter() - t0, forwards=closure.forwards)
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")

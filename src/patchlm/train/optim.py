@@ -29,11 +29,12 @@ class StepRule:
     name: ClassVar[str] = ""
     needs_grad: ClassVar[bool] = True  # False for rules that never back-propagate (zeroth order)
 
-    def __init__(self, params: list[torch.nn.Parameter], config: Any):
+    def __init__(self, params: list[torch.nn.Parameter], config: Any, model: torch.nn.Module | None = None):
         self.params = list(params)
         if not self.params:
             raise ConfigError("the optimizer got no trainable parameters")
         self.config = config
+        self.model = model  # rules that need parameter names or module structure (block-wise ZO) read it
 
     def step(self, closure: Closure) -> float:
         raise NotImplementedError
@@ -54,13 +55,13 @@ class TorchStepRule(StepRule):
     def make(self, params, config) -> torch.optim.Optimizer:
         raise NotImplementedError
 
-    def __init__(self, params, config):
-        super().__init__(params, config)
+    def __init__(self, params, config, model=None):
+        super().__init__(params, config, model)
         self.opt = self.make(self.params, config)
 
     def step(self, closure: Closure) -> float:
         loss = closure(backward=True)
-        clip = float(getattr(self.config, "max_grad_norm", 0.0) or 0.0)
+        clip = float(self.config.max_grad_norm or 0.0)
         if clip:
             torch.nn.utils.clip_grad_norm_(self.params, clip)
         self.opt.step()
@@ -93,14 +94,17 @@ def register_optimizer(name: str):
 
 
 def optimizers() -> list[str]:
+    """Registered rule names (patchlm.train's __init__ imports the engine's rule modules, e.g. train/zo.py)."""
     return sorted(_RULES)
 
 
-def make_optimizer(name: str, params: list[torch.nn.Parameter], config: Any) -> StepRule:
+def make_optimizer(name: str, params: list[torch.nn.Parameter], config: Any,
+                   model: torch.nn.Module | None = None) -> StepRule:
     """The registered step rule `name` over `params`, its hyper-parameters read from `config`."""
     if name not in _RULES:
         raise UnknownNameError(f"unknown optimizer {name!r}; {did_you_mean(name, _RULES)}")
-    return _RULES[name](params, config)
+    return _RULES[name](params, config, model)
+
 
 
 @register_optimizer("adamw")
@@ -108,8 +112,8 @@ class AdamW(TorchStepRule):
     """torch.optim.AdamW (lr, weight_decay, betas = (beta1, beta2))."""
 
     def make(self, params, config):
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=getattr(config, "weight_decay", 0.0),
-                                 betas=(getattr(config, "beta1", 0.9), getattr(config, "beta2", 0.999)))
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                 betas=(config.beta1, config.beta2))
 
 
 @register_optimizer("sgd")
@@ -117,5 +121,4 @@ class SGD(TorchStepRule):
     """torch.optim.SGD (lr, momentum, weight_decay)."""
 
     def make(self, params, config):
-        return torch.optim.SGD(params, lr=config.lr, momentum=getattr(config, "momentum", 0.0),
-                               weight_decay=getattr(config, "weight_decay", 0.0))
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)

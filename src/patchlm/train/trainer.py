@@ -136,7 +136,8 @@ class Trainer:
             self._patch({"step": step}).save(tmp / "patch")
             save_state(tmp, "optimizer", {"optimizer": rule.state_dict(), "rng": torch.get_rng_state(),
                                           "name": self.cfg.optimizer})
-            (tmp / "state.json").write_text(json.dumps({"step": step, "best": best, "spec": self.spec}))
+            (tmp / "state.json").write_text(json.dumps({"step": step, "best": best, "spec": self.spec,
+                                                        "forward_passes": self._acc["forwards"]}))
 
     def _load_last(self, rule: StepRule) -> tuple[int, dict]:
         last = self.out / "checkpoints" / "last"
@@ -149,6 +150,7 @@ class Trainer:
                               f"{self.cfg.optimizer!r}: resume with the same optimizer or start over with --force")
         rule.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
+        self._resumed_forwards = int(state.get("forward_passes", 0))
         return int(state["step"]), state.get("best", {})
 
     # -- the loop
@@ -171,7 +173,8 @@ class Trainer:
         self.params = self.kind.trainable_parameters(model)
         if not self.params:
             raise PatchlmError(f"a {self.kind_name} patch has no trainable parameters")
-        rule = make_optimizer(cfg.optimizer, self.params, cfg)
+        rule = make_optimizer(cfg.optimizer, self.params, cfg, model=model)
+        self._resumed_forwards = 0
         step, best = 0, {}
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +189,9 @@ class Trainer:
                 metrics_f.flush()
 
         t_start = time.perf_counter()
-        acc = {"tokens": 0, "train_time": 0.0, "loss": 0.0, "n": 0, "best_tensors": None, "best": best}
+        acc = {"tokens": 0, "train_time": 0.0, "loss": 0.0, "n": 0, "best_tensors": None, "best": best,
+               "forwards": self._resumed_forwards}
+        self._acc = acc
 
         def batches(step: int) -> list[dict]:
             return [collate(self._batch(step * cfg.grad_accum + j), self.pad_id) for j in range(cfg.grad_accum)]
@@ -197,10 +202,11 @@ class Trainer:
             acc["n"] += info.labels
             acc["tokens"] += info.tokens
             acc["train_time"] += info.seconds
+            acc["forwards"] += info.forwards
             if step % cfg.log_every == 0 or step == cfg.steps:
                 emit({"step": step, "loss": acc["loss"] / max(1, acc["n"]), "lr": lr_at(step - 1, cfg),
                       "tokens_per_s": acc["tokens"] / max(acc["train_time"], 1e-9),
-                      "elapsed_s": time.perf_counter() - t_start})
+                      "forward_passes": acc["forwards"], "elapsed_s": time.perf_counter() - t_start})
                 acc["loss"], acc["n"] = 0.0, 0
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 m = self.validate()
@@ -228,7 +234,7 @@ class Trainer:
         tokens_total, train_time = acc["tokens"], acc["train_time"]
         model.eval()
         metrics = {"steps": step, "train_tokens_per_s": tokens_total / max(train_time, 1e-9),
-                   "train_seconds": train_time}
+                   "train_seconds": train_time, "forward_passes": acc["forwards"]}
         if best:
             metrics.update({k: v for k, v in best.items() if k != "score"})
             metrics["best_step"] = best["step"]
