@@ -10,6 +10,7 @@ import torch
 
 from patchlm.errors import ConfigError
 from patchlm.merge import glue as G
+from patchlm.merge import glue_runner as R
 from test_merge_patches import lora_patch
 
 # Two task experts (member 0 knows task A, member 1 task B) and a harmful member 2 that knows little of both.
@@ -77,11 +78,6 @@ def test_cmaes_finds_the_optimum_region():
     assert abs(sel.weights[2]) < 0.25 < min(sel.weights[0], sel.weights[1])
 
 
-def test_mixture_is_a_clear_boundary():
-    with pytest.raises(NotImplementedError, match="MoE"):
-        G.mix_families([])
-
-
 def test_run_glue_on_tiny_patches(tiny, toy_task):
     patches = [lora_patch(tiny, s, scale=0.02) for s in (1, 2, 3)]  # small updates, as trained LoRAs are
     calls = []
@@ -90,13 +86,13 @@ def test_run_glue_on_tiny_patches(tiny, toy_task):
         calls.append(c)
         return concave_scorer(c)
 
-    report = G.run_glue(tiny, patches, ["a", "b", "bad"], [toy_task], heuristics=["average", "cmaes"], trials=30,
+    report = R.run_glue(tiny, patches, ["a", "b", "bad"], [toy_task], heuristics=["average", "cmaes"], trials=30,
                         scorer=scorer)
     assert report["families"] == [["a", "b", "bad"]]  # random small LoRAs on one base: raw weights ~ identical
     assert report["similarity"]["matrix"][0][1] > 0.95
     assert report["heuristics"]["average"]["kept"] == ["a", "b"]
     assert report["heuristics"]["average"]["score"] > report["merge_all"]["score"]
-    delta = G.run_glue(tiny, patches, ["a", "b", "bad"], [toy_task], heuristics=["average"], on="delta",
+    delta = R.run_glue(tiny, patches, ["a", "b", "bad"], [toy_task], heuristics=["average"], on="delta",
                        scorer=scorer)
     assert abs(delta["similarity"]["matrix"][0][1]) < 0.5  # independent random task vectors: nearly orthogonal
 
@@ -105,7 +101,7 @@ def test_patch_scorer_evaluates_the_merge(tiny, toy_task):
     from patchlm.evaluate import evaluate
 
     patches = [lora_patch(tiny, s) for s in (1, 2)]
-    score = G.patch_scorer(tiny, patches, [toy_task], limit=8)
+    score = R.patch_scorer(tiny, patches, [toy_task], limit=8)
     s = score({0: 1.0})
     patches[0].apply(tiny)
     want = evaluate(tiny.model, tiny.tokenizer, toy_task, split="validation", limit=8)["accuracy"]

@@ -30,7 +30,7 @@ def test_linear_normalized_and_not():
 
 def test_task_arithmetic_lambda_and_normalize():
     assert torch.allclose(M.task_arithmetic([D0, D1], [1, 0.5]), torch.tensor([0.5, -1.5, 4.0, -1.5]))
-    assert torch.allclose(M.task_arithmetic([D0, D1], [1, 0.5], lam=2.0), torch.tensor([1.0, -3.0, 8.0, -3.0]))
+    assert torch.allclose(M.task_arithmetic([D0, D1], [1, 0.5], lambda_=2.0), torch.tensor([1.0, -3.0, 8.0, -3.0]))
     assert torch.allclose(M.task_arithmetic([D0, D1], [1, 1], normalize=True), (D0 + D1) / 2)
 
 

@@ -11,7 +11,8 @@ import torch
 
 from conftest import run_cli
 from patchlm.errors import BaseMismatchError, ConfigError
-from patchlm.merge.patches import PatchDeltas, merge_patches, patch_deltas, refactor
+from patchlm.merge.merged import refactor
+from patchlm.merge.patch_merge import PatchDeltas, merge_patches, patch_deltas
 from patchlm.patch import Patch, get_kind
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -128,7 +129,9 @@ def test_merged_kind_roundtrip_apply_detach(tiny, tmp_path):
 def test_mos_patches_merge_through_their_lora_form(tiny):
     kind = get_kind("mos")
     spec = {"r": 4, "e": 2, "p": 1, "l": 2, "alpha": 8, "targets": "qv", "seed": 0}
-    kind.attach(tiny.model, spec, None, seed=0)  # resolves spec["targets"] to module names
+    given = dict(spec)
+    spec = kind.attach(tiny.model, spec, None, seed=0)  # the resolved spec: targets as module names
+    assert given["targets"] == "qv"  # the caller's dict is left as it was
     with torch.no_grad():
         for p in kind.trainable_parameters(tiny.model):
             p.normal_(0, 0.1)
@@ -154,9 +157,8 @@ def test_patches_of_different_bases_are_refused(tiny):
 
 
 def test_fisher_estimate_is_mean_squared_per_example_gradient(tiny, toy_task):
+    from patchlm.data.features import build_features, collate
     from patchlm.merge.fisher import estimate_fisher
-    from patchlm.data.features import build_features
-    from patchlm.data.features import collate
     from patchlm.train.engine import causal_lm_loss
 
     p = lora_patch(tiny, 1, targets=["q_proj"])

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from conftest import run_cli
 from patchlm.errors import BaseMismatchError, ConfigError, OutputExistsError
 from patchlm.merge.plan import plan_from_config
-from patchlm.merge.stream import Checkpoint, merge_checkpoints, merge_state_dicts
+from patchlm.merge.stream import merge_checkpoints, merge_state_dicts
+from patchlm.models.checkpoint import Checkpoint
 
 
 def _variant(src: Path, dest: Path, seed: int, scale: float = 0.01, transform=None) -> Path:

@@ -133,8 +133,9 @@ def test_port_by_reference_without_loading(tiny, bases):
 def test_streamed_fingerprint_in_small_chunks(tiny):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from patchlm.merge.port import fingerprint_checkpoint
+    from patchlm.models.checkpoint import Checkpoint
+    from patchlm.models.fingerprint import fingerprint_checkpoint
 
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny.path))
-    assert fingerprint_checkpoint(Path(tiny.path), meta, chunk_elements=1000) == tiny.fingerprint
+    assert fingerprint_checkpoint(Checkpoint(str(Path(tiny.path))), meta, chunk_elements=1000) == tiny.fingerprint

@@ -2,27 +2,31 @@
 
 F(W) = mean over examples of (d log p(y|x) / dW)^2, the empirical Fisher on the task's own training data
 (one example per backward pass, so the square is taken per example, as the paper does). With a patch
-attached, dL/dW of the frozen base weight equals dL/d(W + dW): the Fisher of the patched weight.
+attached, dL/dW of the frozen base weight equals dL/d(W + dW): the Fisher of the patched weight. The loss,
+the padding, the autocast and the device placement are the training engine's.
 """
 
 from __future__ import annotations
 
 import torch
 
+from patchlm.data.features import build_features, collate, objective_for, pad_id
 from patchlm.errors import ConfigError
+from patchlm.merge.config import MergeConfig
+from patchlm.merge.patch_merge import PatchDeltas
+from patchlm.models.parts import model_device
+from patchlm.patch import get_kind
+from patchlm.train.engine import autocast, causal_lm_loss, to_device
 
 
-def estimate_fisher(base, patch, task, n_examples: int = 32, max_length: int = 128, bf16: bool = False,
-                    split: str = "train") -> dict[str, torch.Tensor]:
-    """module name -> diagonal Fisher of W for every module the patch changes (the patch is detached after)."""
-    from patchlm.merge.patches import PatchDeltas
-    from patchlm.patch import get_kind
-    from patchlm.data.features import build_features, objective_for
-    from patchlm.data.features import collate
-    from patchlm.train.engine import causal_lm_loss
+def estimate_fisher(base, patch, task, n_examples: int = MergeConfig.fisher_examples, max_length: int = 128,
+                    bf16: bool = MergeConfig.bf16, split: str = "train") -> dict[str, torch.Tensor]:
+    """module name -> diagonal Fisher of W (float32, on the CPU beside the patch's tensors) for every module the patch changes.
 
-    if n_examples <= 0:
-        raise ConfigError(f"n_examples must be positive, got {n_examples}")
+    The patch is attached for the estimate and detached after; the model's train/eval mode and requires_grad
+    flags are restored."""
+    if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples <= 0:
+        raise ConfigError(f"fisher_examples must be a positive integer, got {n_examples!r}", field="fisher_examples")
     modules = PatchDeltas(patch).modules
     model = base.model
     patch.apply(base)
@@ -40,13 +44,13 @@ def estimate_fisher(base, patch, task, n_examples: int = 32, max_length: int = 1
         for w in weights.values():
             w.requires_grad_(True)
         acc = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
-        pad = base.tokenizer.pad_token_id or 0
+        pad = pad_id(base.tokenizer)
+        device = model_device(model)
         was = model.training
         model.eval()  # no dropout: the Fisher of the deployed model
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
         for f in feats:
-            batch = collate([f], pad)
-            with ctx:
+            batch = to_device(collate([f], pad), device)
+            with autocast(device, bf16):
                 loss, _ = causal_lm_loss(model, batch)
             loss.backward()
             for n, w in weights.items():
@@ -55,7 +59,7 @@ def estimate_fisher(base, patch, task, n_examples: int = 32, max_length: int = 1
         model.train(was)
         for n, p in model.named_parameters():
             p.requires_grad_(req.get(n, False))
-        return {n: a / len(feats) for n, a in acc.items()}
+        return {n: (a / len(feats)).cpu() for n, a in acc.items()}
     finally:
         for w in weights.values():
             w.grad = None

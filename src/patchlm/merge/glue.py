@@ -1,24 +1,25 @@
 """Model-GLUE over a zoo of fine-tuned variants of one base: similarity, families, selective merging, CMA-ES.
 
+Pure functions of tensors and of a score function (evaluation and checkpoint reading are in glue_runner.py):
 1. Similarity of two models: the mean per-column cosine similarity of their attention and MLP weight
-   matrices (raw weights by default; `on="delta"` compares task vectors instead).
-2. Families: models join the first family whose first member is more similar than `threshold` (0.95),
+   matrices (`similarity_matrix` over the members' versions of each matrix, raw weights or task vectors).
+2. Families: models join the first family whose first member is more similar than `threshold`,
    within one architecture.
 3. Selective merging inside a family, scored on validation data by a `scorer(coefficients) -> score`:
    Average (greedy, by validation score, coefficients ((k+1)/(k+2), 1/(k+2)), keep a model only when the
-   score does not drop), Coefficient (the same with a 0.1..0.9 grid for the newcomer), Similarity (Average
-   in order of similarity to the best model), and CMA-ES over the merge weights (`cma` package; popsize
-   4 + 3 ln n, sigma0 1/6).
-4. Mixing the merged families (model-level mixture with a router) belongs to the MoE work: `mix_families`
-   is the boundary it will fill.
+   score does not drop), Coefficient (the same with a grid for the newcomer), Similarity (Average in order of
+   similarity to the best model), and CMA-ES over the merge weights (`cma` package; popsize 4 + 3 ln n).
+   `search` runs the whole selection on a similarity matrix and a scorer and picks the best heuristic.
+Mixing the merged families (a model-level mixture with a router) belongs to the mixture work.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -26,6 +27,50 @@ from patchlm.errors import ConfigError
 
 ATTN_MLP = re.compile(r"(self_attn|attention|attn|mlp|feed_forward)\.")
 HEURISTICS = ("average", "coefficient", "similarity", "cmaes")
+SIMILARITY_ON = ("weights", "delta")
+
+
+def _split_names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+@dataclass
+class GlueConfig:
+    """Model-GLUE's knobs: families, the selection heuristics, how each candidate merge is scored."""
+
+    heuristics: tuple[str, ...] = field(default=HEURISTICS, metadata={
+        "help": "selection heuristics to run: " + " | ".join(HEURISTICS), "cli": False})
+    threshold: float = field(default=0.95, metadata={"help": "similarity above which models form one family"})
+    on: str = field(default="weights", metadata={
+        "help": "similarity of raw weights (weights) or of task vectors (delta)"})
+    limit: int = field(default=50, metadata={"help": "validation examples per task per score"})
+    split: str = field(default="validation", metadata={"help": "the split candidate merges are scored on"})
+    max_length: int = field(default=256, metadata={"help": "max tokens per example"})
+    batch_size: int = field(default=16, metadata={"help": "examples per evaluation batch"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast while scoring"})
+    trials: int = field(default=200, metadata={"help": "CMA-ES evaluations"})
+    sigma0: float = field(default=1 / 6, metadata={"help": "CMA-ES initial step size"})
+    seed: int = field(default=0, metadata={"help": "CMA-ES seed"})
+    coefficient_grid: tuple[float, ...] = field(default=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), metadata={
+        "help": "the Coefficient heuristic's candidate coefficients for a newcomer", "cli": False})
+
+    def __post_init__(self) -> None:
+        self.heuristics = tuple(_split_names(self.heuristics) if isinstance(self.heuristics, str)
+                                else self.heuristics)
+        self.coefficient_grid = tuple(float(c) for c in self.coefficient_grid)
+        unknown = [h for h in self.heuristics if h not in HEURISTICS]
+        if unknown or not self.heuristics:
+            raise ConfigError(f"unknown heuristic {unknown[0]!r}; choices: {', '.join(HEURISTICS)}" if unknown
+                              else "heuristics is empty: choose from " + ", ".join(HEURISTICS), field="heuristics")
+        if not 0 <= self.threshold <= 1:
+            raise ConfigError(f"threshold must be in [0, 1], got {self.threshold}", field="threshold")
+        if self.on not in SIMILARITY_ON:
+            raise ConfigError(f"similarity on {self.on!r}: choose weights or delta", field="on")
+        for name in ("limit", "max_length", "batch_size", "trials"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}", field=name)
+        if self.sigma0 <= 0:
+            raise ConfigError(f"sigma0 must be positive, got {self.sigma0}", field="sigma0")
 
 
 # ---------------------------------------------------------------- similarity
@@ -40,54 +85,35 @@ def column_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> float
 
 
 def is_attn_mlp_weight(name: str, shape) -> bool:
+    """Whether a checkpoint tensor is an attention or MLP weight matrix (what similarity compares)."""
     return len(shape) == 2 and name.endswith(".weight") and bool(ATTN_MLP.search(name))
 
 
-class WeightView:
-    """The attention/MLP weights of one zoo member: a checkpoint, or base weights plus a patch's dW."""
-
-    def __init__(self, name: str, base_source, deltas=None, only_delta: bool = False):
-        self.name, self.base_source, self.deltas, self.only_delta = name, base_source, deltas, only_delta
-
-    def names(self) -> list[str]:
-        return [n for n, (_, _, shape) in self.base_source.meta.items() if is_attn_mlp_weight(n, shape)]
-
-    def get(self, tensor_name: str, base_t: torch.Tensor | None = None) -> torch.Tensor:
-        module = tensor_name[: -len(".weight")]
-        d = self.deltas.get(module) if self.deltas is not None else None
-        if self.only_delta:
-            if self.deltas is None:
-                w = self.base_source.read(tensor_name).float()
-                return w - base_t if base_t is not None else w
-            return d if d is not None else torch.zeros(self.base_source.meta[tensor_name][2])
-        w = base_t if (self.deltas is not None and base_t is not None) else self.base_source.read(tensor_name).float()
-        return w + d if d is not None else w
-
-
-def similarity_matrix(views: Sequence[WeightView], base_source=None) -> list[list[float]]:
-    """Pairwise mean per-column cosine over the attention and MLP matrices (streamed tensor by tensor)."""
-    n = len(views)
-    names = views[0].names()
+def similarity_matrix(groups: Iterable[Sequence[torch.Tensor]], n: int) -> list[list[float]]:
+    """Pairwise mean per-column cosine of n models: `groups` yields, matrix by matrix, the n models' versions of
+    one weight matrix (a generator keeps one matrix of each model in memory at a time)."""
     sums = [[0.0] * n for _ in range(n)]
-    for tn in names:
-        base_t = base_source.read(tn).float() if base_source is not None else None
-        ws = [v.get(tn, base_t) for v in views]
+    count = 0
+    for ws in groups:
+        if len(ws) != n:
+            raise ConfigError(f"a similarity group has {len(ws)} tensors for {n} models")
         for i in range(n):
             for j in range(i + 1, n):
                 sums[i][j] += column_cosine(ws[i], ws[j])
+        count += 1
         del ws
     sim = [[1.0] * n for _ in range(n)]
     for i in range(n):
         for j in range(i + 1, n):
-            sim[i][j] = sim[j][i] = sums[i][j] / max(1, len(names))
+            sim[i][j] = sim[j][i] = sums[i][j] / max(1, count)
     return sim
 
 
-def cluster(sim: Sequence[Sequence[float]], threshold: float = 0.95,
+def cluster(sim: Sequence[Sequence[float]], threshold: float = GlueConfig.threshold,
             architectures: Sequence[str] | None = None) -> list[list[int]]:
     """Families: each model joins the first family (same architecture) whose first member is > threshold similar."""
     if not 0 <= threshold <= 1:
-        raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
+        raise ConfigError(f"threshold must be in [0, 1], got {threshold}", field="threshold")
     fams: list[list[int]] = []
     for i in range(len(sim)):
         for f in fams:
@@ -101,11 +127,13 @@ def cluster(sim: Sequence[Sequence[float]], threshold: float = 0.95,
 
 
 # ---------------------------------------------------------------- selection
-Scorer = Callable[[dict[int, float]], float]
+Scorer = Callable[[dict[int, float]], float]  # merge coefficients by member index -> validation score
 
 
 @dataclass
 class Selection:
+    """What one heuristic chose: merge coefficients by member index, their score, and why (steps)."""
+
     heuristic: str
     weights: dict[int, float]
     score: float
@@ -174,7 +202,7 @@ def greedy_average(order: Sequence[int], scorer: Scorer) -> Selection:
 
 
 def greedy_coefficient(order: Sequence[int], scorer: Scorer,
-                       grid: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> Selection:
+                       grid: Sequence[float] = GlueConfig.coefficient_grid) -> Selection:
     """Like Average, but the newcomer's coefficient c (the merge keeps 1-c) is searched on a grid."""
     def cands(cur, j):
         return [{**{i: w * (1 - c) for i, w in cur.items()}, j: c} for c in grid]
@@ -190,18 +218,17 @@ def similarity_selection(best: int, sim: Sequence[Sequence[float]], members: Seq
     return sel
 
 
-def cmaes_search(members: Sequence[int], scorer: Scorer, trials: int = 200, sigma0: float = 1 / 6,
-                 seed: int = 0, popsize: int | None = None, x0: Sequence[float] | None = None) -> Selection:
+def cmaes_search(members: Sequence[int], scorer: Scorer, trials: int = GlueConfig.trials,
+                 sigma0: float = GlueConfig.sigma0, seed: int = GlueConfig.seed, popsize: int | None = None,
+                 x0: Sequence[float] | None = None) -> Selection:
     """CMA-ES over the merge weights of `members` (start: uniform), maximizing the validation score."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # cma warns when matplotlib (plots only) is missing
         import cma
 
     n = len(members)
     if trials <= 0:
-        raise ConfigError(f"trials must be positive, got {trials}")
+        raise ConfigError(f"trials must be positive, got {trials}", field="trials")
     if n == 1:
         w = {members[0]: 1.0}
         return Selection("cmaes", w, scorer(w), [], 1)
@@ -228,92 +255,56 @@ def cmaes_search(members: Sequence[int], scorer: Scorer, trials: int = 200, sigm
     return Selection("cmaes", best_w, best_s, steps, evals)
 
 
-def mix_families(merged_families: Sequence, strategy: str = "model-level", **kwargs):
-    """Model-GLUE step 3: mix the merged families (model-level router, block- or FFN-level experts).
-
-    Left for the MoE work (it needs a router patch kind); this is the function it will fill.
-    """
-    raise NotImplementedError("mixing merged families comes with the MoE work (router patches); "
-                              "use the best family's merge for now")
-
-
-# ---------------------------------------------------------------- the whole recipe on patches
-def patch_scorer(base, patches, tasks, limit: int = 50, bf16: bool = False, max_length: int = 256,
-                 split: str = "validation", batch_size: int = 16) -> Scorer:
-    """Score coefficients by the mean validation accuracy over `tasks` of the stacked-LoRA linear merge."""
-    from patchlm.evaluate import evaluate
-    from patchlm.merge.patches import merge_patches
-    from patchlm.patch import get_kind
-
-    def score(coefs: dict[int, float]) -> float:
-        idx = sorted(coefs)
-        merged = merge_patches([patches[i] for i in idx], "task_arithmetic", weights=[coefs[i] for i in idx],
-                               force=True)
-        merged.apply(base, force=True)
-        try:
-            accs = [evaluate(base.model, base.tokenizer, t, split=split, limit=limit, bf16=bf16,
-                             max_length=max_length, batch_size=batch_size)["accuracy"] for t in tasks]
-        finally:
-            get_kind("lora").detach(base.model)
-        return sum(accs) / len(accs)
-
-    return score
+# ---------------------------------------------------------------- the whole selection
+def select(heuristic: str, order: Sequence[int], sim: Sequence[Sequence[float]], scorer: Scorer,
+           config: GlueConfig, family: Sequence[int] | None = None) -> Selection:
+    """Run one heuristic on a family: `order` is its members best-first, `family` in their original order."""
+    if heuristic == "average":
+        return greedy_average(order, scorer)
+    if heuristic == "coefficient":
+        return greedy_coefficient(order, scorer, config.coefficient_grid)
+    if heuristic == "similarity":
+        return similarity_selection(order[0], sim, order if family is None else family, scorer)
+    if heuristic == "cmaes":
+        return cmaes_search(order, scorer, trials=config.trials, sigma0=config.sigma0, seed=config.seed)
+    raise ConfigError(f"unknown heuristic {heuristic!r}; choices: {', '.join(HEURISTICS)}", field="heuristics")
 
 
-def run_glue(base, patches, names: Sequence[str], tasks, heuristics: Sequence[str] = HEURISTICS,
-             threshold: float = 0.95, limit: int = 50, trials: int = 200, seed: int = 0, bf16: bool = False,
-             max_length: int = 256, on: str = "weights", scorer: Scorer | None = None, log=None) -> dict:
-    """Similarity, families, and each selection heuristic on a zoo of patches of one base; a report."""
-    from patchlm.merge.patches import PatchDeltas, check_same_base
-    from patchlm.merge.stream import Checkpoint
-
-    log = log or (lambda m: None)
-    unknown = [h for h in heuristics if h not in HEURISTICS]
-    if unknown:
-        raise ConfigError(f"unknown heuristic {unknown[0]!r}; choices: {', '.join(HEURISTICS)}")
-    if on not in ("weights", "delta"):
-        raise ConfigError(f"similarity on {on!r}: choose weights or delta")
-    if len(patches) < 2:
-        raise ConfigError("a zoo needs at least two patches")
-    check_same_base(patches)
-    src = Checkpoint(base.path or base.name)
-    views = [WeightView(n, src, PatchDeltas(p), only_delta=(on == "delta")) for n, p in zip(names, patches)]
-    log("similarity")
-    sim = similarity_matrix(views, base_source=src)
-    del views
-    fams = cluster(sim, threshold, [p.base.get("architecture") for p in patches])
-    scorer = CachedScorer(scorer or patch_scorer(base, patches, tasks, limit=limit, bf16=bf16, max_length=max_length))
+def search(sim: Sequence[Sequence[float]], scorer: Scorer, names: Sequence[str],
+           architectures: Sequence[str] | None = None, config: GlueConfig | None = None,
+           log: Callable[[str], None] | None = None) -> dict:
+    """Families from `sim`, each member scored alone, every heuristic of `config` on the largest family (ties: the
+    one with the best member), and the best heuristic by validation score: the Model-GLUE report."""
+    config = config or GlueConfig()
+    log = log or (lambda _: None)
+    fams = cluster(sim, config.threshold, architectures)
+    scorer = scorer if isinstance(scorer, CachedScorer) else CachedScorer(scorer)
     log("individual scores")
-    single = {i: scorer({i: 1.0}) for i in range(len(patches))}
-    fam = max(fams, key=lambda f: (len(f), max(single[i] for i in f)))  # the largest family (ties: best member)
+    single = {i: scorer({i: 1.0}) for i in range(len(names))}
+    fam = max(fams, key=lambda f: (len(f), max(single[i] for i in f)))
     order = sorted(fam, key=lambda i: single[i], reverse=True)
-    results = {}
     before = scorer.calls
     merge_all = {i: 1.0 / len(fam) for i in fam}
     all_score = scorer(merge_all)
-    for h in heuristics:
+    results = {}
+    for h in config.heuristics:
         log(h)
         c0, r0 = scorer.calls, scorer.requests
-        if h == "average":
-            sel = greedy_average(order, scorer)
-        elif h == "coefficient":
-            sel = greedy_coefficient(order, scorer)
-        elif h == "similarity":
-            sel = similarity_selection(order[0], sim, fam, scorer)
-        else:
-            sel = cmaes_search(order, scorer, trials=trials, seed=seed)
+        sel = select(h, order, sim, scorer, config, family=fam)
         sel.evaluations = scorer.requests - r0  # merges scored by this heuristic (cached ones included)
         results[h] = sel.to_dict(names)
         results[h]["new_evaluations"] = scorer.calls - c0
-    best_h = max(results, key=lambda h: results[h]["score"]) if results else None
-    report = {
+    return {
         "members": [{"name": names[i], "validation_score": single[i],
-                     "family": next(k for k, f in enumerate(fams) if i in f)} for i in range(len(patches))],
-        "similarity": {"on": on, "matrix": sim}, "threshold": threshold, "families": [[names[i] for i in f] for f in fams],
-        "merged_family": [names[i] for i in fam], "merge_all": {"weights": {names[i]: w for i, w in merge_all.items()},
-                                                                "score": all_score},
-        "heuristics": results, "best": best_h, "evaluations": scorer.calls, "scored_before_heuristics": before,
-        "tasks": [t.name for t in tasks], "limit": limit,
+                     "family": next(k for k, f in enumerate(fams) if i in f)} for i in range(len(names))],
+        "similarity": {"on": config.on, "matrix": [list(r) for r in sim]}, "threshold": config.threshold,
+        "families": [[names[i] for i in f] for f in fams], "merged_family": [names[i] for i in fam],
+        "merge_all": {"weights": {names[i]: w for i, w in merge_all.items()}, "score": all_score},
+        "heuristics": results, "best": best_heuristic(results), "evaluations": scorer.calls,
+        "scored_before_heuristics": before,
     }
-    return report
 
+
+def best_heuristic(results: dict[str, dict]) -> str | None:
+    """The heuristic whose selection scored highest on validation (the first one on a tie); None when none ran."""
+    return max(results, key=lambda h: results[h]["score"]) if results else None

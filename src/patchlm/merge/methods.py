@@ -10,14 +10,22 @@ Semantics follow the papers with mergekit's parameterisation where both tools ha
 (mergekit 0.1.5): `weight`/`density` per model, `normalize`, `lambda`, `rescale` (L1-norm rescaling after
 dropping, mergekit's default for DARE; `rescale: inverse` is the DARE paper's 1/density), `gamma`
 (Breadcrumbs: the top fraction removed), `t` (SLERP from the base model, t=0, to the other model, t=1).
+
+A method's hyper-parameters are its arguments annotated with `Hyper` (as mergekit's easy_define reads them from
+the signature): the default is the signature's, the check and help travel with the annotation. A keyword name
+gets a trailing underscore (`lambda_` is the config's `lambda`, see `param_key`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
+import keyword
 import math
+import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Annotated, Any
 
 import torch
 
@@ -28,13 +36,34 @@ Check = Callable[[Any], str | None]
 
 
 @dataclass(frozen=True)
+class Hyper:
+    """Marks a method argument as a hyper-parameter (in `Annotated[type, Hyper(...)]`): its check, its help, and
+    whether each model has its own value (mergekit's "tensor parameters": the method then receives one per model)."""
+
+    check: Check | None = None
+    help: str = ""
+    per_model: bool = False
+
+
+@dataclass(frozen=True)
 class Param:
-    """One hyper-parameter: default (None + required=True means it must be given), a check, help text."""
+    """One hyper-parameter as read from a method's signature: default (required when the signature has none),
+    the check, the help text, and `arg`, the Python argument it is passed as."""
 
     default: Any = None
     required: bool = False
     check: Check | None = None
     help: str = ""
+    arg: str = ""
+
+
+CONTEXT_ARGS = ("seed", "name")  # passed to methods that take them: the run seed and the tensor's name
+
+
+def param_key(arg: str) -> str:
+    """The config key of a Python argument: a trailing underscore marks a keyword (`lambda_` is mergekit's `lambda`)."""
+    stem = arg.rstrip("_")
+    return stem if arg != stem and keyword.iskeyword(stem) else arg
 
 
 @dataclass(frozen=True)
@@ -44,10 +73,15 @@ class MergeMethod:
     space: str  # "delta" (task vectors) | "weights" (full weights, like mergekit's linear) | "pair" (slerp)
     params: dict[str, Param] = field(default_factory=dict)  # shared by every model
     model_params: dict[str, Param] = field(default_factory=dict)  # per model ("tensor parameters" in mergekit)
-    random: bool = False
+    context: tuple[str, ...] = ()  # which of CONTEXT_ARGS the function takes
     reference: str = ""
     description: str = ""
     mergekit: bool = True  # mergekit has a method of this name with the same semantics
+
+    @property
+    def random(self) -> bool:
+        """The method draws random numbers (it takes the run seed)."""
+        return "seed" in self.context
 
     @property
     def needs_base(self) -> bool:
@@ -56,17 +90,44 @@ class MergeMethod:
     def all_params(self) -> dict[str, Param]:
         return {**self.params, **self.model_params}
 
+    def kwargs(self, params: dict, model_params: Sequence[dict]) -> dict[str, Any]:
+        """The function's keyword arguments: shared values by argument name, per-model values as one list each
+        (a model without a value gets the default)."""
+        kw = {self.params[k].arg if k in self.params else k: v for k, v in params.items()}
+        for key, p in self.model_params.items():
+            kw[p.arg] = [mp.get(key, p.default) for mp in model_params]
+        return kw
+
 
 METHODS: dict[str, MergeMethod] = {}
 
 
-def merge_method(name: str, *, space: str = "delta", params: dict | None = None, model_params: dict | None = None,
-                 random: bool = False, reference: str = "", mergekit: bool = True):
-    """Decorator: register `fn` as merge method `name` (one function, one registration, one test)."""
+def _signature_params(fn: Callable) -> tuple[dict[str, Param], dict[str, Param], tuple[str, ...]]:
+    """(shared, per-model) hyper-parameters of `fn` and the context arguments it takes, read from its signature:
+    an argument annotated with Hyper is a hyper-parameter, its signature default is its default."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    shared: dict[str, Param] = {}
+    per_model: dict[str, Param] = {}
+    for arg, p in inspect.signature(fn).parameters.items():
+        marks = [m for m in getattr(hints.get(arg), "__metadata__", ()) if isinstance(m, Hyper)]
+        if not marks:
+            continue
+        h = marks[0]
+        required = p.default is inspect.Parameter.empty
+        (per_model if h.per_model else shared)[param_key(arg)] = Param(
+            None if required else p.default, required, h.check, h.help, arg)
+    context = tuple(a for a in CONTEXT_ARGS if a in inspect.signature(fn).parameters)
+    return shared, per_model, context
+
+
+def merge_method(name: str, *, space: str = "delta", reference: str = "", mergekit: bool = True):
+    """Decorator: register `fn` as merge method `name`; its hyper-parameters and their defaults are the arguments
+    annotated with Hyper (one function, one registration, one test; each default written once, in the signature)."""
 
     def deco(fn):
-        METHODS[name] = MergeMethod(name, fn, space, dict(params or {}), dict(model_params or {}), random,
-                                    reference, (fn.__doc__ or "").strip().splitlines()[0], mergekit)
+        shared, per_model, context = _signature_params(fn)
+        METHODS[name] = MergeMethod(name, fn, space, shared, per_model, context, reference,
+                                    (fn.__doc__ or "").strip().splitlines()[0], mergekit)
         return fn
 
     return deco
@@ -253,7 +314,7 @@ def _in_order(load: Callable, n: int, with_mask: bool):
 def combine_deltas(deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
                    mask_fn: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
                    densities: Sequence[float] | None = None, rescale=False, consensus: bool = False,
-                   normalize: bool = False, lam: float = 1.0) -> torch.Tensor:
+                   normalize: bool = False, lambda_: float = 1.0) -> torch.Tensor:
     """sum_k w_k prune(tau_k) [only entries agreeing with the elected sign] [/ sum of weights] * lambda.
 
     prune(tau_k) = the entries mask_fn keeps (rescaled as `rescale` says). The elected sign per entry is the
@@ -309,21 +370,37 @@ def combine_deltas(deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
         elif abs(divisor) < 1e-8:
             divisor = 1.0
         mixed = mixed / divisor
-    if lam != 1:
-        mixed = mixed * lam
+    if lambda_ != 1:
+        mixed = mixed * lambda_
     return mixed
 
 
-_W = Param(1.0, check=check_real, help="coefficient of this model's task vector")
-_D = Param(1.0, check=check_density, help="fraction of the task vector's entries kept")
-_LAM = Param(1.0, check=check_real, help="scale of the merged task vector")
-_INT8 = Param(False, check=check_bool, help="mergekit's int8 mask (memory only: results are the same here)")
+# ---------------------------------------------------------------- hyper-parameter types (check and help, once)
+Weight = Annotated[float, Hyper(check_real, "coefficient of this model's task vector", per_model=True)]
+Density = Annotated[float, Hyper(check_density, "fraction of the task vector's entries kept", per_model=True)]
+Gamma = Annotated[float, Hyper(check_unit, "fraction of largest entries removed", per_model=True)]
+FisherInput = Annotated[Any, Hyper(None, "diagonal Fisher: a .safetensors file (checkpoints) or a task name "
+                                         "(patches)", per_model=True)]
+Normalize = Annotated[bool, Hyper(check_bool, "divide by the sum of weights")]
+Lambda = Annotated[float, Hyper(check_real, "scale of the merged task vector")]
+Rescale = Annotated[bool | str, Hyper(check_rescale, "after dropping: true or l1 (match the L1 norm), inverse "
+                                                     "(divide by density) or false")]
+Int8Mask = Annotated[bool, Hyper(check_bool, "mergekit's int8 mask (memory only: results are the same here)")]
+FisherFloor = Annotated[float, Hyper(check_positive, "added to every Fisher value (no division by zero)")]
+Fraction = Annotated[float, Hyper(check_unit, "0 = the base model, 1 = the other model")]
 
 
-@merge_method("linear", space="weights", params={"normalize": Param(True, check=check_bool, help="divide by the sum of weights")},
-              model_params={"weight": _W}, reference="https://arxiv.org/abs/2203.05482")
-def linear(tensors: Sequence[torch.Tensor], weight: Sequence[float], normalize: bool = True, **_) -> torch.Tensor:
+def _each(v, n: int) -> list:
+    """A per-model value as one value per model (a scalar applies to all)."""
+    if isinstance(v, (int, float, bool, str)) or v is None:
+        return [v] * n
+    return list(v)
+
+
+@merge_method("linear", space="weights", reference="https://arxiv.org/abs/2203.05482")
+def linear(tensors: Sequence[torch.Tensor], weight: Weight = 1.0, normalize: Normalize = True) -> torch.Tensor:
     """Linear average (model soup): sum_k w_k theta_k, divided by sum_k w_k when normalize."""
+    weight = _each(weight, len(tensors))
     out = None
     for k in range(len(tensors)):
         t = tensors[k].float() * float(weight[k])
@@ -331,82 +408,86 @@ def linear(tensors: Sequence[torch.Tensor], weight: Sequence[float], normalize: 
     if normalize:
         s = float(sum(weight))
         if abs(s) < 1e-8:
-            raise ConfigError("linear merge with normalize: the weights sum to zero")
+            raise ConfigError("linear merge with normalize: the weights sum to zero", field="weight")
         out = out / s
     return out
 
 
-@merge_method("task_arithmetic", params={"normalize": Param(False, check=check_bool), "lambda": _LAM,
-                                         "int8_mask": _INT8},
-              model_params={"weight": _W}, reference="https://arxiv.org/abs/2212.04089")
-def task_arithmetic(deltas, weight, normalize=False, lam=1.0, **_) -> torch.Tensor:
+@merge_method("task_arithmetic", reference="https://arxiv.org/abs/2212.04089")
+def task_arithmetic(deltas, weight: Weight = 1.0, normalize: Normalize = False, lambda_: Lambda = 1.0,
+                    int8_mask: Int8Mask = False) -> torch.Tensor:
     """Task arithmetic: tau = lambda * sum_k w_k tau_k (divided by sum w_k when normalize)."""
-    return combine_deltas(deltas, weight, normalize=normalize, lam=lam)
+    return combine_deltas(deltas, _each(weight, len(deltas)), normalize=normalize, lambda_=lambda_)
 
 
-@merge_method("ties", params={"normalize": Param(True, check=check_bool), "lambda": _LAM, "int8_mask": _INT8,
-                              "rescale": Param(False, check=check_rescale)},
-              model_params={"weight": _W, "density": _D}, reference="https://arxiv.org/abs/2306.01708")
-def ties(deltas, weight, density, normalize=True, lam=1.0, rescale=False, **_) -> torch.Tensor:
+@merge_method("ties", reference="https://arxiv.org/abs/2306.01708")
+def ties(deltas, weight: Weight = 1.0, density: Density = 1.0, normalize: Normalize = True, lambda_: Lambda = 1.0,
+         int8_mask: Int8Mask = False, rescale: Rescale = False) -> torch.Tensor:
     """TIES: trim each task vector to its top-density entries, elect signs, average the agreeing entries."""
-    return combine_deltas(deltas, weight, mask_fn=lambda k, d: magnitude_mask(d, density[k]), densities=density,
-                          rescale=rescale, consensus=True, normalize=normalize, lam=lam)
+    n = len(deltas)
+    density = _each(density, n)
+    return combine_deltas(deltas, _each(weight, n), mask_fn=lambda k, d: magnitude_mask(d, density[k]),
+                          densities=density, rescale=rescale, consensus=True, normalize=normalize, lambda_=lambda_)
 
 
-def _dare(deltas, weight, density, rescale, seed, name, consensus, normalize, lam):
+def _dare(deltas, weight, density, rescale, seed, name, consensus, normalize, lambda_):
+    n = len(deltas)
+    density = _each(density, n)
+
     def mask(k, d):
         return random_mask(d, density[k], torch.Generator().manual_seed(tensor_seed(seed, name, k)))
 
-    return combine_deltas(deltas, weight, mask_fn=mask, densities=density, rescale=rescale, consensus=consensus,
-                          normalize=normalize, lam=lam)
+    return combine_deltas(deltas, _each(weight, n), mask_fn=mask, densities=density, rescale=rescale,
+                          consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
-@merge_method("dare_linear", params={"normalize": Param(False, check=check_bool), "lambda": _LAM,
-                                     "rescale": Param(True, check=check_rescale), "int8_mask": _INT8},
-              model_params={"weight": _W, "density": _D}, random=True, reference="https://arxiv.org/abs/2311.03099")
-def dare_linear(deltas, weight, density, normalize=False, lam=1.0, rescale=True, seed=0, name="", **_):
+@merge_method("dare_linear", reference="https://arxiv.org/abs/2311.03099")
+def dare_linear(deltas, weight: Weight = 1.0, density: Density = 1.0, normalize: Normalize = False,
+                lambda_: Lambda = 1.0, rescale: Rescale = True, int8_mask: Int8Mask = False, seed: int = 0,
+                name: str = "") -> torch.Tensor:
     """DARE: drop entries of each task vector at random (keep density), rescale, then task arithmetic."""
-    return _dare(deltas, weight, density, rescale, seed, name, False, normalize, lam)
+    return _dare(deltas, weight, density, rescale, seed, name, False, normalize, lambda_)
 
 
-@merge_method("dare_ties", params={"normalize": Param(False, check=check_bool), "lambda": _LAM,
-                                   "rescale": Param(True, check=check_rescale), "int8_mask": _INT8},
-              model_params={"weight": _W, "density": _D}, random=True, reference="https://arxiv.org/abs/2311.03099")
-def dare_ties(deltas, weight, density, normalize=False, lam=1.0, rescale=True, seed=0, name="", **_):
+@merge_method("dare_ties", reference="https://arxiv.org/abs/2311.03099")
+def dare_ties(deltas, weight: Weight = 1.0, density: Density = 1.0, normalize: Normalize = False,
+              lambda_: Lambda = 1.0, rescale: Rescale = True, int8_mask: Int8Mask = False, seed: int = 0,
+              name: str = "") -> torch.Tensor:
     """DARE-TIES: DARE's random drop and rescale, then TIES' sign election and disjoint sum."""
-    return _dare(deltas, weight, density, rescale, seed, name, True, normalize, lam)
+    return _dare(deltas, weight, density, rescale, seed, name, True, normalize, lambda_)
 
 
-@merge_method("breadcrumbs", params={"normalize": Param(False, check=check_bool), "lambda": _LAM,
-                                     "rescale": Param(False, check=check_rescale), "int8_mask": _INT8},
-              model_params={"weight": _W, "density": Param(0.9, check=check_density),
-                            "gamma": Param(0.01, check=check_unit, help="fraction of largest entries removed")},
-              reference="https://arxiv.org/abs/2312.06795")
-def breadcrumbs(deltas, weight, density, gamma, normalize=False, lam=1.0, rescale=False, **_):
+def _breadcrumbs(deltas, weight, density, gamma, normalize, lambda_, rescale, consensus):
+    n = len(deltas)
+    density, gamma = _each(density, n), _each(gamma, n)
+    return combine_deltas(deltas, _each(weight, n), mask_fn=lambda k, d: outlier_mask(d, density[k], gamma[k]),
+                          densities=density, rescale=rescale, consensus=consensus, normalize=normalize,
+                          lambda_=lambda_)
+
+
+@merge_method("breadcrumbs", reference="https://arxiv.org/abs/2312.06795")
+def breadcrumbs(deltas, weight: Weight = 1.0, density: Density = 0.9, gamma: Gamma = 0.01,
+                normalize: Normalize = False, lambda_: Lambda = 1.0, rescale: Rescale = False,
+                int8_mask: Int8Mask = False) -> torch.Tensor:
     """Model Breadcrumbs: drop each task vector's largest outliers (gamma) and smallest entries, then add."""
-    return combine_deltas(deltas, weight, mask_fn=lambda k, d: outlier_mask(d, density[k], gamma[k]),
-                          densities=density, rescale=rescale, normalize=normalize, lam=lam)
+    return _breadcrumbs(deltas, weight, density, gamma, normalize, lambda_, rescale, False)
 
 
-@merge_method("breadcrumbs_ties", params={"normalize": Param(False, check=check_bool), "lambda": _LAM,
-                                          "rescale": Param(False, check=check_rescale), "int8_mask": _INT8},
-              model_params={"weight": _W, "density": Param(0.9, check=check_density),
-                            "gamma": Param(0.01, check=check_unit)},
-              reference="https://arxiv.org/abs/2312.06795")
-def breadcrumbs_ties(deltas, weight, density, gamma, normalize=False, lam=1.0, rescale=False, **_):
+@merge_method("breadcrumbs_ties", reference="https://arxiv.org/abs/2312.06795")
+def breadcrumbs_ties(deltas, weight: Weight = 1.0, density: Density = 0.9, gamma: Gamma = 0.01,
+                     normalize: Normalize = False, lambda_: Lambda = 1.0, rescale: Rescale = False,
+                     int8_mask: Int8Mask = False) -> torch.Tensor:
     """Model Breadcrumbs with TIES' sign election."""
-    return combine_deltas(deltas, weight, mask_fn=lambda k, d: outlier_mask(d, density[k], gamma[k]),
-                          densities=density, rescale=rescale, consensus=True, normalize=normalize, lam=lam)
+    return _breadcrumbs(deltas, weight, density, gamma, normalize, lambda_, rescale, True)
 
 
-@merge_method("fisher", params={"fisher_floor": Param(1e-6, check=check_positive,
-                                                      help="added to every Fisher value (no division by zero)"),
-                                "lambda": _LAM},
-              model_params={"weight": _W, "fisher": Param(None, help="diagonal Fisher: a .safetensors file "
-                                                                "(checkpoints) or a task name (patches)")},
-              reference="https://arxiv.org/abs/2111.09832", mergekit=False)
-def fisher(deltas, weight, fisher, fisher_floor=1e-6, lam=1.0, **_) -> torch.Tensor:
+@merge_method("fisher", reference="https://arxiv.org/abs/2111.09832", mergekit=False)
+def fisher(deltas, weight: Weight = 1.0, fisher: FisherInput = None, fisher_floor: FisherFloor = 1e-6,
+           lambda_: Lambda = 1.0) -> torch.Tensor:
     """Fisher-weighted averaging: tau = sum_k w_k F_k tau_k / sum_k w_k F_k (diagonal Fisher, per entry)."""
+    weight = _each(weight, len(deltas))
+    if fisher is None:
+        raise ConfigError("fisher merging needs one diagonal Fisher per model", field="fisher")
     num = den = None
     for k in range(len(deltas)):
         f = fisher[k].float() + fisher_floor
@@ -416,14 +497,12 @@ def fisher(deltas, weight, fisher, fisher_floor=1e-6, lam=1.0, **_) -> torch.Ten
         den = wf if den is None else den + wf
         del f, wf, t
     out = num / den
-    return out * lam if lam != 1 else out
+    return out * lambda_ if lambda_ != 1 else out
 
 
-@merge_method("slerp", space="pair", params={"t": Param(None, required=True, check=check_unit,
-                                                         help="0 = the base model, 1 = the other model")},
-              reference="https://en.wikipedia.org/wiki/Slerp")
-def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8,
-          **_) -> torch.Tensor:
+@merge_method("slerp", space="pair", reference="https://en.wikipedia.org/wiki/Slerp")
+def slerp(a: torch.Tensor, b: torch.Tensor, t: Fraction, dot_threshold: float = 0.9995,
+          eps: float = 1e-8) -> torch.Tensor:
     """SLERP: spherical interpolation between two tensors (the base at t=0, the other at t=1), lerp when colinear."""
     a32, b32 = a.float(), b.float()
     # norms and dot accumulated in float64, a chunk at a time (a float32 sum over millions of entries
@@ -448,18 +527,22 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9
 
 # ---------------------------------------------------------------- one tensor, any method
 def merge_tensor(method: MergeMethod, name: str, base: torch.Tensor | None, inputs: Sequence[torch.Tensor],
-                 model_params: list[dict], params: dict, seed: int = 0) -> torch.Tensor:
+                 model_params: list[dict], params: dict, seed: int = 0,
+                 per_model_inputs: dict[str, Sequence] | None = None) -> torch.Tensor:
     """Merge one tensor: `inputs` are task vectors (delta methods), full weights (linear), or the other
     model's weight (slerp, with `base`). Returns the merged full weight when `base` is given, else the delta.
+    `per_model_inputs` gives per-model tensors by parameter name (fisher: each model's Fisher of this tensor).
     """
-    kw = {("lam" if k == "lambda" else k): v for k, v in params.items()}
-    for key in method.model_params:
-        kw[key] = [mp.get(key, method.model_params[key].default) for mp in model_params]
+    kw = method.kwargs(params, model_params)
+    for key, seq in (per_model_inputs or {}).items():
+        kw[method.model_params[key].arg] = seq
+    context = {"seed": seed, "name": name}
+    kw.update({a: context[a] for a in method.context})
     if method.space == "pair":
         if base is None or len(inputs) != 1:
             raise ConfigError("slerp merges exactly two models: the base model and one other")
         return method.fn(base, inputs[0], **kw)
     if method.space == "weights":
         return method.fn(inputs, **kw)
-    out = method.fn(inputs, seed=seed, name=name, **kw)
+    out = method.fn(inputs, **kw)
     return out if base is None else base.float() + out

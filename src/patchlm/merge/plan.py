@@ -51,10 +51,11 @@ class MergePlan:
     models: list[ModelEntry]
     base_model: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
-    dtype: str | None = None
-    out_dtype: str | None = None
-    tokenizer_source: str | None = None
-    seed: int = 0
+    dtype: str | None = field(default=None, metadata={
+        "help": "float32 | bfloat16 | float16: inputs are read as (none: as stored)"})
+    out_dtype: str | None = field(default=None, metadata={"help": "dtype of the written weights (none: dtype)"})
+    tokenizer_source: str | None = field(default=None, metadata={"help": "base or one of the models"})
+    seed: int = field(default=0, metadata={"help": "seed for DARE's random drops"})
     layer_ranges: dict[str, list[int]] = field(default_factory=dict)  # from `slices:`, checked at merge time
     patches: bool = False  # the models are patch directories (merged through dW; their base is implied)
 
@@ -94,7 +95,7 @@ class MergePlan:
         return shared, per_model
 
     # -- checks
-    def validate(self) -> "MergePlan":
+    def validate(self) -> MergePlan:
         if self.merge_method not in METHODS:
             raise UnknownNameError(f"merge_method {self.merge_method!r} is not implemented by patchlm; "
                                    f"{did_you_mean(self.merge_method, METHODS)}")
@@ -139,12 +140,13 @@ class MergePlan:
         for key in ("dtype", "out_dtype"):
             v = getattr(self, key)
             if v is not None and v not in DTYPES:
-                raise ConfigError(f"{key} {v!r} is not supported; choices: {', '.join(DTYPES)}")
+                raise ConfigError(f"{key} {v!r} is not supported; choices: {', '.join(DTYPES)}", field=key)
         if self.tokenizer_source is not None and self.tokenizer_source != "base" and self.tokenizer_source not in names:
             if self.tokenizer_source == "union":
                 raise ConfigError("tokenizer_source: union (merging vocabularies) is not supported by patchlm; "
                                   "use base or one of the models")
-            raise ConfigError(f"tokenizer_source {self.tokenizer_source!r} is not base or one of the models")
+            raise ConfigError(f"tokenizer_source {self.tokenizer_source!r} is not base or one of the models",
+                              field="tokenizer_source")
         return self
 
 
@@ -292,9 +294,9 @@ def plan_from_config(cfg: dict) -> MergePlan:
     # mergekit adds the base model as an input when it is not listed; so do we (it is excluded from deltas).
     if base and get_method(method).space != "weights" and base not in [m.model for m in models]:
         models.insert(0, ModelEntry(base))
-    seed = cfg.get("seed", 0)
+    seed = cfg.get("seed", MergePlan.seed)
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
+        raise ConfigError(f"seed must be an integer, got {seed!r}", field="seed")
     plan = MergePlan(merge_method=method, models=models, base_model=base, parameters=params,
                      dtype=cfg.get("dtype"), out_dtype=cfg.get("out_dtype"),
                      tokenizer_source=cfg.get("tokenizer_source"), seed=seed, layer_ranges=layer_ranges,
@@ -321,14 +323,16 @@ def _per_model(values: list | None, n: int, name: str) -> list:
     if len(values) == 1:
         return list(values) * n
     if len(values) != n:
-        raise ConfigError(f"got {len(values)} --{name} values for {n} models: give one per model (or one for all)")
+        raise ConfigError(f"got {len(values)} {name} values for {n} models: give one per model (or one for all)",
+                          field=name)
     return list(values)
 
 
 def plan_from_options(models: list[str], method: str, base: str | None = None,
                       weights: list[float] | None = None, densities: list[float] | None = None,
                       gammas: list[float] | None = None, params: dict | None = None, dtype: str | None = None,
-                      out_dtype: str | None = None, tokenizer_source: str | None = None, seed: int = 0) -> MergePlan:
+                      out_dtype: str | None = None, tokenizer_source: str | None = None,
+                      seed: int = MergePlan.seed) -> MergePlan:
     """The same MergePlan from CLI options (per-model --weight/--density/--gamma in --model order)."""
     cfg_models = []
     ws, ds, gs = (_per_model(weights, len(models), "weight"), _per_model(densities, len(models), "density"),
@@ -349,9 +353,9 @@ def parse_param(text: str) -> tuple[str, Any]:
     import yaml
 
     if "=" not in text:
-        raise ConfigError(f"--param {text!r}: expected key=value (e.g. --param lambda=0.8)")
+        raise ConfigError(f"parameter {text!r}: expected key=value (e.g. lambda=0.8)", field="parameters")
     k, v = text.split("=", 1)
     try:
         return k.strip(), yaml.safe_load(v)
     except yaml.YAMLError as e:
-        raise ConfigError(f"--param {text!r}: value is not valid YAML") from e
+        raise ConfigError(f"parameter {text!r}: the value is not valid YAML", field="parameters") from e

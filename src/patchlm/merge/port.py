@@ -9,17 +9,33 @@ patch records the old and the new fingerprints.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from patchlm.errors import BaseMismatchError, PatchFormatError, PatchlmError
+from patchlm.errors import BaseMismatchError, ConfigError, PatchFormatError, PatchlmError
+from patchlm.merge.glue import column_cosine
+from patchlm.merge.patch_merge import PatchDeltas
+from patchlm.models import load_base
+from patchlm.models.base import cached_fingerprint
+from patchlm.models.checkpoint import Checkpoint, resolve_checkpoint
+from patchlm.models.fingerprint import fingerprint_checkpoint
 from patchlm.patch import Patch, get_kind
+
+
+@dataclass
+class PortConfig:
+    """PortLLM's one knob (besides --force): how much the new base must look like the old one."""
+
+    min_similarity: float = field(default=0.9, metadata={
+        "help": "weight similarity (mean per-column cosine of the patched modules) the new base must have to the old"})
+
+    def __post_init__(self) -> None:
+        if not -1 <= self.min_similarity <= 1:
+            raise ConfigError(f"min_similarity must be in [-1, 1], got {self.min_similarity}", field="min_similarity")
 
 
 @dataclass
@@ -41,73 +57,23 @@ class BaseInfo:
         return {"name": self.name, "architecture": self.architecture, "fingerprint": self.fingerprint}
 
 
-def fingerprint_checkpoint(path: Path, meta_model, chunk_elements: int = 1 << 22) -> str | None:
-    """load_base's fingerprint (patchlm.models.base.fingerprint_state_dict) computed tensor by tensor from the
-    safetensors files, using a meta-device model for the state-dict names and weight tying. None when the
-    state dict has entries the files do not hold (then the model must be loaded)."""
-    from patchlm.merge.stream import Checkpoint
-
-    ck = Checkpoint(str(path))
-    sd = meta_model.state_dict(keep_vars=True)
-    owner: dict[int, list[str]] = {}
-    for name, t in sd.items():
-        owner.setdefault(id(t), []).append(name)
-    h = hashlib.blake2b(digest_size=16)
-    seen: dict[int, str] = {}
-    for name in sorted(sd):
-        t = sd[name]
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        key = id(t) if t.numel() else None
-        if key is not None and key in seen:
-            h.update(b"tied:" + seen[key].encode())
-            continue
-        if key is not None:
-            seen[key] = name
-        stored = next((n for n in [name] + owner.get(id(t), []) if n in ck.meta), None)
-        if stored is None:
-            return None
-        for chunk in ck.read_chunks(stored, chunk_elements):  # hashing consecutive blocks = hashing the whole buffer
-            arr = chunk.to(torch.float32).contiguous().numpy()
-            h.update(memoryview(arr).cast("B"))
-            del arr, chunk
-    return "blake2b:" + h.hexdigest()
-
-
 def inspect_base(ref: str) -> BaseInfo:
     """A BaseInfo for a built-in name or checkpoint dir, streaming instead of loading; falls back to load_base."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from patchlm.merge.stream import resolve_checkpoint
 
     path = resolve_checkpoint(ref)
     cfg = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
-    fp = _cached_fingerprint(path) or fingerprint_checkpoint(path, model)
+    fp = cached_fingerprint(path) or fingerprint_checkpoint(Checkpoint(str(path)), model)
     if fp is None:
-        from patchlm.models import load_base
-
         b = load_base(ref)
         return BaseInfo(b.name, b.path or ref, b.model, b.fingerprint)
     return BaseInfo(ref, str(path), model, fp)
 
 
-def _cached_fingerprint(path: Path) -> str | None:
-    meta = path / "patchlm.json"
-    if meta.exists():
-        try:
-            return json.loads(meta.read_text()).get("fingerprint")
-        except (json.JSONDecodeError, OSError):
-            return None
-    return None
-
-
 def lineage_similarity(old_ref: str, new_ref: str, modules: list[str]) -> float:
     """Mean per-column cosine between the two checkpoints' weights of `modules` (one tensor pair at a time)."""
-    from patchlm.merge.glue import column_cosine
-    from patchlm.merge.stream import Checkpoint
-
     old, new = Checkpoint(old_ref), Checkpoint(new_ref)
     names = [f"{m}.weight" for m in modules if f"{m}.weight" in old.meta and f"{m}.weight" in new.meta]
     if not names:
@@ -131,13 +97,12 @@ def check_attaches(patch: Patch, base) -> None:
     finally:
         try:
             kind.detach(base.model)
-        except Exception:  # noqa: BLE001 - nothing attached
+        except Exception:
             pass
 
 
 def patch_modules(patch: Patch) -> list[str]:
-    from patchlm.merge.patches import PatchDeltas
-
+    """The modules a patch changes (its dW modules; else the module names of its tensors)."""
     try:
         return PatchDeltas(patch).modules
     except PatchFormatError:
@@ -145,7 +110,7 @@ def patch_modules(patch: Patch) -> list[str]:
 
 
 def port_patch(patch: Patch, new_base, old_base: str | None = None, force: bool = False,
-               min_similarity: float = 0.9) -> tuple[Patch, dict]:
+               min_similarity: float = PortConfig.min_similarity) -> tuple[Patch, dict]:
     """The patch re-targeted to `new_base` and a report of the checks.
 
     new_base: a loaded Base, or a built-in name / checkpoint dir (inspected by streaming: porting then needs
@@ -168,8 +133,6 @@ def port_patch(patch: Patch, new_base, old_base: str | None = None, force: bool 
         old_src = old_base or old.get("name")
         reason = None
         try:
-            from patchlm.merge.stream import resolve_checkpoint
-
             old_path = resolve_checkpoint(old_src) if old_src else None
         except PatchlmError:
             old_path = None
@@ -178,7 +141,7 @@ def port_patch(patch: Patch, new_base, old_base: str | None = None, force: bool 
                       f"patch's base {old.get('name')} (fingerprint {old.get('fingerprint')}): that base is not "
                       "available; give it with --from OLD_BASE")
         else:
-            cached = _cached_fingerprint(old_path)
+            cached = cached_fingerprint(old_path)
             if cached and old.get("fingerprint") and cached != old["fingerprint"]:
                 reason = (f"--from {old_src} has fingerprint {cached}, but the patch was made on "
                           f"{old.get('name')} with fingerprint {old.get('fingerprint')}")

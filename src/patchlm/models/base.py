@@ -6,19 +6,19 @@ it is de-quantized once to a float32 safetensors checkpoint under $PATCHLM_HOME/
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
-import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from patchlm.errors import PatchlmError, UnknownNameError, did_you_mean
-from patchlm.paths import atomic_dir, home
+from patchlm.models.fingerprint import fingerprint_state_dict
+from patchlm.paths import atomic_dir, atomic_write_text, home
 
 log = logging.getLogger(__name__)
 
@@ -50,28 +50,6 @@ class Base:
     def ref(self) -> dict:
         """What a patch records about the base it was made for."""
         return {"name": self.name, "architecture": self.architecture, "fingerprint": self.fingerprint}
-
-
-def fingerprint_state_dict(state: dict[str, torch.Tensor]) -> str:
-    """A stable hash of tensor names, shapes and float32 values (tied tensors counted once).
-
-    Values are hashed as float32 so that a base loaded in bf16 for speed keeps its fp32 fingerprint
-    only when it was fingerprinted before the cast (load_base does so).
-    """
-    h = hashlib.blake2b(digest_size=16)
-    seen: dict[int, str] = {}
-    for name in sorted(state):
-        t = state[name]
-        ptr = t.data_ptr() if t.numel() else -1
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        if ptr in seen and ptr != -1:
-            h.update(b"tied:" + seen[ptr].encode())
-            continue
-        seen[ptr] = name
-        arr = t.detach().to("cpu", torch.float32).contiguous().numpy()
-        h.update(memoryview(arr).cast("B"))
-    return "blake2b:" + h.hexdigest()
 
 
 def _pkg_dir(package: str) -> Path | None:
@@ -179,18 +157,23 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     ]
 }
 CACHE_VERSION = "v1"
+CACHE_FILE = "patchlm.json"  # beside a built-in's cached checkpoint: its name, cache version and fingerprint
 
 
-def _builtin_dir(spec: BuiltinModel) -> Path:
-    """The cached HF checkpoint of a built-in, built on first use (atomic; safe to interrupt)."""
+def builtin_dir(name: str) -> Path:
+    """The checkpoint directory of built-in model `name`, built once into the cache on first use (atomic; safe to
+    interrupt). Every reader of built-in weights (load_base, streamed merges, porting) resolves names here."""
+    if name not in BUILTIN_MODELS:
+        raise UnknownNameError(f"unknown built-in model {name!r}; {did_you_mean(name, BUILTIN_MODELS)}")
+    spec = BUILTIN_MODELS[name]
     if spec.name == "minilm-l6":
         return _need_pkg(spec.package, spec.pip_name, spec.name) / "model"
     dest = home() / "models" / f"{spec.name}-{CACHE_VERSION}"
-    if not (dest / "patchlm.json").exists():
+    if not (dest / CACHE_FILE).exists():
         log.info("building %s once into %s", spec.name, dest)
         with atomic_dir(dest, force=True) as tmp:
             spec.materialize(tmp)
-            (tmp / "patchlm.json").write_text(json.dumps({"name": spec.name, "cache_version": CACHE_VERSION}))
+            (tmp / CACHE_FILE).write_text(json.dumps({"name": spec.name, "cache_version": CACHE_VERSION}))
     return dest
 
 
@@ -198,29 +181,35 @@ def list_models() -> list[dict]:
     """Metadata of the built-in models (no loading)."""
     out = []
     for m in BUILTIN_MODELS.values():
-        cached = m.name == "minilm-l6" or (home() / "models" / f"{m.name}-{CACHE_VERSION}" / "patchlm.json").exists()
+        cached = m.name == "minilm-l6" or (home() / "models" / f"{m.name}-{CACHE_VERSION}" / CACHE_FILE).exists()
         out.append({"name": m.name, "description": m.description, "kind": m.kind, "params": m.params,
                     "package": m.pip_name, "installed": _pkg_dir(m.package) is not None, "cached": cached})
     return out
 
 
 # ---------------------------------------------------------------- loading
+def cached_fingerprint(path: str | Path) -> str | None:
+    """The fingerprint recorded beside a checkpoint directory (built-ins cache theirs), None when there is none."""
+    meta = Path(path) / CACHE_FILE
+    if not meta.exists():
+        return None
+    try:
+        return json.loads(meta.read_text()).get("fingerprint")
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
 def _fingerprint_cached(path: Path, model) -> str:
-    """Fingerprint of a checkpoint directory, cached beside it when the directory is writable."""
-    meta = path / "patchlm.json"
-    data = {}
-    if meta.exists():
-        data = json.loads(meta.read_text())
-        if "fingerprint" in data:
-            return data["fingerprint"]
+    """Fingerprint of a checkpoint directory, cached beside it when it has a cache file and it is writable."""
+    fp = cached_fingerprint(path)
+    if fp is not None:
+        return fp
     fp = fingerprint_state_dict(model.state_dict())
+    meta = path / CACHE_FILE
     if meta.exists():
-        data["fingerprint"] = fp
         try:
-            tmp = meta.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data))
-            os.replace(tmp, meta)
-        except OSError:
+            atomic_write_text(meta, json.dumps({**json.loads(meta.read_text()), "fingerprint": fp}))
+        except (OSError, json.JSONDecodeError):
             pass
     return fp
 
@@ -238,7 +227,7 @@ def load_base(name_or_path: str, dtype: str | torch.dtype = "float32", device: s
     gguf_file = None
     if name in BUILTIN_MODELS:
         spec = BUILTIN_MODELS[name]
-        path, source = _builtin_dir(spec), "builtin"
+        path, source = builtin_dir(name), "builtin"
         encoder = spec.kind == "encoder"
     elif p.is_file() and p.suffix == ".gguf":
         path, gguf_file, source, encoder = p.parent, p.name, "gguf", False
