@@ -1,10 +1,10 @@
 """The adapter benchmark: LoRA (r = 1, 2, 8, 16), MoS (e = 2; r = 8, 16; every ablation), VeRA and VB-LoRA
-from PEFT, on smollm2-135m, tasks rotten_tomatoes, trec and bbc_news, all linear projections targeted.
+(PEFT-backed kinds), on smollm2-135m, tasks rotten_tomatoes, trec and bbc_news, all linear projections targeted.
 
 Every row goes through the same patchlm Trainer loop (same data order, steps, batch, schedule, bf16 autocast,
 loss, AdamW) and the same learning-rate search: each row trains rotten_tomatoes (seed 0) at every learning rate of
-the grid, keeps the one with the best validation accuracy, and uses it for the other tasks and seeds. PEFT's VeRA
-and VB-LoRA join the loop through a small PatchKind that calls peft.get_peft_model on the base.
+the grid, keeps the one with the best validation accuracy, and uses it for the other tasks and seeds. VeRA and
+VB-LoRA are the `vera` and `vblora` patch kinds (patchlm.adapters; PEFT's tuner layers do the math).
 
 Every finished training is cached under bench/.cache/adapters/<tag>/ and the study resumes from there; the page
 is rewritten after each training, so a partial run still shows what is done.
@@ -26,16 +26,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RowCache, md_table, write_results  # noqa: E402
+from common import RowCache, md_table, write_results
 
-from patchlm.patch import Patch, PatchKind, register_kind  # noqa: E402
+from patchlm.train.config import TrainConfig
+from patchlm.train.engine import train_loop
+from patchlm.train.optim import make_optimizer
 
 MODEL = "smollm2-135m"
 TASKS = ("rotten_tomatoes", "trec", "bbc_news")
-LEAVES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MOS = {"e": 2, "p": 1, "l": 4, "targets": "all-linear"}
 OFF = {"mos-no-subset": "subset_selection", "mos-no-dissociation": "pair_dissociation",
        "mos-no-sharding": "vector_sharding", "mos-no-private": "privatization"}
@@ -48,10 +47,10 @@ ROWS: dict[str, tuple[str, dict]] = {
     # VeRA trains r + d_out per module (two scaling vectors on frozen shared random projections). Its count
     # grows by only r per module, so reaching MoS e=2's 0.61M would need r ~ 2170 (> every hidden size, ~4x
     # the model's compute); r = 256 keeps its cost near LoRA's and trains 0.21M. See the page.
-    "vera": ("peft-vera", {"r": 256, "d_initial": 0.1}),
+    "vera": ("vera", {"r": 256, "d_initial": 0.1}),
     # VB-LoRA: logits over a bank of 32 vectors of length 64 for every 64-long piece of A and B at r = 4:
     # 2 x (d_in + d_out) per module + the bank = LoRA r=2's count + 2,048, the MoS e=2 budget.
-    "vblora": ("peft-vblora", {"r": 4, "vector_length": 64, "num_vectors": 32, "topk": 2}),
+    "vblora": ("vblora", {"r": 4, "vector_length": 64, "num_vectors": 32, "topk": 2}),
     **{name: ("mos", {**MOS, "r": 16, "alpha": 32, flag: False}) for name, flag in OFF.items()},
     "mos-pure-sharing": ("mos", {**MOS, "r": 16, "alpha": 32, **{f: False for f in OFF.values()}}),
 }
@@ -60,66 +59,15 @@ LONG = ("lora-r2", "lora-r16", "mos-e2-r16")  # the headline rows again with 5x 
 LONG_FACTOR = 5
 
 
-# ---------------------------------------------------------------- PEFT methods as patch kinds (bench only)
-class _PeftKind(PatchKind):
-    """Wraps peft.get_peft_model so VeRA / VB-LoRA train in the same Trainer loop as LoRA and MoS.
-
-    The PEFT tuner is injected into the base model in place; forward passes go through the base model itself.
-    state() keeps the trainable tensors (VeRA's frozen projections regenerate from PEFT's PRNG key).
-    """
-
-    _models: dict[int, object] = {}
-
-    def config(self, spec):
-        raise NotImplementedError
-
-    def attach(self, model, spec, tensors=None, seed=0):
-        from peft import get_peft_model
-
-        torch.manual_seed(seed)
-        pm = get_peft_model(model, self.config(spec))
-        self._models[id(model)] = pm
-        for n, p in model.named_parameters():
-            p.requires_grad_(self._is_adapter(n))
-        if tensors is not None:
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for k, t in tensors.items():
-                    params[k].copy_(t)
-
-    @staticmethod
-    def _is_adapter(name):
-        return any(s in name for s in ("vera_lambda", "vblora_logits", "vblora_vector_bank"))
-
-    def detach(self, model):
-        pm = self._models.pop(id(model), None)
-        if pm is not None:
-            pm.unload()
-
-    def state(self, model):
-        return {n: p.detach().to("cpu", torch.float32, copy=True).contiguous()
-                for n, p in model.named_parameters() if self._is_adapter(n)}
-
-    def trainable_parameters(self, model):
-        return [p for n, p in model.named_parameters() if self._is_adapter(n)]
+# ---------------------------------------------------------------- the probes' training steps
+# torch.optim.AdamW's own defaults (weight decay 0.01) and no clipping: what the probes were measured with
+PROBE = TrainConfig(lr=1e-4, weight_decay=0.01, max_grad_norm=0.0, progress=False)
 
 
-@register_kind("peft-vera")
-class PeftVeraKind(_PeftKind):
-    def config(self, spec):
-        from peft import VeraConfig
-
-        return VeraConfig(r=spec["r"], d_initial=spec.get("d_initial", 0.1), target_modules=LEAVES,
-                          save_projection=False, projection_prng_key=int(spec.get("seed", 0)))
-
-
-@register_kind("peft-vblora")
-class PeftVBLoraKind(_PeftKind):
-    def config(self, spec):
-        from peft import VBLoRAConfig
-
-        return VBLoRAConfig(r=spec["r"], vector_length=spec["vector_length"], num_vectors=spec["num_vectors"],
-                            topk=spec["topk"], target_modules=LEAVES)
+def probe_train(model, params, batches, on_step=None) -> int:
+    """One AdamW step per batch through the engine's loop, bf16 autocast: the throughput and memory probes."""
+    rule = make_optimizer("adamw", params, PROBE)
+    return train_loop(model, rule, lambda s: [batches[s]], len(batches), bf16=True, on_step=on_step)
 
 
 # ---------------------------------------------------------------- one training
@@ -163,7 +111,6 @@ def speed_probe(pairs, scale: dict, tasks: dict, reps: int, rows: list[str]) -> 
     background load hits them alike. Median over `reps` rounds of `scale['speed_steps']` steps."""
     from patchlm.models import load_base
     from patchlm.patch import get_kind
-    from patchlm.train.engine import causal_lm_loss
 
     base = load_base(MODEL)
     batches = _train_batches(base, tasks, scale)
@@ -175,18 +122,14 @@ def speed_probe(pairs, scale: dict, tasks: dict, reps: int, rows: list[str]) -> 
             kind = get_kind(kind_name)
             kind.attach(base.model, dict(spec), seed=0)
             params = kind.trainable_parameters(base.model)
-            opt = torch.optim.AdamW(params, lr=1e-4)
-            base.model.train()
-            # one warm-up step, then timed steps
-            for i, b in enumerate([batches[0]] + batches):
-                if i == 1:
-                    t0 = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    loss, _ = causal_lm_loss(base.model, b)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            rates[r].append(ntok / (time.perf_counter() - t0))
+            clock = {}
+
+            def start(info, clock=clock):  # one warm-up step, then timed steps
+                if info.step == 1:
+                    clock["t0"] = time.perf_counter()
+
+            probe_train(base.model, params, [batches[0]] + batches, on_step=start)
+            rates[r].append(ntok / (time.perf_counter() - clock["t0"]))
             kind.detach(base.model)
     out = []
     for a, b in pairs:
@@ -197,12 +140,11 @@ def speed_probe(pairs, scale: dict, tasks: dict, reps: int, rows: list[str]) -> 
 
 
 def _train_batches(base, tasks, scale):
-    from patchlm.data.features import build_features
-    from patchlm.data.features import collate
+    from patchlm.data.features import build_features, collate, pad_id
 
     feats = build_features(tasks[TASKS[0]], "train", base.tokenizer, "classification", scale["max_length"][TASKS[0]])
     bs = scale["batch_size"]
-    return [collate(feats[i * bs:(i + 1) * bs], base.tokenizer.pad_token_id) for i in range(scale["speed_steps"])]
+    return [collate(feats[i * bs:(i + 1) * bs], pad_id(base.tokenizer)) for i in range(scale["speed_steps"])]
 
 
 def memory_probe_child(row: str, scale: dict) -> dict:
@@ -215,7 +157,6 @@ def memory_probe_child(row: str, scale: dict) -> dict:
     from patchlm.evaluate import MemoryProbe
     from patchlm.models import load_base
     from patchlm.patch import get_kind
-    from patchlm.train.engine import causal_lm_loss
 
     base = load_base(MODEL)
     batches = _train_batches(base, {TASKS[0]: load_task(TASKS[0], seed=0)}, scale)
@@ -228,14 +169,7 @@ def memory_probe_child(row: str, scale: dict) -> dict:
     kind = get_kind(kind_name)
     with MemoryProbe(interval=0.002) as mem:
         kind.attach(base.model, dict(spec), seed=0)
-        opt = torch.optim.AdamW(kind.trainable_parameters(base.model), lr=1e-4)
-        base.model.train()
-        for b in batches:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss, _ = causal_lm_loss(base.model, b)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        probe_train(base.model, kind.trainable_parameters(base.model), batches)
     return {"row": row, "peak_rss_mb": mem.peak_bytes / 2**20, "loaded_rss_mb": mem.start_bytes / 2**20,
             "train_delta_mb": mem.delta_bytes / 2**20}
 
@@ -267,7 +201,7 @@ def aggregate(runs: list[dict], chosen: dict, seeds_for) -> list[dict]:
         if lr is None:
             continue
         mine = [r for r in runs if r["row"] == name and r["lr"] == lr]
-        row = {"name": name, "method": ROWS[name][0].replace("peft-", ""), "lr": lr,
+        row = {"name": name, "method": ROWS[name][0], "lr": lr,
                "spec": {k: v for k, v in ROWS[name][1].items() if k != "targets"}}
         seeds = seeds_for(name)
         per_seed_means = []

@@ -26,16 +26,46 @@ TASKS = ["rotten_tomatoes", "trec", "bbc_news"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def _speed_rule():
+    """The speed runs' step rule: torch.optim.AdamW's own defaults (weight decay 0.01), lr 1e-4, no clipping."""
+    from patchlm.train.config import TrainConfig
+
+    return TrainConfig(lr=1e-4, weight_decay=0.01, max_grad_norm=0.0, progress=False)
+
+
+def timed_training(model, params, feats: list[dict], pad: int, batch: int, steps: int, bf16: bool):
+    """3 warm-up steps, then `steps` timed steps (AdamW through the engine's loop, one batch of `batch` features
+    per step): (tokens trained in the timed steps, their seconds, the memory probe around them)."""
+    from patchlm.data.features import collate
+    from patchlm.evaluate import MemoryProbe
+    from patchlm.train.engine import train_loop
+    from patchlm.train.optim import make_optimizer
+
+    rule = make_optimizer("adamw", params, _speed_rule())
+
+    def batches(i):
+        return [collate(feats[i * batch:(i + 1) * batch], pad)]
+
+    train_loop(model, rule, batches, 3, bf16=bf16)  # warm-up (allocator, autocast caches)
+    count = {"tokens": 0}
+
+    def tally(info):
+        count["tokens"] += info.tokens
+
+    with MemoryProbe() as mem:
+        t0 = time.perf_counter()
+        train_loop(model, rule, batches, steps + 3, start=3, bf16=bf16, on_step=tally)
+        secs = time.perf_counter() - t0
+    return count["tokens"], secs, mem
+
+
 def speed_worker(impl: str, steps: int, batch: int, bf16: bool, rank: int) -> dict:
     """Train `steps` LoRA steps with one implementation; print tokens/s and memory (runs in a subprocess)."""
     import torch
 
     from patchlm.data import load_task
-    from patchlm.evaluate import MemoryProbe
+    from patchlm.data.features import build_features, pad_id
     from patchlm.models import load_base
-    from patchlm.data.features import build_features
-    from patchlm.data.features import collate
-    from patchlm.train.engine import causal_lm_loss
 
     torch.manual_seed(0)
     base = load_base(MODEL)
@@ -56,27 +86,7 @@ def speed_worker(impl: str, steps: int, batch: int, bf16: bool, rank: int) -> di
     n_params = sum(p.numel() for p in params)
     task = load_task("rotten_tomatoes")
     feats = build_features(task, "train", base.tokenizer, "classification", 128)[: batch * (steps + 3)]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    model.train()
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else (lambda: torch.autocast("cpu", enabled=False))
-
-    def step(i):
-        b = collate(feats[i * batch:(i + 1) * batch], base.tokenizer.pad_token_id)
-        with ctx():
-            loss, _ = causal_lm_loss(model, b)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return int(b["attention_mask"].sum())
-
-    for i in range(3):  # warm-up (allocator, autocast caches)
-        step(i)
-    tokens = 0
-    with MemoryProbe() as mem:
-        t0 = time.perf_counter()
-        for i in range(3, steps + 3):
-            tokens += step(i)
-        secs = time.perf_counter() - t0
+    tokens, secs, mem = timed_training(model, params, feats, pad_id(base.tokenizer), batch, steps, bf16)
     return {"impl": impl, "tokens_per_s": tokens / secs, "peak_rss_mb": mem.peak_bytes / 2**20,
             "train_delta_mb": mem.delta_bytes / 2**20, "trainable_params": n_params}
 
@@ -87,7 +97,7 @@ def run_speed(args, cache: RowCache) -> list[dict]:
         for impl in (["patchlm", "peft"] if rep % 2 == 0 else ["peft", "patchlm"]):
             key = f"speed-{impl}-{rep}-b{args.batch}-s{args.speed_steps}-bf16{int(args.bf16)}"
 
-            def go():
+            def go(impl=impl):
                 out = subprocess.run([sys.executable, __file__, "--worker", impl, "--speed-steps", str(args.speed_steps),
                                       "--batch", str(args.batch)] + (["--bf16"] if args.bf16 else ["--fp32"]),
                                      capture_output=True, text=True, check=True)
@@ -118,7 +128,7 @@ def run_accuracy(args, cache: RowCache) -> list[dict]:
 
     rows = []
     for task_name in TASKS:
-        def go():
+        def go(task_name=task_name):
             task = load_task(task_name)
             base = load_base(MODEL)
             before = evaluate_classification(base.model, base.tokenizer, task, limit=args.limit, bf16=args.bf16)

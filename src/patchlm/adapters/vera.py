@@ -9,6 +9,7 @@ A' = diag(d) A, B' = diag(b) B, scaling 1.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -65,8 +66,10 @@ class VeraKind(PeftTunerKind):
     def peft_config(self, cfg, names, seed):
         from peft import VeraConfig as PeftVeraConfig
 
-        return PeftVeraConfig(r=int(cfg.r), d_initial=float(cfg.d_initial), vera_dropout=float(cfg.dropout),
-                              target_modules=list(names), save_projection=False, projection_prng_key=int(seed))
+        with warnings.catch_warnings():  # not saving the projections is the design: they regenerate from the seed
+            warnings.filterwarnings("ignore", message="Specified to not save vera_A")
+            return PeftVeraConfig(r=int(cfg.r), d_initial=float(cfg.d_initial), vera_dropout=float(cfg.dropout),
+                                  target_modules=list(names), save_projection=False, projection_prng_key=int(seed))
 
     def attach(self, model, spec, tensors=None, seed=0):
         spec = dict(spec)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from patchlm.cli.common import load_task_opts, print_json, print_table, status
+from patchlm.cli.options import ConfigValues, Group, config_command
+from patchlm.errors import ConfigError
 
 
 def models(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
@@ -66,15 +69,30 @@ def info(patch: Annotated[Path, typer.Argument(help="patch directory")],
                 typer.echo(f"{k}: {v}")
 
 
-def eval_cmd(model: Annotated[str, typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")],
+@dataclass
+class EvalConfig:
+    """What `patchlm eval` measures and how (the library's evaluate() takes the same values)."""
+
+    split: str = field(default="test", metadata={"help": "train | validation | test"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate the first N examples of the split"})
+    batch_size: int = field(default=16, metadata={"help": "examples per forward pass"})
+    max_length: int = field(default=512, metadata={"help": "max tokens per example"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
+    seed: int = field(default=0, metadata={"help": "data split seed"})
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError(f"limit must be positive, got {self.limit}", field="limit")
+        for name in ("batch_size", "max_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}", field=name)
+
+
+@config_command(Group(EvalConfig))
+def eval_cmd(cv: ConfigValues,
+             model: Annotated[str, typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")],
              task: Annotated[str, typer.Option("--task", "-t", help="built-in task or a local data file")],
              patch: Annotated[Optional[list[Path]], typer.Option("--patch", "-p", help="patch dir(s) to apply")] = None,
-             split: Annotated[str, typer.Option(help="train | validation | test")] = "test",
-             limit: Annotated[Optional[int], typer.Option(help="evaluate the first N examples of the split")] = None,
-             batch_size: Annotated[int, typer.Option(help="examples per forward pass")] = 16,
-             max_length: Annotated[int, typer.Option(help="max tokens per example")] = 512,
-             bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast")] = False,
-             seed: Annotated[int, typer.Option(help="data split seed")] = 0,
              text_column: Annotated[Optional[str], typer.Option(help="text column of a local file")] = None,
              label_column: Annotated[Optional[str], typer.Option(help="label column of a local file")] = None,
              force: Annotated[bool, typer.Option("--force", help="apply a patch made for another base")] = False,
@@ -83,22 +101,21 @@ def eval_cmd(model: Annotated[str, typer.Option("--model", "-m", help="built-in 
 
     Example: `patchlm eval --model smollm2-135m --task rotten_tomatoes --patch runs/demo/patch --limit 200 --json`
     """
-    from patchlm.errors import ConfigError
     from patchlm.evaluate import evaluate
     from patchlm.models import load_base
-    from patchlm.patch import Patch
+    from patchlm.patch import Patch, stack_order
 
-    if limit is not None and limit <= 0:
-        raise ConfigError(f"--limit must be positive, got {limit}")
-    t = load_task_opts(task, seed=seed, text_column=text_column, label_column=label_column)
+    ec = EvalConfig(**cv.values(EvalConfig))
+    split, limit = ec.split, ec.limit
+    t = load_task_opts(task, seed=ec.seed, text_column=text_column, label_column=label_column)
     patches = [Patch.load(p) for p in (patch or [])]
     base = load_base(model)
-    # Weight patches (LoRA, MoS, merged) first, then depth patches (drop, router), each group in the given order.
-    for p in sorted(patches, key=lambda p: p.kind in ("drop", "router")):
+    # weight patches (LoRA, MoS, merged, ...) first, then depth patches (drop, router), each stage in the given order
+    for p in stack_order(patches):
         p.apply(base, force=force)
     t0 = time.perf_counter()
-    res = evaluate(base.model, base.tokenizer, t, split=split, limit=limit, batch_size=batch_size, bf16=bf16,
-                   max_length=max_length)
+    res = evaluate(base.model, base.tokenizer, t, split=split, limit=limit, batch_size=ec.batch_size, bf16=ec.bf16,
+                   max_length=ec.max_length)
     res.update({"model": model, "task": t.name, "patch": [str(p) for p in (patch or [])] or None,
                 "seconds": round(time.perf_counter() - t0, 3)})
     if json_out:
@@ -117,7 +134,6 @@ def export(patch: Annotated[Path, typer.Argument(help="patch directory")],
 
     Example: `patchlm export runs/demo/patch --format peft --out runs/demo/peft`
     """
-    from patchlm.errors import ConfigError
     from patchlm.patch import Patch
     from patchlm.paths import check_output
 

@@ -3,21 +3,35 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from patchlm.adapters.lora import LoraConfig
 from patchlm.cli.common import status
+from patchlm.cli.options import ConfigValues, Group, config_command
 
 
-def demo(model: Annotated[str, typer.Option(help="base model")] = "smollm2-135m",
-         task: Annotated[str, typer.Option(help="classification task")] = "rotten_tomatoes",
-         steps: Annotated[int, typer.Option(help="LoRA training steps")] = 120,
-         rank: Annotated[int, typer.Option(help="LoRA rank")] = 8,
-         lr: Annotated[float, typer.Option(help="learning rate")] = 5e-4,
-         limit: Annotated[int, typer.Option(help="test examples to evaluate")] = 400,
-         bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast for speed")] = True,
+@dataclass
+class DemoConfig:
+    """The demo's run: a few minutes of LoRA on the built-in model (the LoRA itself is LoraConfig's defaults)."""
+
+    model: str = field(default="smollm2-135m", metadata={"help": "base model"})
+    task: str = field(default="rotten_tomatoes", metadata={"help": "classification task"})
+    steps: int = field(default=120, metadata={"help": "LoRA training steps"})
+    lr: float = field(default=5e-4, metadata={"help": "learning rate"})
+    limit: int = field(default=400, metadata={"help": "test examples to evaluate"})
+    bf16: bool = field(default=True, metadata={"cli": False, "help": "bf16 autocast for speed"})
+
+
+_BF16 = {f.name: f for f in fields(DemoConfig)}["bf16"]
+
+
+@config_command(Group(DemoConfig), Group(LoraConfig, rename={"r": "rank"}, only=("r",)))
+def demo(cv: ConfigValues,
+         bf16: Annotated[bool, typer.Option("--bf16/--fp32", help=_BF16.metadata["help"])] = _BF16.default,
          out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/demo"),
          force: Annotated[bool, typer.Option("--force", help="replace OUT if it exists")] = False) -> None:
     """Evaluate the base, train a LoRA patch for a few minutes, evaluate again, export to PEFT, print a table.
@@ -25,6 +39,8 @@ def demo(model: Annotated[str, typer.Option(help="base model")] = "smollm2-135m"
     Example: `patchlm demo --out runs/demo --force` (about 5 minutes on 2 CPU cores)
     """
     import torch
+    from rich.console import Console
+    from rich.table import Table
 
     from patchlm.adapters.peft_io import export_peft
     from patchlm.data import load_task
@@ -32,12 +48,13 @@ def demo(model: Annotated[str, typer.Option(help="base model")] = "smollm2-135m"
     from patchlm.models import load_base
     from patchlm.paths import check_output
     from patchlm.train import TrainConfig, Trainer
-    from rich.console import Console
-    from rich.table import Table
 
+    dc = DemoConfig(**cv.values(DemoConfig), bf16=bf16)
+    lora = LoraConfig(**cv.values(LoraConfig))
+    model, task, steps, limit, rank = dc.model, dc.task, dc.steps, dc.limit, lora.r
     check_output(out, force)
     t = load_task(task)
-    cfg = TrainConfig(steps=steps, batch_size=8, lr=lr, bf16=bf16, eval_limit=200, save_every=max(20, steps // 4))
+    cfg = TrainConfig(steps=steps, lr=dc.lr, bf16=bf16, save_every=max(20, steps // 4))
     status(f"loading {model} ...")
     base = load_base(model)
     status(f"evaluating the base model on {limit} {task} test examples ...")
@@ -45,8 +62,7 @@ def demo(model: Annotated[str, typer.Option(help="base model")] = "smollm2-135m"
     before = evaluate_classification(base.model, base.tokenizer, t, limit=limit, bf16=bf16)
     before["seconds"] = time.perf_counter() - t0
     status(f"training a rank-{rank} LoRA patch for {steps} steps ...")
-    patch = Trainer(base, "lora", {"r": rank, "alpha": 2 * rank, "targets": "all-linear"}, t, cfg, out_dir=out,
-                    force=force, log=status).run()
+    patch = Trainer(base, "lora", {"r": rank}, t, cfg, out_dir=out, force=force, log=status).run()
     t0 = time.perf_counter()
     after = evaluate_classification(base.model, base.tokenizer, t, limit=limit, bf16=bf16)
     after["seconds"] = time.perf_counter() - t0
