@@ -42,3 +42,20 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
         code = e.code if isinstance(e.code, int) else 1
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def sample_ids():
+    """Two fixed rows of token ids for comparing logits of tiny-random-llama variants."""
+    import torch
+
+    return torch.tensor([[5, 17, 300, 4000, 12, 9, 77, 31], [1, 2, 3, 4, 5, 6, 7, 8]])
+
+
+def randomize(params, seed: int = 1, std: float = 0.05) -> None:
+    """Add seeded noise to trainable tensors (a fresh adapter is the identity; this makes it do something)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * std)
