@@ -115,7 +115,7 @@ def test_dropping_nothing_is_exact(tiny):
     DropKind().detach(tiny.model)
     assert torch.equal(tiny.model(input_ids=IDS).logits, ref)
     assert type(_layers(tiny)[1]).__name__ == "LlamaDecoderLayer"
-    assert [l.self_attn.layer_idx for l in _layers(tiny)] == [0, 1, 2, 3]
+    assert [layer.self_attn.layer_idx for layer in _layers(tiny)] == [0, 1, 2, 3]
 
 
 def test_drop_equals_zeroed_module(tiny):
@@ -132,15 +132,15 @@ def test_drop_equals_zeroed_module(tiny):
 
 def test_dropped_attention_does_no_work_and_keeps_no_cache(tiny):
     calls = {i: 0 for i in range(4)}
-    for i, l in enumerate(_layers(tiny)):
-        l.self_attn.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+    for i, layer in enumerate(_layers(tiny)):
+        layer.self_attn.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
     full = tiny.model(input_ids=IDS, use_cache=True).past_key_values
     full_bytes = kv_cache_bytes(full)
     calls = {i: 0 for i in range(4)}
     runtime.apply_drops(tiny.model, [1, 2], [])
     out = tiny.model(input_ids=IDS, use_cache=True)
     assert calls == {0: 1, 1: 0, 2: 0, 3: 1}
-    init = [l.is_initialized for l in out.past_key_values.layers]
+    init = [c.is_initialized for c in out.past_key_values.layers]
     assert sum(init) == 2 and init[:2] == [True, True]  # renumbered: cache layers 0 and 1 only
     assert kv_cache_bytes(out.past_key_values) * 2 == full_bytes
     names = dict(tiny.model.named_modules())
@@ -162,7 +162,8 @@ def test_generation_with_drops_matches_reference(tiny):
 def test_other_llama_shaped_families(arch):
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    cfg_cls, model_cls = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    cfg_cls, model_cls = {"mistral": (MistralConfig, MistralForCausalLM),
+                          "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
     torch.manual_seed(0)
     cfg = cfg_cls(vocab_size=2100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, architectures=[model_cls.__name__])
@@ -234,10 +235,61 @@ def test_export_hf_block_drop(tiny, tmp_path):
         export_hf(tiny.model, None, [3], tmp_path / "hf")
 
 
+def test_drop_kind_is_a_depth_stage_and_attach_returns_the_resolved_spec(tiny):
+    from patchlm.patch import get_kind, stack_order
+
+    assert get_kind("drop").stage == "depth" and get_kind("router").stage == "depth"
+    spec = {"attention": [2, 1, 2], "method": "one-shot"}
+    given = {k: list(v) if isinstance(v, list) else v for k, v in spec.items()}
+    resolved = DropKind().attach(tiny.model, spec)
+    assert spec == given  # the caller's dict is not changed
+    assert resolved == {"attention": [1, 2], "mlp": [], "block": [], "method": "one-shot", "num_layers": 4}
+    assert runtime.dropped(tiny.model) == ([1, 2], [])
+    kinds = ["router", "drop", "lora", "drop", "lora"]
+    patches = [Patch(kind=k, base={}, spec={"i": i}, tensors={}) for i, k in enumerate(kinds)]
+    assert [(p.kind, p.spec["i"]) for p in stack_order(patches)] == [("lora", 2), ("lora", 4), ("router", 0),
+                                                                    ("drop", 1), ("drop", 3)]
+
+
+def test_save_hf_checkpoint_writes_plain_models_only(tiny, tmp_path):
+    """The shared writer refuses a model still carrying patch modules (routers, unbaked LoRA, runtime drops)
+    and leaves nothing behind; a baked model round-trips to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from patchlm.adapters.lora import LoraKind, bake_lora
+    from patchlm.depth.skip import RouterKind
+    from patchlm.models.export import save_hf_checkpoint
+
+    RouterKind().attach(tiny.model, {"layers": [2]})
+    with pytest.raises(ConfigError, match=r"extra weights.*router"):
+        save_hf_checkpoint(tiny.model, tiny.tokenizer, tmp_path / "r")
+    RouterKind().detach(tiny.model)
+    runtime.apply_drops(tiny.model, [], [1])
+    with pytest.raises(ConfigError, match=r"missing weights.*layers\.1"):
+        save_hf_checkpoint(tiny.model, tiny.tokenizer, tmp_path / "d")
+    runtime.restore_drops(tiny.model)
+    kind = LoraKind()
+    kind.attach(tiny.model, {"r": 2, "alpha": 4, "targets": "all-linear"}, seed=0)
+    with torch.no_grad():
+        for p in kind.trainable_parameters(tiny.model):
+            p.normal_(0, 0.2)
+    want = tiny.model(input_ids=IDS).logits
+    with pytest.raises(ConfigError, match="not a plain LlamaForCausalLM"):
+        save_hf_checkpoint(tiny.model, tiny.tokenizer, tmp_path / "l")
+    assert not any(tmp_path.iterdir())
+    bake_lora(tiny.model)
+    save_hf_checkpoint(tiny.model, tiny.tokenizer, tmp_path / "l")
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "l").eval()
+    assert torch.allclose(m(input_ids=IDS).logits, want, atol=1e-5)
+    assert (tmp_path / "l" / "tokenizer_config.json").exists()
+    with pytest.raises(PatchlmError, match="already exists"):
+        save_hf_checkpoint(tiny.model, tiny.tokenizer, tmp_path / "l")
+
+
 # ---------------------------------------------------------------- bad input
 def test_bad_indices_and_dropping_everything(tiny):
     ref = tiny.model(input_ids=IDS).logits
-    with pytest.raises(ConfigError, match="out of range.*4 layers"):
+    with pytest.raises(ConfigError, match=r"out of range.*4 layers"):
         DropKind().attach(tiny.model, {"attention": [4]})
     with pytest.raises(ConfigError, match="every layer"):
         DropKind().attach(tiny.model, {"block": [0, 1, 2, 3]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import run_cli
 
@@ -45,7 +46,7 @@ def test_drop_apply_eval_and_stack_with_lora(tiny, tmp_path, capsys):
     assert p.kind == "drop" and p.spec["scored_with_patches"] == [str(lora)]
     # the drop patch is given first on the command line; eval applies the LoRA patch first anyway
     args = ["eval", "-m", "tiny-random-llama", "-t", "sms_spam", "--limit", "8", "--json"]
-    code, out, err = run_cli(args + ["--patch", str(tmp_path / "d"), "--patch", str(lora)], capsys)
+    code, out, err = run_cli([*args, "--patch", str(tmp_path / "d"), "--patch", str(lora)], capsys)
     assert code == 0, err
     stacked = json.loads(out)
     from patchlm.data import load_task
@@ -70,18 +71,18 @@ def test_drop_apply_blocks_export_hf(tmp_path, capsys):
 
 def test_drop_apply_explicit_layers_and_bad_input(tmp_path, capsys):
     base = ["drop", "apply", "-m", "tiny-random-llama", "--samples", "2", "--seq-len", "32"]
-    code, _, err = run_cli(base + ["--layers", "attention=1;mlp=2", "--out", str(tmp_path / "e")], capsys)
+    code, _, err = run_cli([*base, "--layers", "attention=1;mlp=2", "--out", str(tmp_path / "e")], capsys)
     assert code == 0, err
     assert Patch.load(tmp_path / "e").spec["attention"] == [1]
-    code, _, err = run_cli(base + ["--layers", "attention=1", "--out", str(tmp_path / "e")], capsys)
+    code, _, err = run_cli([*base, "--layers", "attention=1", "--out", str(tmp_path / "e")], capsys)
     assert code == 2 and "already exists" in err
-    code, _, err = run_cli(base + ["--layers", "attention=9", "--out", str(tmp_path / "x")], capsys)
+    code, _, err = run_cli([*base, "--layers", "attention=9", "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "out of range" in err and not (tmp_path / "x").exists()
-    code, _, err = run_cli(base + ["--blocks", "4", "--out", str(tmp_path / "x")], capsys)
+    code, _, err = run_cli([*base, "--blocks", "4", "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "at least one must remain" in err
-    code, _, err = run_cli(base + ["--attn", "1", "--method", "greedy", "--out", str(tmp_path / "x")], capsys)
+    code, _, err = run_cli([*base, "--attn", "1", "--method", "greedy", "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "unknown drop method 'greedy'" in err
-    code, _, err = run_cli(base + ["--attn", "1", "--export-hf", str(tmp_path / "h"), "--out", str(tmp_path / "x")],
+    code, _, err = run_cli([*base, "--attn", "1", "--export-hf", str(tmp_path / "h"), "--out", str(tmp_path / "x")],
                            capsys)
     assert code == 2 and "whole-block" in err and not (tmp_path / "x").exists()
     code, _, err = run_cli(["drop", "score", "-m", "minilm-l6", "--samples", "1", "--seq-len", "8"], capsys)
@@ -121,7 +122,7 @@ def test_skip_train_resume_after_interrupt(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(skip, "train_routers", real)
     code, _, err = run_cli(args, capsys)  # neither --resume nor --force: refuses to throw the checkpoint away
     assert code == 2 and "interrupted router training" in err
-    code, out, err = run_cli(args + ["--resume", "--json"], capsys)
+    code, out, err = run_cli([*args, "--resume", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["metrics"]["steps"] >= 3 and not (tmp_path / "r.ckpt").exists()
     whole = [a if a != str(tmp_path / "r") else str(tmp_path / "whole") for a in args]
@@ -130,3 +131,49 @@ def test_skip_train_resume_after_interrupt(tmp_path, capsys, monkeypatch):
     a, b = Patch.load(tmp_path / "r"), Patch.load(tmp_path / "whole")
     assert a.metrics["steps"] == b.metrics["steps"]
     assert all(torch.allclose(a.tensors[k], b.tensors[k], atol=1e-6) for k in b.tensors)
+
+
+def test_generated_options_default_to_the_config_fields():
+    """Every option generated for drop score/apply and skip train defaults to its DropConfig/SkipConfig field."""
+    import dataclasses
+
+    from patchlm.cli.depth import apply, score, skip_train
+    from patchlm.depth.config import DropConfig, SkipConfig
+
+    seen = set()
+    for cmd in (score, apply, skip_train):
+        for param, (cls, name, default) in cmd.__patchlm_fields__.items():
+            f = next(f for f in dataclasses.fields(cls) if f.name == name)
+            assert default == f.default and f.metadata.get("help"), (cmd.__name__, param)
+            seen.add((cls.__name__, name))
+    assert {n for c, n in seen if c == "DropConfig"} == {f.name for f in dataclasses.fields(DropConfig)}
+    assert {n for c, n in seen if c == "SkipConfig"} == {f.name for f in dataclasses.fields(SkipConfig)} - {"lam"}
+    assert all(f.metadata.get("help") for c in (DropConfig, SkipConfig) for f in dataclasses.fields(c))
+
+
+def test_errors_name_the_flag_and_patches_stack_in_order(tiny, tmp_path, capsys):
+    """Library errors name the config field; the CLI adds the flag. Patches apply weight stage first."""
+    base = ["drop", "apply", "-m", "tiny-random-llama", "--samples", "2", "--seq-len", "32"]
+    code, _, err = run_cli([*base, "--attn", "9", "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "attn 9 is out of range" in err and "--attn" in err
+    code, _, err = run_cli(["skip", "train", "-m", "tiny-random-llama", "--last", "9", "--samples", "4", "--quiet",
+                            "--out", str(tmp_path / "s")], capsys)
+    assert code == 2 and "last 9 is out of range" in err and "(option --last)" in err
+    code, _, err = run_cli(["skip", "train", "-m", "tiny-random-llama", "--lr", "0", "--out", str(tmp_path / "s")],
+                           capsys)
+    assert code == 2 and "lr must be positive" in err and "(option --lr)" in err
+    lora = _lora_patch(tiny, tmp_path / "lora")
+    code, _, err = run_cli([*base, "--layers", "attention=1", "--out", str(tmp_path / "d")], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["drop", "score", "-m", "tiny-random-llama", "--samples", "2", "--seq-len", "32",
+                              "--patch", str(tmp_path / "d"), "--patch", str(lora), "--json"], capsys)
+    assert code == 0, err
+    from patchlm.depth.config import DropConfig
+    from patchlm.depth.scores import calibration_blocks, similarity_scores
+
+    Patch.load(lora).apply(tiny)
+    Patch.load(tmp_path / "d").apply(tiny)
+    want = similarity_scores(tiny.model, calibration_blocks(tiny.tokenizer, DropConfig.calib, 2, 32))
+    got = json.loads(out)
+    assert set(got) == set(want) and all(got[k] == pytest.approx(want[k], abs=1e-6) for k in want)
+    assert got["attention"][1] == 1.0  # the dropped attention scores exactly 1

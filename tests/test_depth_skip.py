@@ -58,6 +58,14 @@ def test_zero_init_routers_give_exact_base_outputs(tiny):
     assert not any("router" in n for n, _ in tiny.model.named_parameters())
 
 
+def test_router_attach_returns_the_resolved_spec_and_leaves_the_given_one(tiny):
+    spec = {"num_layers": 4}
+    resolved = RouterKind().attach(tiny.model, spec)
+    assert spec == {"num_layers": 4}
+    assert resolved == {"num_layers": 4, "layers": default_layers(4), "granularity": SkipConfig.granularity}
+    assert sorted(runtime.routers(tiny.model)) == default_layers(4)
+
+
 def test_token_level_zero_init_exact(tiny):
     ref = tiny.model(input_ids=IDS).logits
     RouterKind().attach(tiny.model, {"layers": [2], "granularity": "token"})
@@ -180,7 +188,7 @@ def test_routers_and_drops_stack(tiny):
     runtime.apply_drops(tiny.model, [1], [])
     RouterKind().attach(tiny.model, {"layers": [3]})
     _, _, cache = greedy_cached(tiny.model, IDS, 3)
-    assert sum(l.is_initialized for l in cache.layers) == 3
+    assert sum(c.is_initialized for c in cache.layers) == 3
     with pytest.raises(ConfigError, match="dropped"):
         RouterKind().attach(tiny.model, {"layers": [1]})
     with pytest.raises(ConfigError, match="MindSkip router"):
@@ -297,7 +305,8 @@ def _old_train_routers(base, task, layers, granularity, cfg):
         random.Random(cfg.seed * 1009 + ep).shuffle(order)
         for s in range(0, len(order), cfg.batch_size):
             step += 1
-            b = {k: v.to(device) for k, v in _old_collate([feats[i] for i in order[s: s + cfg.batch_size]], pad).items()}
+            b = {k: v.to(device)
+                 for k, v in _old_collate([feats[i] for i in order[s: s + cfg.batch_size]], pad).items()}
             with ctx:
                 lm, _ = _old_causal_lm_loss(model, b)
             used = torch.stack([r.last_mask.float().mean() for r in rs.values()]).mean()
@@ -354,7 +363,7 @@ def test_planted_pickle_in_the_checkpoint_is_never_loaded(tiny, toy_task, tmp_pa
     only_pickle = tmp_path / "only"
     only_pickle.mkdir()
     (only_pickle / "state.pt").write_bytes(planted)
-    with pytest.raises(ConfigError, match="nothing to resume.*never loaded"):
+    with pytest.raises(ConfigError, match=r"nothing to resume.*never loaded"):
         train_routers(tiny, toy_task, [2, 3], config=cfg, checkpoint_dir=only_pickle, resume=True)
     RouterKind().detach(tiny.model)
     ckpt = tmp_path / "ckpt"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -28,6 +27,7 @@ from patchlm.errors import ConfigError, PatchFormatError, TrainingInterrupted
 from patchlm.patch import Patch, PatchKind, provenance, register_kind
 from patchlm.paths import atomic_dir
 from patchlm.train.checkpoint import load_state, save_state
+from patchlm.train.config import TrainConfig
 from patchlm.train.engine import StepInfo, causal_lm_loss, train_loop
 from patchlm.train.optim import make_optimizer
 
@@ -264,7 +264,8 @@ def train_routers(base, task, layers: list[int] | None = None, granularity: str 
     torch.manual_seed(cfg.seed)
     kind.attach(model, spec, None)
     params = kind.trainable_parameters(model)
-    rule = make_optimizer("adamw", params, SimpleNamespace(lr=cfg.lr, weight_decay=0.0, max_grad_norm=0.0))
+    # AdamW on the routers at SkipConfig's rate: no weight decay, no clipping, TrainConfig's (torch's) betas
+    rule = make_optimizer("adamw", params, TrainConfig(lr=cfg.lr, weight_decay=0.0, max_grad_norm=0.0))
     pad = pad_id(base.tokenizer)
     rs = runtime.routers(model)
     plan = data_order(len(feats), cfg.epochs, cfg.seed, cfg.batch_size)
