@@ -58,9 +58,46 @@ def test_eval_info_export(trained, tmp_path, capsys):
     assert (tmp_path / "peft" / "adapter_model.safetensors").exists()
     code, _, _ = run_cli(["export", str(trained / "patch"), "--format", "merged", "--out", str(tmp_path / "hf")], capsys)
     assert code == 0
+    import torch
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    from conftest import sample_ids
+    from patchlm.models import load_base
+    from patchlm.patch import Patch
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    base = load_base("tiny-random-llama")
+    Patch.load(trained / "patch").apply(base)
+    base.model.eval()
+    with torch.no_grad():
+        want = base.model(sample_ids()).logits
+        got = merged(sample_ids()).logits
+    assert not any("lora" in n for n, _ in merged.named_parameters())  # a plain checkpoint
+    assert (got - want).abs().max() < 1e-5  # the merged export computes base + patch
+
+
+def test_library_and_cli_build_the_same_lora_spec(trained, tiny):
+    """alpha has one default (2 x r): `train_patch(..., {"r": 4})` and `patchlm train --rank 4` agree."""
+    from patchlm.adapters import LoraConfig
+    from patchlm.data import load_task
+    from patchlm.patch import Patch
+    from patchlm.train import TrainConfig, train_patch
+
+    cli = Patch.load(trained / "patch")
+    task = load_task("sms_spam", max_examples=40)
+    lib = train_patch(tiny, task, "lora", {"r": 4}, TrainConfig(steps=1, batch_size=2, progress=False, eval_limit=4))
+    assert lib.spec == cli.spec
+    assert cli.spec["alpha"] == LoraConfig(r=4).lora_alpha == 8.0
+
+
+def test_recipe_spec_keys_and_method_flags_are_checked(tmp_path, capsys):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("model: tiny-random-llama\ntask: sms_spam\nmethod: lora\nspec: {r: 2, rnak: 3}\n")
+    _bad(capsys, ["train", "--config", str(bad), "--out", str(tmp_path / "b")], "rnak")
+    _bad(capsys, TRAIN + ["--mos-r", "4", "--out", str(tmp_path / "b")], "--mos-r")
+    _bad(capsys, [*TRAIN[:6], "mos", *TRAIN[9:], "--rank", "4", "--out", str(tmp_path / "b")], "--mos-r")
+    _bad(capsys, TRAIN + ["--optimizer", "adamw2", "--out", str(tmp_path / "b")], "adamw2")
+    assert not (tmp_path / "b").exists()
 
 
 def _bad(capsys, argv, must_mention, tmp_path=None):

@@ -108,3 +108,55 @@ def test_peft_mixed_ranks_use_rank_pattern(tiny, tmp_path):
 
     peft_model = PeftModel.from_pretrained(load_base("tiny-random-llama").model, str(tmp_path / "peft"))
     assert (peft_model(_ids()).logits - ours).abs().max() < 1e-5
+
+
+def test_peft_alpha_pattern_imports_with_equal_logits(tiny, tmp_path):
+    """A PEFT adapter whose modules scale differently (alpha_pattern) imports into one scaling, B folded."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from conftest import randomize, sample_ids
+    from patchlm.models import load_base
+
+    pm = get_peft_model(load_base("tiny-random-llama").model,
+                        PeftLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                       alpha_pattern={"v_proj": 12}, lora_dropout=0.0))
+    randomize([p for n, p in pm.named_parameters() if "lora_B" in n], std=0.1)
+    pm.eval()
+    with torch.no_grad():
+        theirs = pm(sample_ids()).logits
+    pm.save_pretrained(tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["alpha_pattern"] == {"v_proj": 12}
+    raw = {k: v for k, v in pm.named_parameters() if "lora_B" in k}
+    patch = import_peft(tmp_path / "peft", base=tiny)
+    assert "scaling" not in patch.spec and patch.spec["alpha"] == 4.0  # one scaling, alpha / r = 2
+    v = "model.layers.0.self_attn.v_proj"
+    peft_b = next(t for k, t in raw.items() if f"{v}.lora_B" in k).detach()
+    assert torch.allclose(patch.tensors[f"{v}.lora_B"], peft_b * 3)  # (12/2) / (4/2): folded into B
+    q = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(patch.tensors[f"{q}.lora_B"], next(t for k, t in raw.items() if f"{q}.lora_B" in k).detach())
+    patch.apply(tiny)
+    with torch.no_grad():
+        ours = tiny.model(sample_ids()).logits
+    assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_one_alpha_default_and_resolved_spec(tiny):
+    """alpha unset means 2 x r (as the CLI); attach returns the resolved spec and leaves the caller's dict alone."""
+    from patchlm.adapters import LoraConfig
+    from patchlm.errors import ConfigError
+    from patchlm.patch import kind_can
+
+    assert LoraConfig().alpha is None and LoraConfig(r=8).lora_alpha == 16.0
+    given = {"r": 8, "targets": "qv"}
+    spec = get_kind("lora").attach(tiny.model, given, seed=0)
+    assert given == {"r": 8, "targets": "qv"}
+    assert spec["alpha"] == 16.0 and spec["dropout"] == 0.0 and len(spec["targets"]) == 8
+    assert all(m.scaling == 2.0 for m in tiny.model.modules() if isinstance(m, LoraLinear))
+    get_kind("lora").detach(tiny.model)
+    with pytest.raises(ConfigError, match="unknown lora spec key 'rank'"):
+        get_kind("lora").attach(tiny.model, {"rank": 8}, seed=0)
+    with pytest.raises(ConfigError, match="rank r must be positive"):
+        LoraConfig(r=0)
+    assert kind_can("lora", "export-peft") and not kind_can("lora", "materialize")
+    assert kind_can("mos", "materialize") and get_kind("mos").stage == "weight"

@@ -92,3 +92,91 @@ def test_lm_and_chat_objectives(tiny):
     f = build_features(chat, "train", tiny.tokenizer, "chat", 128)[0]
     labelled = tiny.tokenizer.decode([i for i, l in zip(f["input_ids"], f["labels"]) if l != -100])
     assert "Hi there!" in labelled and "Say hi" not in labelled
+
+
+# ---------------------------------------------------------------- the benchmarks' probe loops, now on the engine
+def _bench(name: str):
+    """A bench/ script as a module (bench is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _lora_model(spec):
+    from patchlm.models import load_base
+    from patchlm.patch import get_kind
+
+    base = load_base("tiny-random-llama")
+    kind = get_kind("lora")
+    kind.attach(base.model, dict(spec), seed=0)
+    return base, kind.trainable_parameters(base.model)
+
+
+def _batches(base, toy_task, n, bs=4):
+    from patchlm.data.features import build_features, collate, pad_id
+
+    feats = build_features(toy_task, "train", base.tokenizer, "classification", 64)
+    return feats, [collate(feats[i * bs:(i + 1) * bs], pad_id(base.tokenizer)) for i in range(n)]
+
+
+def test_adapters_probe_loop_is_the_old_loop(toy_task):
+    """bench/adapters.py's throughput/memory probes train through train_loop exactly as their old hand loop did."""
+    from patchlm.train.engine import causal_lm_loss
+
+    spec = {"r": 2, "alpha": 4, "targets": "all-linear"}
+    base, params = _lora_model(spec)
+    _, batches = _batches(base, toy_task, 3)
+    # the old loop (git show af73a9d:bench/adapters.py, speed_probe)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    base.model.train()
+    for b in [batches[0]] + batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = causal_lm_loss(base.model, b)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    new_base, new_params = _lora_model(spec)
+    assert _bench("adapters").probe_train(new_base.model, new_params, [batches[0]] + batches) == 4
+    assert any(not torch.equal(p, q) for p, q in zip(params, _lora_model(spec)[1]))  # it trained
+    for p, q in zip(params, new_params):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_foundation_speed_loop_is_the_old_loop(toy_task, bf16):
+    """bench/foundation.py's speed runs train through train_loop exactly as their old hand loop did."""
+    from patchlm.data.features import collate, pad_id
+    from patchlm.train.engine import causal_lm_loss
+
+    spec = {"r": 2, "alpha": 4, "targets": "all-linear"}
+    base, params = _lora_model(spec)
+    feats, _ = _batches(base, toy_task, 0)
+    batch, steps, pad = 4, 2, pad_id(base.tokenizer)
+    # the old loop (git show af73a9d:bench/foundation.py, speed_worker)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    base.model.train()
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else (lambda: torch.autocast("cpu", enabled=False))
+
+    def step(i):
+        b = collate(feats[i * batch:(i + 1) * batch], pad)
+        with ctx():
+            loss, _ = causal_lm_loss(base.model, b)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return int(b["attention_mask"].sum())
+
+    for i in range(3):
+        step(i)
+    tokens = sum(step(i) for i in range(3, steps + 3))
+    new_base, new_params = _lora_model(spec)
+    new_tokens, secs, _ = _bench("foundation").timed_training(new_base.model, new_params, feats, pad, batch, steps,
+                                                               bf16)
+    assert new_tokens == tokens and secs > 0
+    for p, q in zip(params, new_params):
+        assert torch.equal(p, q)
