@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import keyword
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -91,6 +92,8 @@ def _options(group: Group) -> list[_Opt]:
         stem = group.rename.get(f.name) or f.metadata.get("flag") or f.name
         stem = group.prefix + stem.replace("_", "-")
         param = stem.replace("-", "_")
+        if keyword.iskeyword(param):  # --lambda: the Python parameter is lambda_
+            param += "_"
         typ, _ = _plain_type(hints.get(f.name, str))
         default = group.defaults.get(f.name, field_default(f))
         if isinstance(default, (list, tuple)):
