@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 TRAIN = ["train", "--model", "tiny-random-llama", "--task", "sms_spam", "--method", "lora", "--rank", "4",
@@ -59,9 +58,9 @@ def test_eval_info_export(trained, tmp_path, capsys):
     code, _, _ = run_cli(["export", str(trained / "patch"), "--format", "merged", "--out", str(tmp_path / "hf")], capsys)
     assert code == 0
     import torch
+    from conftest import sample_ids
     from transformers import AutoModelForCausalLM
 
-    from conftest import sample_ids
     from patchlm.models import load_base
     from patchlm.patch import Patch
 

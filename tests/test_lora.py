@@ -112,10 +112,10 @@ def test_peft_mixed_ranks_use_rank_pattern(tiny, tmp_path):
 
 def test_peft_alpha_pattern_imports_with_equal_logits(tiny, tmp_path):
     """A PEFT adapter whose modules scale differently (alpha_pattern) imports into one scaling, B folded."""
+    from conftest import randomize, sample_ids
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    from conftest import randomize, sample_ids
     from patchlm.models import load_base
 
     pm = get_peft_model(load_base("tiny-random-llama").model,

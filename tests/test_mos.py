@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli
 
 from patchlm.adapters.lora import LoraLinear
 from patchlm.adapters.mos import STRATEGIES, MosLinear, draw_indices, group_modules, mos_config
 from patchlm.errors import ConfigError
 from patchlm.patch import Patch, get_kind
-
-from conftest import run_cli
 
 SPEC = {"r": 4, "e": 2, "p": 1, "l": 2, "alpha": 8, "targets": "all-linear"}  # tiny: L=4, hidden 64, mlp 128
 

@@ -2,14 +2,14 @@
 same numbers as the benchmark's former bench-only kinds."""
 
 import json
+from typing import ClassVar
 
 import pytest
 import torch
+from conftest import randomize, run_cli, sample_ids
 
 from patchlm.errors import ConfigError
 from patchlm.patch import Patch, PatchKind, get_kind, kind_can, register_kind, stack_order
-
-from conftest import randomize, run_cli, sample_ids
 
 # tiny-random-llama: hidden 64, k/v out 32, mlp 128, 4 layers -> vector_length must divide 32
 SPECS = {"vera": {"r": 8, "d_initial": 0.1}, "vblora": {"r": 4, "vector_length": 16, "num_vectors": 8, "topk": 2}}
@@ -93,7 +93,7 @@ LEAVES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 
 
 class _RefPeftKind(PatchKind):
-    _models: dict[int, object] = {}
+    _models: ClassVar[dict[int, object]] = {}
 
     def config(self, spec):
         raise NotImplementedError

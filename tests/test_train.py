@@ -80,8 +80,8 @@ def test_schedule_and_config_checks():
 
 
 def test_lm_and_chat_objectives(tiny):
-    from patchlm.data.task import Task
     from patchlm.data.features import build_features
+    from patchlm.data.task import Task
 
     text = Task(name="t", kind="text", train=[{"text": "hello world " * 50}] * 4, validation=[], test=[])
     feats = build_features(text, "train", tiny.tokenizer, "lm", 32)

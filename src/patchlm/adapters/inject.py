@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
-import torch.nn as nn
+from torch import nn
 
 from patchlm.errors import UnknownNameError, did_you_mean
 

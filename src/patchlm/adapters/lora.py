@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from patchlm.adapters.config import check_dropout, check_positive_int, from_spec, to_spec
 from patchlm.adapters.inject import has_module, replace_modules, resolve_targets, unwrap_modules, wrapped_modules

@@ -46,8 +46,8 @@ import re
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from patchlm.adapters.config import check_dropout, from_spec, to_spec
 from patchlm.adapters.inject import has_module, replace_modules, resolve_targets, unwrap_modules, wrapped_modules

@@ -84,7 +84,7 @@ def import_peft(path: str | Path, base=None) -> Patch:
         raise PatchFormatError(f"{path} has no adapter_model.safetensors")
     tensors = {}
     for k, v in raw.items():
-        name = k[len(PREFIX):] if k.startswith(PREFIX) else k
+        name = k.removeprefix(PREFIX)
         for half in ("lora_A", "lora_B"):
             for suffix in (f".{half}.weight", f".{half}.default.weight"):
                 if name.endswith(suffix):

@@ -8,8 +8,10 @@ model's own module names, so a patch does not depend on PEFT's state-dict layout
 
 from __future__ import annotations
 
+import warnings
+
 import torch
-import torch.nn as nn
+from torch import nn
 
 from patchlm.adapters.inject import get_parent, has_module, resolve_targets
 from patchlm.errors import PatchFormatError
@@ -58,7 +60,9 @@ class PeftTunerKind(PatchKind):
                 raise PatchFormatError(f"module {n} is a {type(model.get_submodule(n)).__name__}, not a Linear: "
                                        f"cannot attach {self.method}")
         torch.manual_seed(seed)
-        get_peft_model(model, self.peft_config(cfg, names, seed))
+        with warnings.catch_warnings():  # transformers' deprecation notice from inside PEFT, not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            get_peft_model(model, self.peft_config(cfg, names, seed))
         for m in self.layers(model).values():  # the model's mode: no adapter dropout in eval mode
             m.train(model.training)
         for n, p in model.named_parameters():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -92,9 +92,9 @@ class EvalConfig:
 def eval_cmd(cv: ConfigValues,
              model: Annotated[str, typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")],
              task: Annotated[str, typer.Option("--task", "-t", help="built-in task or a local data file")],
-             patch: Annotated[Optional[list[Path]], typer.Option("--patch", "-p", help="patch dir(s) to apply")] = None,
-             text_column: Annotated[Optional[str], typer.Option(help="text column of a local file")] = None,
-             label_column: Annotated[Optional[str], typer.Option(help="label column of a local file")] = None,
+             patch: Annotated[list[Path] | None, typer.Option("--patch", "-p", help="patch dir(s) to apply")] = None,
+             text_column: Annotated[str | None, typer.Option(help="text column of a local file")] = None,
+             label_column: Annotated[str | None, typer.Option(help="label column of a local file")] = None,
              force: Annotated[bool, typer.Option("--force", help="apply a patch made for another base")] = False,
              json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False) -> None:
     """Evaluate a base model, optionally with patches: accuracy/macro-F1 or perplexity.
@@ -128,7 +128,7 @@ def eval_cmd(cv: ConfigValues,
 def export(patch: Annotated[Path, typer.Argument(help="patch directory")],
            out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
            fmt: Annotated[str, typer.Option("--format", help="peft (adapter dir) | merged (full HF checkpoint)")] = "peft",
-           model: Annotated[Optional[str], typer.Option(help="base for --format merged (default: the patch's base)")] = None,
+           model: Annotated[str | None, typer.Option(help="base for --format merged (default: the patch's base)")] = None,
            force: Annotated[bool, typer.Option("--force", help="overwrite OUT")] = False) -> None:
     """Export a patch: as a PEFT LoRA adapter, or merged into its base as a Hugging Face checkpoint.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -92,18 +92,18 @@ def _load_recipe(path: Path | None) -> dict:
 )
 def train(
     cv: ConfigValues,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")] = None,
-    task: Annotated[Optional[str], typer.Option("--task", "-t", help="built-in task or a local data file")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run directory; the patch goes to OUT/patch")] = None,
-    method: Annotated[Optional[str], typer.Option(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")] = None,
+    task: Annotated[str | None, typer.Option("--task", "-t", help="built-in task or a local data file")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="run directory; the patch goes to OUT/patch")] = None,
+    method: Annotated[str | None, typer.Option(
         help=f"adapter method: {' | '.join(METHOD_CONFIGS)}; unset: the recipe's, else lora")] = None,
-    bf16: Annotated[Optional[bool], typer.Option(
+    bf16: Annotated[bool | None, typer.Option(
         "--bf16/--fp32", help="bf16 autocast (about 2x faster on AVX-512 BF16 CPUs); unset: the recipe's, "
                               "else TrainConfig's")] = None,
-    max_examples: Annotated[Optional[int], typer.Option(help="cap each data split (for quick runs)")] = None,
-    text_column: Annotated[Optional[str], typer.Option(help="text column of a local data file")] = None,
-    label_column: Annotated[Optional[str], typer.Option(help="label column of a local data file")] = None,
-    config: Annotated[Optional[Path], typer.Option(
+    max_examples: Annotated[int | None, typer.Option(help="cap each data split (for quick runs)")] = None,
+    text_column: Annotated[str | None, typer.Option(help="text column of a local data file")] = None,
+    label_column: Annotated[str | None, typer.Option(help="label column of a local data file")] = None,
+    config: Annotated[Path | None, typer.Option(
         "--config", "-c", help="YAML recipe (model, task, method, spec, train); flags override it")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in OUT from its last checkpoint")] = False,
     force: Annotated[bool, typer.Option("--force", help="delete OUT and start over")] = False,
