@@ -55,8 +55,8 @@ def runs(quick: bool) -> list[dict]:
 
 def one_run(spec: dict, base: dict, workdir: Path) -> dict:
     from patchlm.errors import ConfigError
+    from patchlm.federated.config import FedConfig
     from patchlm.federated.flower.run import federate, read_log
-    from patchlm.federated.flower.task import FedConfig
 
     protocol = spec.get("protocol", "merge")
     row = {"name": spec["name"], "aggregation": spec["aggregation"], "ranks": spec["ranks"], "sign": spec["sign"],

@@ -36,8 +36,8 @@ def settings(quick: bool) -> dict:
 
 
 def one_run(name: str, ranks: list[int], broadcast: str, base: dict, workdir: Path) -> dict:
+    from patchlm.federated.config import FedConfig
     from patchlm.federated.flower.run import federate, read_log
-    from patchlm.federated.flower.task import FedConfig
 
     out = workdir / name
     if out.exists():

@@ -44,6 +44,23 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def attach_lora(base, r: int = 4, targets: str = "qv"):
+    """Attach a fresh LoRA (alpha 2r, seed 0) to base.model; return (trainable params, {name: LoraLinear})."""
+    from patchlm.adapters.inject import wrapped_modules
+    from patchlm.adapters.lora import LoraKind, LoraLinear
+
+    kind = LoraKind()
+    kind.attach(base.model, {"r": r, "alpha": 2 * r, "targets": targets}, None, seed=0)
+    return kind.trainable_parameters(base.model), wrapped_modules(base.model, LoraLinear)
+
+
+def toy_features(base, task, max_length: int = 64) -> list[dict]:
+    """The classification features of task's train split for base's tokenizer."""
+    from patchlm.data.features import build_features
+
+    return build_features(task, "train", base.tokenizer, "classification", max_length)
+
+
 def sample_ids():
     """Two fixed rows of token ids for comparing logits of tiny-random-llama variants."""
     import torch

@@ -4,38 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import attach_lora, toy_features
 
 from patchlm.errors import ConfigError, DataError
-
-
-def _lora(tiny, r=4):
-    from patchlm.adapters.inject import wrapped_modules
-    from patchlm.adapters.lora import LoraKind, LoraLinear
-
-    kind = LoraKind()
-    kind.attach(tiny.model, {"r": r, "alpha": 2 * r, "targets": "qv"}, None, seed=0)
-    return kind.trainable_parameters(tiny.model), wrapped_modules(tiny.model, LoraLinear)
-
-
-def _feats(tiny, toy_task):
-    from patchlm.data.features import build_features
-
-    return build_features(toy_task, "train", tiny.tokenizer, "classification", 64)
 
 
 def test_dp_changes_adapter_weights_and_reports_epsilon(tiny, toy_task):
     from patchlm.federated.privacy import DPConfig, dp_train
 
-    params, _ = _lora(tiny)
+    params, _ = attach_lora(tiny)
     before = [p.detach().clone() for p in params]
-    feats = _feats(tiny, toy_task)
+    feats = toy_features(tiny, toy_task)
     torch.manual_seed(0)
     rec = dp_train(tiny.model, params, feats, tiny.tokenizer.pad_token_id, steps=4, batch_size=8, lr=1e-2,
                    dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0), seed=0)
     # every adapter tensor moved, including B, which starts at zero (the Opacus + PEFT pitfall leaves it frozen)
-    for p, b in zip(params, before):
+    for p, b in zip(params, before, strict=True):
         assert not torch.equal(p.detach(), b)
-    assert all(float(p.abs().max()) > 0 for p, b in zip(params, before) if not b.any())
+    assert all(float(p.abs().max()) > 0 for p, b in zip(params, before, strict=True) if not b.any())
     assert 0 < rec["epsilon"] < float("inf") and rec["sample_rate"] == pytest.approx(8 / 32)
     assert rec["delta"] == pytest.approx(1 / 32 ** 1.1)
     # no hooks left behind: ordinary training works on the model afterwards
@@ -45,14 +31,15 @@ def test_dp_changes_adapter_weights_and_reports_epsilon(tiny, toy_task):
 def test_dp_gradient_equals_plain_gradient_without_noise_or_clipping(tiny, toy_task):
     """With sigma=0, C huge and q=1 (whole data every step), the DP-SGD gradient is the plain mean gradient:
     checks Opacus's per-example gradients through patchlm's LoraLinear (functorch path)."""
-    from patchlm.federated.privacy import DPConfig, dp_train, per_example_loss
     from patchlm.data.features import collate
+    from patchlm.federated.privacy import DPConfig, dp_train
+    from patchlm.train.engine import per_example_loss
 
-    params, _ = _lora(tiny)
+    params, _ = attach_lora(tiny)
     with torch.no_grad():
         for p in params:
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
-    feats = _feats(tiny, toy_task)[:6]
+    feats = toy_features(tiny, toy_task)[:6]
     batch = collate(feats, tiny.tokenizer.pad_token_id)
     loss = per_example_loss(tiny.model, batch).mean()
     plain = torch.autograd.grad(loss, params)
@@ -61,7 +48,7 @@ def test_dp_gradient_equals_plain_gradient_without_noise_or_clipping(tiny, toy_t
     dp_train(tiny.model, params, feats, tiny.tokenizer.pad_token_id, steps=1, batch_size=6, lr=lr,
              dp=DPConfig(noise_multiplier=0.0, max_grad_norm=1e6), seed=0)
     # first AdamW step: update = -lr * g / (|g| + eps) elementwise, so sign(update) = -sign(g) where g is not tiny
-    for p, s, g in zip(params, start, plain):
+    for p, s, g in zip(params, start, plain, strict=True):
         step = (p.detach() - s)
         big = g.abs() > 1e-6
         assert big.any()
@@ -80,11 +67,67 @@ def test_total_epsilon_composes_rounds():
     assert total_epsilon([(2.0, 0.1, 10)], 1e-5) < one  # more noise, less privacy loss
 
 
+@pytest.mark.parametrize("noise,rate,steps,delta", [(1.0, 0.25, 4, 1e-5), (0.8, 0.01, 1000, 1e-5),
+                                                    (2.0, 0.1, 200, 1e-6)])
+def test_epsilon_agrees_with_opacus_accountant(noise, rate, steps, delta):
+    """total_epsilon against Opacus's RDP accountant stepped one optimizer step at a time, and Opacus's inverse
+    (get_noise_multiplier) gives back the noise that reaches that epsilon."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from patchlm.federated.privacy import total_epsilon
+
+    acc = RDPAccountant()
+    for _ in range(steps):
+        acc.step(noise_multiplier=noise, sample_rate=rate)
+    eps = total_epsilon([(noise, rate, steps)], delta)
+    assert eps == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
+    assert 0 < eps < float("inf")
+    sigma = get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=rate, steps=steps,
+                                 accountant="rdp", epsilon_tolerance=0.001)
+    assert sigma == pytest.approx(noise, rel=0.02)
+    # split into rounds, the composition is the same
+    assert total_epsilon([(noise, rate, steps // 2), (noise, rate, steps - steps // 2)], delta) == pytest.approx(eps)
+
+
+def test_dp_train_reports_the_accountants_epsilon(tiny, toy_task):
+    """dp_train's epsilon is Opacus's RDP epsilon for (noise, q = batch / n, steps, delta), empty batches included."""
+    from opacus.accountants import RDPAccountant
+
+    from patchlm.federated.privacy import DPConfig, dp_train
+
+    params, _ = attach_lora(tiny)
+    feats = toy_features(tiny, toy_task)
+    rec = dp_train(tiny.model, params, feats, tiny.tokenizer.pad_token_id, steps=5, batch_size=2, lr=1e-2,
+                   dp=DPConfig(noise_multiplier=1.3, max_grad_norm=1.0, delta=1e-5), seed=0)
+    acc = RDPAccountant()
+    acc.history = [(1.3, 2 / 32, 5)]
+    assert rec["sample_rate"] == 2 / 32 and rec["steps"] == 5 and rec["delta"] == 1e-5
+    assert rec["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_dp_config_errors_name_the_field():
+    from patchlm.federated.config import FedConfig
+    from patchlm.federated.privacy import DPConfig
+
+    with pytest.raises(ConfigError, match="noise_multiplier must be >= 0") as e:
+        DPConfig(noise_multiplier=-1)
+    assert e.value.field == "noise_multiplier"
+    with pytest.raises(ConfigError, match=r"^dp_clip must be positive") as e:  # FedConfig names its own field
+        FedConfig(dp=True, dp_clip=0)
+    assert e.value.field == "dp_clip"
+    with pytest.raises(ConfigError, match=r"^dp_delta must be in \(0, 1\)") as e:
+        FedConfig(dp=True, dp_delta=2.0)
+    assert e.value.field == "dp_delta"
+    # FedConfig's dp_* defaults are DPConfig's
+    assert FedConfig().dp_config() == DPConfig()
+
+
 def test_dp_flat_keeps_chosen_layers_and_stays_private(tiny, toy_task):
     from patchlm.federated.privacy import DPConfig, _layer_of, dp_train
 
-    params, mods = _lora(tiny)
-    feats = _feats(tiny, toy_task)
+    params, mods = attach_lora(tiny)
+    feats = toy_features(tiny, toy_task)
     torch.manual_seed(0)
     rec = dp_train(tiny.model, params, feats, tiny.tokenizer.pad_token_id, steps=4, batch_size=8, lr=1e-2,
                    dp=DPConfig(noise_multiplier=1.0, flat=True, flat_keep=0.5, teacher_steps=2), seed=0,

@@ -8,42 +8,22 @@ from typing import Annotated
 import typer
 
 from patchlm.cli.common import print_json, print_table, status
+from patchlm.cli.options import ConfigValues, Group, config_command
+from patchlm.federated.config import RUN_TIMEOUT, FedConfig
+
+_BF16 = FedConfig.__dataclass_fields__["bf16"]  # its own option below, to keep the --bf16/--fp32 pair
 
 
+@config_command(Group(FedConfig, exclude=("bf16",)))
 def federate(
-    model: Annotated[str, typer.Option("--model", "-m", help="base model: built-in name or checkpoint dir")] = "tiny-random-llama",
-    task: Annotated[str, typer.Option("--task", "-t", help="built-in task (health_tweets for natural clients) or data file")] = "sms_spam",
-    clients: Annotated[int, typer.Option(help="number of clients (SuperNodes)")] = 2,
-    rounds: Annotated[int, typer.Option(help="federated rounds")] = 3,
-    aggregation: Annotated[str, typer.Option(help="flora | fedit | zeropad | ffa")] = "flora",
-    ranks: Annotated[str, typer.Option(help="LoRA rank per client, e.g. 16,8,8,4 (one value = every client)")] = "8",
-    alpha: Annotated[float | None, typer.Option(help="LoRA alpha for every client [2 x its rank]")] = None,
-    targets: Annotated[str, typer.Option(help="LoRA target modules: preset (qv, attn, mlp, all-linear) or names")] = "qv",
-    local_steps: Annotated[int, typer.Option(help="optimizer steps per client per round")] = 10,
-    batch_size: Annotated[int, typer.Option(help="examples per step")] = 8,
-    lr: Annotated[float, typer.Option(help="client learning rate")] = 5e-4,
-    max_length: Annotated[int, typer.Option(help="max tokens per example")] = 128,
-    partition: Annotated[str, typer.Option(help="dirichlet | iid | natural (example['client'], e.g. health_tweets outlets)")] = "dirichlet",
-    dirichlet_alpha: Annotated[float, typer.Option("--alpha-dirichlet", "--dirichlet-alpha", help="Dirichlet concentration over labels")] = 0.5,
-    max_train: Annotated[int | None, typer.Option(help="use only the first N training examples")] = None,
-    seed: Annotated[int, typer.Option(help="seed of partitions, inits and data order")] = 0,
-    bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast (about 2x faster on AVX-512 BF16 CPUs)")] = False,
-    sign: Annotated[str, typer.Option(help="signature on every update and broadcast: mldsa (ML-DSA-65) | slhdsa | none")] = "mldsa",
-    protocol: Annotated[str, typer.Option(help="merge: FLoRA's protocol, each round's global update is merged into the base and clients start a fresh LoRA | continue: FedIT's, clients keep training the global LoRA (fedit, zeropad, ffa)")] = "merge",
-    broadcast: Annotated[str, typer.Option(help="delta: send each client only the global rounds it has not cached yet | full: the whole history every round")] = "delta",
-    dp: Annotated[bool, typer.Option("--dp", help="client-side DP-SGD with Opacus")] = False,
-    dp_noise: Annotated[float, typer.Option(help="DP noise multiplier")] = 1.0,
-    dp_clip: Annotated[float, typer.Option(help="DP per-example clipping norm")] = 1.0,
-    dp_delta: Annotated[float | None, typer.Option(help="DP delta [1/n^1.1 per client]")] = None,
-    dp_flat: Annotated[bool, typer.Option("--dp-flat", help="DP-Flat on top of --dp (see docs)")] = False,
-    min_clients: Annotated[int | None, typer.Option(help="valid replies that complete a round [all clients]")] = None,
-    round_timeout: Annotated[float, typer.Option(help="seconds a round waits for replies")] = 1800.0,
-    straggler_timeout: Annotated[float | None, typer.Option(help="once --min-clients replied, wait at most this many seconds for the rest")] = None,
-    eval_limit: Annotated[int, typer.Option(help="test examples the server evaluates each round (0 = none)")] = 200,
-    parallel_clients: Annotated[bool, typer.Option("--parallel-clients", help="let local clients train at the same time (default: one at a time)")] = False,
-    timeout: Annotated[float, typer.Option(help="overall time limit in seconds")] = 7200.0,
+    cv: ConfigValues,
+    bf16: Annotated[bool, typer.Option("--bf16/--fp32", help=_BF16.metadata["help"])] = _BF16.default,
+    parallel_clients: Annotated[bool, typer.Option(
+        "--parallel-clients", help="let local clients train at the same time (default: one at a time)")] = False,
+    timeout: Annotated[float, typer.Option(help="overall time limit in seconds")] = RUN_TIMEOUT,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="run directory")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue the run in OUT after its last completed round")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="continue the run in OUT after its last completed round")] = False,
     force: Annotated[bool, typer.Option("--force", help="delete OUT and start over")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the run summary as JSON")] = False,
 ) -> None:
@@ -52,20 +32,15 @@ def federate(
 
     Writes OUT/round-R/client-K/patch (K = client index), OUT/round-R/global/patch, OUT/final/patch and OUT/log.jsonl.
 
-    Example: `patchlm federate --model tiny-random-llama --task sms_spam --clients 2 --rounds 2 --aggregation flora --ranks 4,2 --local-steps 3 --out runs/fed`
+    Example: `patchlm federate --model tiny-random-llama --task sms_spam --clients 2 --rounds 2 --aggregation flora
+    --ranks 4,2 --local-steps 3 --out runs/fed`
     """
     from patchlm.errors import ConfigError
     from patchlm.federated.flower.run import federate as run
-    from patchlm.federated.flower.task import FedConfig, parse_ranks
 
     if out is None:
         raise ConfigError("federate needs --out DIR (the run directory)")
-    cfg = FedConfig(model=model, task=task, clients=clients, rounds=rounds, aggregation=aggregation,
-                    ranks=parse_ranks(ranks), alpha=alpha, targets=targets, local_steps=local_steps,
-                    batch_size=batch_size, lr=lr, max_length=max_length, partition=partition,
-                    dirichlet_alpha=dirichlet_alpha, max_train=max_train, seed=seed, bf16=bf16, sign=sign, broadcast=broadcast, protocol=protocol, dp=dp,
-                    dp_noise=dp_noise, dp_clip=dp_clip, dp_delta=dp_delta, dp_flat=dp_flat, min_clients=min_clients,
-                    round_timeout=round_timeout, straggler_timeout=straggler_timeout, eval_limit=eval_limit)
+    cfg = FedConfig(**cv.values(FedConfig), bf16=bf16)
     summary = run(cfg, out, resume=resume, force=force, sequential=not parallel_clients, timeout=timeout,
                   log=None if json_out else status)
     if json_out:
@@ -116,7 +91,8 @@ def app_dir(
 ) -> None:
     """Write the Flower app directory to run the patchlm ServerApp/ClientApp with `flwr run` across machines.
 
-    Example: `patchlm federate-app --out fedapp && flwr run fedapp my-superlink --run-config 'config="/runs/fed/federate.json"'`
+    Example: `patchlm federate-app --out fedapp && flwr run fedapp my-superlink
+    --run-config 'config="/runs/fed/federate.json"'`
     """
     from patchlm.federated.flower.deploy import write_app
     from patchlm.paths import check_output

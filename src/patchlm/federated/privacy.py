@@ -22,39 +22,18 @@ privatised gradients or uses public data:
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+import random
 
 import torch
-import torch.nn.functional as F
 
+from patchlm.data.features import collate
 from patchlm.errors import ConfigError, PatchlmError
+from patchlm.federated.config import DPConfig
+from patchlm.train.config import TrainConfig
+from patchlm.train.engine import StepInfo, autocast, example_mean_loss, per_example_loss, to_device, train_loop
+from patchlm.train.optim import StepRule, make_optimizer
 
-
-@dataclass
-class DPConfig:
-    noise_multiplier: float = 1.0
-    max_grad_norm: float = 1.0
-    delta: float | None = None          # default: 1 / n^1.1 for a client with n examples
-    flat: bool = False                  # DP-Flat's three parts
-    flat_gamma: float = 0.05            # relative size of the min-max perturbation
-    flat_warm: float = 0.5              # fraction of the steps (the early ones) that use the min-max step
-    flat_keep: float = 0.5              # fraction of layers kept by the flatness-guided choice
-    flat_lambda: float = 0.01           # distillation weight toward the public teacher
-    teacher_steps: int = 10             # non-private steps of the teacher on public data
-
-    def __post_init__(self):
-        if self.noise_multiplier < 0:
-            raise ConfigError(f"--dp-noise must be >= 0, got {self.noise_multiplier}")
-        if self.max_grad_norm <= 0:
-            raise ConfigError(f"--dp-clip must be positive, got {self.max_grad_norm}")
-        if self.delta is not None and not 0 < self.delta < 1:
-            raise ConfigError(f"--dp-delta must be in (0, 1), got {self.delta}")
-        if not 0 < self.flat_keep <= 1:
-            raise ConfigError(f"flat_keep must be in (0, 1], got {self.flat_keep}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["DPAdamW", "DPConfig", "default_delta", "dp_train", "flatness_layer_choice", "total_epsilon"]
 
 
 def default_delta(n: int) -> float:
@@ -72,33 +51,18 @@ def total_epsilon(history: list[tuple[float, float, int]], delta: float) -> floa
     return float(acc.get_epsilon(delta))
 
 
-# ---------------------------------------------------------------- loss per example
-def per_example_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy of each example over its labelled positions: a tensor [B]."""
-    from patchlm.data.features import IGNORE
-
-    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-    target = labels[:, 1:]
-    keep = target != IGNORE
-    backbone = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if backbone is not None and head is not None:
-        hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-        logits = head(hidden[keep])
-    else:
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
-    tok = F.cross_entropy(logits.float(), target[keep], reduction="none")
-    rows = keep.nonzero()[:, 0]
-    sums = torch.zeros(ids.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
-    counts = keep.sum(1).clamp(min=1).to(tok.dtype)
-    return sums / counts
+def one_batch(batch) -> int:
+    """Micro-batch weight for steps made of one micro-batch: 1 keeps the loss and its gradient bit-identical to
+    loss.backward(). (make_closure weighs loss * w / total; in float32 that changes the loss value for most w and
+    the gradient for some, e.g. w = 41 or 47 examples or labelled tokens.)"""
+    return 1
 
 
 # ---------------------------------------------------------------- DP-Flat helpers
 def _sharpness(model, params: list[torch.nn.Parameter], batch, rho: float, draws: int, gen: torch.Generator,
-               autocast) -> float:
+               amp) -> float:
     """E[L(w + eps)] - L(w) with eps ~ N(0, (rho |w|)^2) on the given adapter tensors (no grad)."""
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), amp():
         base = float(per_example_loss(model, batch).mean())
         tot = 0.0
         for _ in range(draws):
@@ -109,7 +73,7 @@ def _sharpness(model, params: list[torch.nn.Parameter], batch, rho: float, draws
                 p.add_(e.to(p.dtype))
                 noises.append(e)
             tot += float(per_example_loss(model, batch).mean())
-            for p, e in zip(params, noises):
+            for p, e in zip(params, noises, strict=True):
                 p.sub_(e.to(p.dtype))
     return tot / draws - base
 
@@ -123,8 +87,9 @@ def _layer_of(name: str) -> str:
 
 
 def flatness_layer_choice(model, modules: dict[str, torch.nn.Module], batch, keep: float, seed: int,
-                          autocast, rho: float = 0.5, draws: int = 2) -> list[str]:
-    """Layers to keep: those whose adapter's removal makes the (public-data) loss sharpest."""
+                          amp, rho: float = 0.5, draws: int = 2) -> list[str]:
+    """Layers to keep: those whose adapter's removal makes the (public-data) loss sharpest. `amp()` gives the
+    autocast context."""
     layers: dict[str, list[str]] = {}
     for n in modules:
         layers.setdefault(_layer_of(n), []).append(n)
@@ -132,7 +97,7 @@ def flatness_layer_choice(model, modules: dict[str, torch.nn.Module], batch, kee
         return sorted(layers)
     params = [p for m in modules.values() for p in (m.lora_A, m.lora_B)]
     gen = torch.Generator().manual_seed(seed)
-    ref = _sharpness(model, params, batch, rho, draws, gen, autocast)
+    ref = _sharpness(model, params, batch, rho, draws, gen, amp)
     hurt = {}
     for layer, names in layers.items():
         saved = [(modules[n].lora_B, modules[n].lora_B.detach().clone()) for n in names]
@@ -140,7 +105,7 @@ def flatness_layer_choice(model, modules: dict[str, torch.nn.Module], batch, kee
             for b, _ in saved:
                 b.zero_()
         gen = torch.Generator().manual_seed(seed)  # same draws for every layer: a paired comparison
-        hurt[layer] = _sharpness(model, params, batch, rho, draws, gen, autocast) - ref
+        hurt[layer] = _sharpness(model, params, batch, rho, draws, gen, amp) - ref
         with torch.no_grad():
             for b, v in saved:
                 b.copy_(v)
@@ -148,39 +113,130 @@ def flatness_layer_choice(model, modules: dict[str, torch.nn.Module], batch, kee
     return sorted(sorted(hurt, key=lambda lay: -hurt[lay])[:k])
 
 
+# ---------------------------------------------------------------- the DP step rule
+class DPAdamW(StepRule):
+    """DP-SGD's step: AdamW on privatised gradients (Opacus's DPOptimizer: per-example clipping to
+    dp.max_grad_norm, Gaussian noise dp.noise_multiplier * max_grad_norm), with the RDP accountant attached.
+
+    The model must be wrapped in opacus.GradSampleModule, so that the closure's backward leaves per-example
+    gradients. An empty Poisson batch (the closure back-propagates nothing) still takes the step: pure noise.
+    With `teacher` (DP-Flat) the distillation gradient 2 lambda (w - w_teacher) is added after privatisation, and
+    for the first `warm_steps` steps the closure runs at the min-max point w + gamma |w| g/|g| (g: the previous
+    privatised gradient, so the perturbation is post-processing) while the step moves the unperturbed weights.
+    Not registered by name: it needs the GradSampleModule and the sample rate, which only dp_train knows.
+    """
+
+    name = "dp-adamw"
+
+    def __init__(self, params, config, dp: DPConfig, *, expected_batch_size: int, sample_rate: float,
+                 teacher: dict[int, torch.Tensor] | None = None, warm_steps: int = 0):
+        """config: lr, weight_decay, beta1, beta2 of the AdamW (a TrainConfig, see step_config)."""
+        from opacus.accountants import RDPAccountant
+        from opacus.optimizers import DPOptimizer
+
+        super().__init__(params, config)
+        lam = dp.flat_lambda
+
+        class _Distilled(DPOptimizer):
+            """DPOptimizer that adds the distillation gradient after privatisation (DP-Flat part 3)."""
+
+            def pre_step(self, closure=None):
+                ok = super().pre_step(closure)
+                if ok and teacher:
+                    for p in self.params:
+                        t = teacher.get(id(p))
+                        if t is not None and p.grad is not None:
+                            p.grad.add_((p.detach() - t) * (2 * lam))
+                return ok
+
+        inner = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
+                                  betas=(config.beta1, config.beta2))
+        self.opt = _Distilled(inner, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                              expected_batch_size=expected_batch_size, loss_reduction="mean")
+        self.accountant = RDPAccountant()
+        self.opt.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        self.gamma = dp.flat_gamma
+        self.flat = teacher is not None
+        self.warm_steps = warm_steps
+        self.steps_done = 0
+        self.prev_grad: list[torch.Tensor] | None = None
+
+    def _perturb(self) -> list[torch.Tensor] | None:
+        """DP-Flat part 1: move to the min-max point along the previous privatised gradient; return the moves."""
+        if not self.flat or self.steps_done >= self.warm_steps or self.prev_grad is None:
+            return None
+        moves = []
+        with torch.no_grad():
+            for p, g in zip(self.params, self.prev_grad, strict=True):
+                gn = float(g.norm())
+                e = g * (self.gamma * float(p.norm()) / gn) if gn > 0 else torch.zeros_like(p)
+                p.add_(e)
+                moves.append(e)
+        return moves
+
+    def step(self, closure) -> float:
+        moves = self._perturb()
+        loss = closure(backward=True)
+        for p in self.params:
+            if getattr(p, "grad_sample", None) is None:  # an empty Poisson batch: the step adds pure noise
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        if moves is not None:
+            with torch.no_grad():
+                for p, e in zip(self.params, moves, strict=True):
+                    p.sub_(e)
+        self.opt.step()
+        if self.flat:
+            self.prev_grad = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                              for p in self.params]
+        self.opt.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        return loss
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.original_optimizer.param_groups:
+            g["lr"] = lr
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.original_optimizer.state_dict(), "steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.original_optimizer.load_state_dict(state["optimizer"])
+        self.steps_done = int(state["steps_done"])
+
+    def epsilon(self, delta: float) -> float:
+        return float(self.accountant.get_epsilon(delta))
+
+
 # ---------------------------------------------------------------- training
-def _make_dp_optimizer(base_opt, dp: DPConfig, batch_size: int, teacher: dict | None, lam: float):
-    from opacus.optimizers import DPOptimizer
+def poisson_batches(feats: list[dict], pad_id: int, steps: int, sample_rate: float, seed: int):
+    """batches(step) of DP-SGD: each example joins step s's batch with probability sample_rate, drawn from one
+    generator seeded by `seed` for all steps up front (so a step's batch is a function of the step alone)."""
+    gen = torch.Generator().manual_seed(seed)
+    draws = [(torch.rand(len(feats), generator=gen) < sample_rate).nonzero()[:, 0].tolist() for _ in range(steps)]
 
-    class _Opt(DPOptimizer):
-        """DPOptimizer that adds the distillation gradient after privatisation (DP-Flat part 3)."""
+    def batches(s: int) -> list[dict[str, torch.Tensor]]:
+        idx = draws[s]
+        return [collate([feats[i] for i in idx], pad_id)] if idx else []
 
-        def pre_step(self, closure=None):
-            ok = super().pre_step(closure)
-            if ok and teacher:
-                for p in self.params:
-                    t = teacher.get(id(p))
-                    if t is not None and p.grad is not None:
-                        p.grad.add_((p.detach() - t) * (2 * lam))
-            return ok
+    return batches
 
-    return _Opt(base_opt, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                expected_batch_size=batch_size, loss_reduction="mean")
+
+def step_config(lr: float, weight_decay: float = 0.0) -> TrainConfig:
+    """The AdamW settings of DP training: rate lr (constant), no whole-batch clipping (DP clips per example)."""
+    return TrainConfig(lr=lr, weight_decay=weight_decay, max_grad_norm=0.0, schedule="constant", warmup=0,
+                       progress=False)
 
 
 def dp_train(model, params: list[torch.nn.Parameter], feats: list[dict], pad_id: int, *, steps: int,
              batch_size: int, lr: float, dp: DPConfig, seed: int = 0, bf16: bool = False,
              lora_modules: dict[str, torch.nn.Module] | None = None, public_feats: list[dict] | None = None,
              log=None) -> dict:
-    """DP-SGD (AdamW on privatised gradients) of `params` for `steps` Poisson-sampled batches.
+    """DP-SGD (AdamW on privatised gradients) of `params` for `steps` Poisson-sampled batches, on the engine.
 
     Returns the privacy record: epsilon (this call), delta, sample_rate, steps, noise_multiplier, and for DP-Flat
     the kept layers. `model`'s parameters other than `params` must be frozen.
     """
-    from opacus.accountants import RDPAccountant
     from opacus.grad_sample import GradSampleModule
-
-    from patchlm.data.features import collate
 
     n = len(feats)
     if n == 0:
@@ -191,95 +247,62 @@ def dp_train(model, params: list[torch.nn.Parameter], feats: list[dict], pad_id:
     q = min(1.0, batch_size / n)
     delta = dp.delta if dp.delta is not None else default_delta(n)
     device = next(model.parameters()).device
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     record: dict = {"noise_multiplier": dp.noise_multiplier, "max_grad_norm": dp.max_grad_norm, "sample_rate": q,
                     "delta": delta}
     teacher = None
     if dp.flat:
         if not public_feats or not lora_modules:
-            raise ConfigError("DP-Flat needs public data (public_feats) and the LoRA modules")
+            raise ConfigError("DP-Flat needs public data (public_feats) and the LoRA modules", field="dp_flat")
         teacher_state = _train_teacher(model, params, public_feats, pad_id, dp.teacher_steps, batch_size, lr,
-                                       seed, autocast)
-        pub_batch = {k: v.to(device) for k, v in collate(public_feats[:batch_size], pad_id).items()}
-        kept = flatness_layer_choice(model, lora_modules, pub_batch, dp.flat_keep, seed, autocast)
+                                       seed, bf16)
+        pub_batch = to_device(collate(public_feats[:batch_size], pad_id), device)
+        kept = flatness_layer_choice(model, lora_modules, pub_batch, dp.flat_keep, seed,
+                                     lambda: autocast(device, bf16))
         # reset the adapter to its initial state; freeze dropped layers (B stays 0, no noise spent on them)
         with torch.no_grad():
-            for p, (init, _) in zip(params, teacher_state):
+            for p, (init, _) in zip(params, teacher_state, strict=True):
                 p.copy_(init)
         dropped = {id(m.lora_A) for nme, m in lora_modules.items() if _layer_of(nme) not in kept}
         dropped |= {id(m.lora_B) for nme, m in lora_modules.items() if _layer_of(nme) not in kept}
         for p in params:
             if id(p) in dropped:
                 p.requires_grad_(False)
-        teacher = {id(p): t for p, (_, t) in zip(params, teacher_state) if id(p) not in dropped}
+        teacher = {id(p): t for p, (_, t) in zip(params, teacher_state, strict=True) if id(p) not in dropped}
         params = [p for p in params if id(p) not in dropped]
         record.update({"flat": True, "kept_layers": kept, "num_layers": len({_layer_of(x) for x in lora_modules})})
 
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    opt = _make_dp_optimizer(torch.optim.AdamW(params, lr=lr, weight_decay=0.0), dp, batch_size, teacher,
-                             dp.flat_lambda)
-    acc = RDPAccountant()
-    opt.attach_step_hook(acc.get_optimizer_hook_fn(sample_rate=q))
-    gen = torch.Generator().manual_seed(seed)
-    prev_grad: list[torch.Tensor] | None = None
-    warm = int(dp.flat_warm * steps) if dp.flat else 0
-    losses = []
-    model.train()
+    rule = DPAdamW(params, step_config(lr), dp, expected_batch_size=batch_size, sample_rate=q, teacher=teacher,
+                   warm_steps=int(dp.flat_warm * steps) if dp.flat else 0)
+    losses: list[float] = []
+
+    def on_step(info: StepInfo) -> None:
+        if not math.isnan(info.loss):  # nan: an empty Poisson batch
+            losses.append(info.loss)
+        if log and info.step % 10 == 0:
+            log(f"dp step {info.step}/{steps} loss {losses[-1] if losses else float('nan'):.4f}")
+
     try:
-        for step in range(steps):
-            idx = (torch.rand(n, generator=gen) < q).nonzero()[:, 0].tolist()
-            eps_added = None
-            if dp.flat and step < warm and prev_grad is not None:
-                eps_added = []
-                with torch.no_grad():
-                    for p, g in zip(params, prev_grad):
-                        gn = float(g.norm())
-                        e = g * (dp.flat_gamma * float(p.norm()) / gn) if gn > 0 else torch.zeros_like(p)
-                        p.add_(e)
-                        eps_added.append(e)
-            if idx:
-                batch = {k: v.to(device) for k, v in collate([feats[i] for i in idx], pad_id).items()}
-                with autocast():
-                    loss = per_example_loss(model, batch).mean()
-                loss.backward()
-                losses.append(float(loss))
-            else:  # an empty Poisson batch: the step still happens and adds pure noise
-                for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            if eps_added is not None:
-                with torch.no_grad():
-                    for p, e in zip(params, eps_added):
-                        p.sub_(e)
-            opt.step()
-            if dp.flat:
-                prev_grad = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
-            opt.zero_grad(set_to_none=True)
-            if log and (step + 1) % 10 == 0:
-                log(f"dp step {step + 1}/{steps} loss {losses[-1] if losses else float('nan'):.4f}")
+        train_loop(model, rule, poisson_batches(feats, pad_id, steps, q, seed), steps, loss_fn=example_mean_loss,
+                   bf16=bf16, count=one_batch, on_step=on_step)
     finally:
         gsm._close()
-    record.update({"steps": steps, "epsilon": float(acc.get_epsilon(delta)) if dp.noise_multiplier > 0 else math.inf,
+    record.update({"steps": steps, "epsilon": rule.epsilon(delta) if dp.noise_multiplier > 0 else math.inf,
                    "train_loss": sum(losses) / max(1, len(losses))})
     return record
 
 
-def _train_teacher(model, params, public_feats, pad_id, steps, batch_size, lr, seed, autocast):
-    """Train the adapter non-privately on public data; return [(initial value, teacher value)] per param."""
-    import random
-
-    from patchlm.data.features import collate
-
+def _train_teacher(model, params, public_feats, pad_id, steps, batch_size, lr, seed, bf16):
+    """Train the adapter non-privately on public data (AdamW at torch's default weight decay, no clipping);
+    return [(initial value, teacher value)] per param."""
     init = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=lr)
-    device = next(model.parameters()).device
     order = list(range(len(public_feats)))
     random.Random(seed).shuffle(order)
-    for s in range(steps):
-        sel = [public_feats[order[(s * batch_size + j) % len(order)]] for j in range(batch_size)]
-        batch = {k: v.to(device) for k, v in collate(sel, pad_id).items()}
-        with autocast():
-            loss = per_example_loss(model, batch).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return [(i, p.detach().clone()) for i, p in zip(init, params)]
+
+    def batches(s: int) -> list[dict[str, torch.Tensor]]:
+        return [collate([public_feats[order[(s * batch_size + j) % len(order)]] for j in range(batch_size)], pad_id)]
+
+    cfg = step_config(lr, weight_decay=1e-2)  # torch.optim.AdamW's default, as the teacher always had
+    train_loop(model, make_optimizer("adamw", params, cfg), batches, steps, loss_fn=example_mean_loss, bf16=bf16,
+               count=one_batch)
+    return [(i, p.detach().clone()) for i, p in zip(init, params, strict=True)]

@@ -148,7 +148,7 @@ def flora(updates: list[ClientUpdate]) -> GlobalLoRA:
     p = data_weights(updates)
     out = {}
     for n in names:
-        a = torch.cat([u.modules[n][0].double() * (pk * u.scaling) for u, pk in zip(updates, p)], dim=0)
+        a = torch.cat([u.modules[n][0].double() * (pk * u.scaling) for u, pk in zip(updates, p, strict=True)], dim=0)
         b = torch.cat([u.modules[n][1].double() for u in updates], dim=1)
         out[n] = (a, b)
     return GlobalLoRA(out, "flora", p)
@@ -165,8 +165,8 @@ def fedit(updates: list[ClientUpdate]) -> GlobalLoRA:
     p = data_weights(updates)
     out = {}
     for n in names:
-        a = sum(u.modules[n][0].double() * pk for u, pk in zip(updates, p))
-        b = sum(u.modules[n][1].double() * (pk * u.scaling) for u, pk in zip(updates, p))
+        a = sum(u.modules[n][0].double() * pk for u, pk in zip(updates, p, strict=True))
+        b = sum(u.modules[n][1].double() * (pk * u.scaling) for u, pk in zip(updates, p, strict=True))
         out[n] = (a, b)
     return GlobalLoRA(out, "fedit", p)
 
@@ -190,8 +190,8 @@ def zeropad(updates: list[ClientUpdate]) -> GlobalLoRA:
     for n in names:
         r = max(u.modules[n][0].shape[0] for u in updates)
         padded = [_pad(*u.modules[n], r) for u in updates]
-        a = sum(pa * pk for (pa, _), pk in zip(padded, p))
-        b = sum(pb * (pk * u.scaling) for (_, pb), u, pk in zip(padded, updates, p))
+        a = sum(pa * pk for (pa, _), pk in zip(padded, p, strict=True))
+        b = sum(pb * (pk * u.scaling) for (_, pb), u, pk in zip(padded, updates, p, strict=True))
         out[n] = (a, b)
     return GlobalLoRA(out, "zeropad", p)
 
@@ -211,7 +211,7 @@ def ffa(updates: list[ClientUpdate], atol: float = 1e-6) -> GlobalLoRA:
             if not torch.allclose(a, a_g[: a.shape[0]], atol=atol, rtol=0):
                 raise ConfigError(f"ffa needs one shared frozen A, but client {u.client_id or '?'} has another A "
                                   f"for module {n}; train with A frozen from the round's shared seed")
-        b = sum(_pad(*u.modules[n], r)[1] * (pk * u.scaling) for u, pk in zip(updates, p))
+        b = sum(_pad(*u.modules[n], r)[1] * (pk * u.scaling) for u, pk in zip(updates, p, strict=True))
         out[n] = (a_g.clone(), b)
     return GlobalLoRA(out, "ffa", p)
 
@@ -220,7 +220,7 @@ def ffa(updates: list[ClientUpdate], atol: float = 1e-6) -> GlobalLoRA:
 def ideal_delta(updates: list[ClientUpdate], name: str) -> torch.Tensor:
     """sum_k p_k dW_k for one module (float64)."""
     p = data_weights(updates)
-    return sum(u.delta(name) * pk for u, pk in zip(updates, p))
+    return sum(u.delta(name) * pk for u, pk in zip(updates, p, strict=True))
 
 
 def aggregation_error(global_lora: GlobalLoRA, updates: list[ClientUpdate]) -> float:
@@ -236,11 +236,6 @@ def aggregation_error(global_lora: GlobalLoRA, updates: list[ClientUpdate]) -> f
 
 
 # ---------------------------------------------------------------- applying global updates
-def dense_deltas(global_lora: GlobalLoRA) -> dict[str, torch.Tensor]:
-    """module -> dW_g (float32), ready to add into the base weights."""
-    return {n: global_lora.delta(n).float() for n in global_lora.modules}
-
-
 @torch.no_grad()
 def merge_tensors_into_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor], scaling: float = 1.0) -> None:
     """Add scaling * B A of a LoRA tensor dict into the model's Linear weights (the FLoRA merge step)."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from patchlm.errors import ConfigError, PatchFormatError, UnknownNameError, did_you_mean
+from patchlm.paths import atomic_write_text
 
 TAG = b"patchlm-federated-v1\x00"
 SCHEMES = ("mldsa", "slhdsa")
@@ -68,6 +69,16 @@ def update_context(run_id: str, round_: int, client_id: str, num_samples: int, r
     if alpha is not None:
         ctx["alpha"] = float(alpha)
     return ctx
+
+
+def broadcast_context(run_id: str, round_: int, digests: list[str]) -> dict:
+    """What the server signs each round: the run, the round and the digest of every previous global update."""
+    return {**update_context(run_id, round_, "server", 0, role="broadcast"), "history": list(digests)}
+
+
+def round_digest(tensors: dict) -> str:
+    """A global update's digest as the broadcast lists it: SHA3-512 of its canonical serialisation, in hex."""
+    return tensors_digest(tensors).hex()
 
 
 # ---------------------------------------------------------------- schemes
@@ -134,19 +145,15 @@ class KeyPair:
     def save(self, path: str | Path) -> Path:
         """Write the key pair as JSON (mode 600)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = {"scheme": self.scheme, "private_key": _b64(self.private_key), "public_key": _b64(self.public_key)}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.chmod(0o600)
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(data), mode=0o600)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> KeyPair:
         path = Path(path)
         if not path.exists():
-            raise ConfigError(f"no key file at {path}; create one with `patchlm federate keygen --out {path}`")
+            raise ConfigError(f"no key file at {path}; create one with `patchlm federate-keygen --out {path}`")
         try:
             d = json.loads(path.read_text())
             return cls(_check_scheme(d["scheme"]), _unb64(d["private_key"]), _unb64(d["public_key"]))
@@ -181,11 +188,8 @@ class KeyRegistry:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = {k: {"scheme": s, "public_key": _b64(pk)} for k, (s, pk) in sorted(self.keys.items())}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(data, indent=1), mode=0o644)
         return path
 
     @classmethod

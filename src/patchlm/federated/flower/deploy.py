@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import psutil
@@ -120,7 +121,8 @@ class LocalDeployment:
                           "--disable-runtime-dependency-installation"], "superlink.log")
         _wait_port(self.port, 60, sl, "flower-superlink", self.workdir / "logs" / "superlink.log")
         (self.workdir / "flwr-home" / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n'
+            'insecure = true\n')
         for i, nc in enumerate(self.node_configs):
             conf = " ".join(f"{k}={_toml(v)}" for k, v in nc.items())
             self._spawn(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
@@ -139,9 +141,11 @@ class LocalDeployment:
                 time.sleep(1.0)
                 break
             if time.time() - t0 > timeout:
-                raise PatchlmError(f"federated run did not finish within {timeout:.0f} s; logs in {self.workdir / 'logs'}")
+                raise PatchlmError(f"federated run did not finish within {timeout:.0f} s; "
+                                   f"logs in {self.workdir / 'logs'}")
             if any(q.poll() is not None for q in self.procs[:1]):
-                raise PatchlmError(f"flower-superlink stopped during the run; see {self.workdir / 'logs' / 'superlink.log'}")
+                raise PatchlmError("flower-superlink stopped during the run; "
+                                   f"see {self.workdir / 'logs' / 'superlink.log'}")
             time.sleep(0.5)
         return p.returncode if p.returncode is not None else 0
 
@@ -153,27 +157,19 @@ class LocalDeployment:
         self._track()
         procs = list(self.known.values())
         for p in self.procs:  # the session leaders' groups first
-            try:
+            with suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
         for q in procs:
-            try:
+            with suppress(psutil.NoSuchProcess):
                 q.terminate()
-            except psutil.NoSuchProcess:
-                pass
         _, alive = psutil.wait_procs(procs, timeout=10)
         for q in alive:
-            try:
+            with suppress(psutil.NoSuchProcess):
                 q.kill()
-            except psutil.NoSuchProcess:
-                pass
         psutil.wait_procs(alive, timeout=5)
         for p in self.procs:
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
         atexit.unregister(self.stop)
 
     def alive(self) -> list[int]:

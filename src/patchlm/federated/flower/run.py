@@ -9,7 +9,8 @@ import uuid
 from pathlib import Path
 
 from patchlm.errors import ConfigError, OutputExistsError, PatchlmError
-from patchlm.federated.flower.task import FedConfig, write_json
+from patchlm.federated.config import RUN_TIMEOUT, FedConfig
+from patchlm.federated.flower.task import write_json
 
 
 def read_log(out: str | Path) -> list[dict]:
@@ -46,7 +47,7 @@ def _preflight(cfg: FedConfig) -> None:
 
 
 def federate(cfg: FedConfig, out: str | Path, *, resume: bool = False, force: bool = False,
-             sequential: bool = True, timeout: float = 7200.0, faults: dict[int, str] | None = None,
+             sequential: bool = True, timeout: float = RUN_TIMEOUT, faults: dict[int, str] | None = None,
              log=None) -> dict:
     """Run a federated job over a local Flower deployment; return the summary (rounds, final metrics)."""
     log = log or (lambda m: None)
@@ -89,7 +90,8 @@ def federate(cfg: FedConfig, out: str | Path, *, resume: bool = False, force: bo
         nc = {"partition-id": k, "num-partitions": cfg.clients, "client-id": f"client-{k}",
               "history-cache": str(out / ".flower" / "cache")}
         if cfg.sign != "none":
-            nc.update({"key-file": str(out / "keys" / f"client-{k}.key"), "registry": str(out / "keys" / "registry.json")})
+            nc.update({"key-file": str(out / "keys" / f"client-{k}.key"),
+                       "registry": str(out / "keys" / "registry.json")})
         if sequential:
             nc["lock"] = str(out / ".flower" / "clients.lock")
         if faults and k in faults:
@@ -98,7 +100,9 @@ def federate(cfg: FedConfig, out: str | Path, *, resume: bool = False, force: bo
 
     def finished() -> bool:
         st = out / "state.json"
-        return (out / "server-error.txt").exists() or (st.exists() and json.loads(st.read_text()).get("finished", False))
+        if (out / "server-error.txt").exists():
+            return True
+        return st.exists() and json.loads(st.read_text()).get("finished", False)
 
     dep = LocalDeployment(out / ".flower", nodes, log=log)
     try:
@@ -113,7 +117,8 @@ def federate(cfg: FedConfig, out: str | Path, *, resume: bool = False, force: bo
                            "completed rounds are kept: rerun with --resume)")
     st = out / "state.json"
     if not st.exists() or not json.loads(st.read_text()).get("finished"):
-        raise PatchlmError(f"federated run stopped before the end; see {out / '.flower' / 'logs'} (rerun with --resume)")
+        raise PatchlmError(f"federated run stopped before the end; see {out / '.flower' / 'logs'} "
+                           "(rerun with --resume)")
     return summarize(out) | {"leftover_processes": leftovers}
 
 
@@ -128,5 +133,6 @@ def summarize(out: str | Path) -> dict:
               for r in recs]
     last = rounds[-1] if rounds else {}
     return {"out": str(out), "run_id": cfg["run_id"], "aggregation": cfg["aggregation"], "ranks": cfg["ranks"],
-            "initial_accuracy": init.get("eval_accuracy"), "rounds": rounds, "final_accuracy": last.get("eval_accuracy"), "final_perplexity": last.get("eval_perplexity"),
+            "initial_accuracy": init.get("eval_accuracy"), "rounds": rounds,
+            "final_accuracy": last.get("eval_accuracy"), "final_perplexity": last.get("eval_perplexity"),
             "final_patch": str(Path(out) / "final" / "patch")}

@@ -13,6 +13,10 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from patchlm.federated.config import FedConfig
+from patchlm.federated.flower.strategy import PatchlmStrategy
+from patchlm.paths import atomic_write_text
+
 app = ServerApp()
 
 
@@ -22,16 +26,14 @@ def _log(msg: str) -> None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from patchlm.federated.flower.strategy import PatchlmStrategy
-    from patchlm.federated.flower.task import FedConfig
-
     path = Path(str(context.run_config.get("config", "")) or os.environ.get("PATCHLM_FED_CONFIG", ""))
     if not path.is_file():
-        raise FileNotFoundError(f"federate.json not found at {path!s}; pass --run-config 'config=\"DIR/federate.json\"'")
+        raise FileNotFoundError(f"federate.json not found at {path!s}; "
+                                "pass --run-config 'config=\"DIR/federate.json\"'")
     cfg = FedConfig.from_dict(json.loads(path.read_text()))
     strategy = PatchlmStrategy(cfg, cfg.out or path.parent, log=_log)
     try:
         strategy.start(grid)
     except BaseException as e:  # leave a trace the launcher can read, then fail the run
-        (Path(cfg.out or path.parent) / "server-error.txt").write_text(f"{type(e).__name__}: {e}\n")
+        atomic_write_text(Path(cfg.out or path.parent) / "server-error.txt", f"{type(e).__name__}: {e}\n", mode=0o644)
         raise

@@ -23,52 +23,50 @@ cache lost rounds answers "history cache miss" and the server resends it the who
 from __future__ import annotations
 
 import json
-import math
 import os
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from patchlm.federated.flower.task import (FedConfig, evaluate_model, load_fed_task, load_model, merged_rounds,
-                                           write_json)
-from patchlm.federated.rules import aggregate, aggregation_error, stack_rounds, update_from_tensors
-from patchlm.federated.signing import KeyPair, KeyRegistry, UpdateVerifier, sign_tensors, update_context
-
-
-CACHE_MISS = "history cache miss"
-
-
-def history_record(history: list[dict[str, torch.Tensor]], start: int = 1) -> ArrayRecord:
-    """Previous rounds' global tensors from round `start` on, in one ArrayRecord, keys `<round>|<tensor name>`."""
-    flat = {f"{i + 1}|{k}": v.contiguous() for i, t in enumerate(history) if i + 1 >= start
-            for k, v in sorted(t.items())}
-    return ArrayRecord(flat) if flat else ArrayRecord()
-
-
-def history_rounds(rec: ArrayRecord) -> dict[int, dict[str, torch.Tensor]]:
-    """{round: tensors} from a history record (any subset of rounds)."""
-    sd = rec.to_torch_state_dict() if len(rec) else {}
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in sd.items():
-        r, name = key.split("|", 1)
-        out.setdefault(int(r), {})[name] = v
-    return out
-
-
-def round_digest(tensors: dict) -> str:
-    from patchlm.federated.signing import tensors_digest
-
-    return tensors_digest(tensors).hex()
-
-
-def broadcast_context(run_id: str, round_: int, digests: list[str]) -> dict:
-    """What the server signs each round: the run, the round and the digest of every previous global update."""
-    return {**update_context(run_id, round_, "server", 0, role="broadcast"), "history": list(digests)}
+from patchlm.federated.config import FedConfig
+from patchlm.federated.flower.task import (
+    evaluate_model,
+    init_lora_tensors,
+    load_fed_task,
+    load_model,
+    merged_rounds,
+    write_json,
+)
+from patchlm.federated.flower.wire import (
+    CACHE_MISS,
+    broadcast_config,
+    broadcast_message,
+    read_reply,
+    reply_history_rounds,
+)
+from patchlm.federated.privacy import total_epsilon
+from patchlm.federated.rules import (
+    aggregate,
+    aggregation_error,
+    merge_tensors_into_model,
+    stack_rounds,
+    update_from_tensors,
+)
+from patchlm.federated.signing import (
+    KeyPair,
+    KeyRegistry,
+    UpdateVerifier,
+    broadcast_context,
+    round_digest,
+    sign_tensors,
+)
+from patchlm.patch import Patch, provenance
 
 
 class PatchlmStrategy(Strategy):
@@ -95,8 +93,6 @@ class PatchlmStrategy(Strategy):
         return int(json.loads(f.read_text())["completed_round"]) if f.exists() else 0
 
     def load_history(self, upto: int) -> None:
-        from patchlm.patch import Patch
-
         self.history = [Patch.load(self.out / f"round-{r}" / "global" / "patch").tensors for r in range(1, upto + 1)]
         self.digests = [round_digest(t) for t in self.history]
 
@@ -114,18 +110,15 @@ class PatchlmStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """One message per node: the signed digest list plus the global rounds that node does not hold yet
-        (`arrays` is ignored: the history lives in the strategy)."""
+        (`arrays` and `config` are ignored: the history and the run's FedConfig live in the strategy)."""
         node_ids = sorted(grid.get_node_ids())
-        config["round"] = server_round
-        config["fed"] = self.cfg.to_json()
-        config["history-digests"] = json.dumps(self.digests)
         self._sign_seconds = 0.0
+        sig = None
         if self.server_key is not None:
-            sig, secs = sign_tensors(self.server_key, {}, broadcast_context(self.cfg.run_id, server_round, self.digests))
-            config["broadcast-signature"] = sig
-            config["scheme"] = self.server_key.scheme
-            self._sign_seconds = secs
-        self._config = config
+            sig, self._sign_seconds = sign_tensors(self.server_key, {}, broadcast_context(self.cfg.run_id,
+                                                                                         server_round, self.digests))
+        self._config = broadcast_config(server_round, self.cfg.to_json(), self.digests, sig,
+                                        self.server_key.scheme if self.server_key is not None else None)
         self._down: dict[int, int] = {}
         return [self.message_for(n) for n in node_ids]
 
@@ -135,17 +128,12 @@ class PatchlmStrategy(Strategy):
             have = max(0, len(self.history) - 1)
         else:
             have = 0 if full or self.cfg.broadcast == "full" else min(self.node_has.get(node, 0), len(self.history))
-        config = ConfigRecord(dict(self._config.items()))
-        config["history-from"] = have + 1
-        arrays = history_record(self.history, start=have + 1)
-        self._down[node] = self._down.get(node, 0) + arrays.count_bytes() + config.count_bytes()
-        return Message(content=RecordDict({"globals": arrays, "config": config}), message_type=MessageType.TRAIN,
-                       dst_node_id=node)
+        msg, size = broadcast_message(self._config, self.history, have + 1, node)
+        self._down[node] = self._down.get(node, 0) + size
+        return msg
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         cfg = self.cfg
-        from patchlm.federated.flower.task import init_lora_tensors
-
         expected = {k: tuple(v.shape[1:]) if k.endswith("lora_A") else tuple(v.shape[:1])
                     for k, v in init_lora_tensors(self.base.model, cfg.targets, 1, 0).items()}
         accepted, rejected, per_client = [], [], []
@@ -153,31 +141,22 @@ class PatchlmStrategy(Strategy):
         for msg in replies:
             node = msg.metadata.src_node_id
             if not msg.has_error() and "meta" in msg.content:
-                try:  # how many global rounds the node holds now (it verified and cached them)
-                    self.node_has[node] = int(msg.content["meta"].get("history-rounds", 0))
-                except (TypeError, ValueError):
-                    self.node_has[node] = 0
+                # how many global rounds the node holds now (it verified and cached them)
+                self.node_has[node] = reply_history_rounds(msg.content)
             if msg.has_error():
                 known = self.node_names.get(node)
                 rejected.append({"node": node, **({"client_node": known} if known else {}),
                                  "reason": f"client error: {msg.error.reason[:300]}"})
                 continue
             try:
-                meta = msg.content["meta"]
-                metrics = json.loads(str(meta["metrics-json"]))
-                cid = str(meta["client-id"])
-                tensors = msg.content["arrays"].to_torch_state_dict()
-                up_bytes = msg.content["arrays"].count_bytes() + meta.count_bytes()
+                reply, up_bytes = read_reply(msg.content)
             except (KeyError, ValueError, TypeError) as e:
                 rejected.append({"node": node, "reason": f"malformed reply: {e}"})
                 continue
-            claimed = {"run_id": str(meta.get("run-id", "")), "round": int(meta.get("round", -1)), "client_id": cid,
-                       "num_samples": int(meta.get("num-samples", 0)), "scheme": meta.get("scheme"),
-                       "alpha": float(meta.get("alpha", 0.0))}
+            cid, tensors, metrics, claimed = reply.client_id, reply.tensors, reply.metrics, reply.claimed()
             reason = _check_tensors(tensors, expected)
             if reason is None and self.verifier is not None:
-                sig = meta.get("signature")
-                v = self.verifier.check(tensors, claimed, bytes(sig) if sig else None, server_round)
+                v = self.verifier.check(tensors, claimed, reply.signature, server_round)
                 verify_s += v.seconds
                 reason = None if v.ok else v.reason
             if reason is None and claimed["num_samples"] <= 0:
@@ -191,7 +170,8 @@ class PatchlmStrategy(Strategy):
             r_k = next(v.shape[0] for k, v in tensors.items() if k.endswith("lora_A"))
             metrics.update({"rank": r_k, "alpha": claimed["alpha"]})  # the signed values, not the metrics JSON
             if not claimed["alpha"] > 0:
-                rejected.append({"node": node, "client_id": cid, "reason": f"LoRA alpha {claimed['alpha']} is not positive"})
+                rejected.append({"node": node, "client_id": cid,
+                                 "reason": f"LoRA alpha {claimed['alpha']} is not positive"})
                 continue
             accepted.append((cid, tensors, metrics, claimed["num_samples"], up_bytes))
             self.node_names[node] = cid
@@ -213,7 +193,7 @@ class PatchlmStrategy(Strategy):
         g = aggregate(cfg.aggregation, updates)
         err = aggregation_error(g, updates)
         self._round_info.update({"aggregation_error": err, "global_rank": max(g.rank.values()),
-                                 "weights": {u.client_id: w for u, w in zip(updates, g.weights)}})
+                                 "weights": {u.client_id: w for u, w in zip(updates, g.weights, strict=True)}})
         tensors = g.tensors()
         return ArrayRecord({k: v for k, v in tensors.items()}), MetricRecord({"aggregation-error": float(err)})
 
@@ -225,8 +205,6 @@ class PatchlmStrategy(Strategy):
 
     # ---------------------------------------------------------------- saving
     def _save_clients(self, server_round: int, accepted) -> None:
-        from patchlm.patch import Patch, provenance
-
         for cid, tensors, metrics, n, _ in accepted:
             spec = {"r": metrics["rank"], "alpha": metrics["alpha"], "dropout": 0.0,
                     "targets": sorted({k.rsplit(".", 1)[0] for k in tensors}), "num_samples": n}
@@ -239,8 +217,6 @@ class PatchlmStrategy(Strategy):
                   metrics={**m, "num_samples": n}).save(self.out / f"round-{server_round}" / cid / "patch", force=True)
 
     def _save_global(self, server_round: int, tensors: dict, info: dict, metrics: dict) -> None:
-        from patchlm.patch import Patch, provenance
-
         spec = {"r": max(info["global_rank"], 1), "alpha": 1.0, "scaling": 1.0, "dropout": 0.0,
                 "targets": sorted({k.rsplit(".", 1)[0] for k in tensors}), "aggregation": self.cfg.aggregation,
                 "num_samples": sum(c["num_samples"] for c in info["clients"])}
@@ -252,8 +228,6 @@ class PatchlmStrategy(Strategy):
               ).save(self.out / f"round-{server_round}" / "global" / "patch", force=True)
 
     def _save_final(self) -> None:
-        from patchlm.patch import Patch, provenance
-
         if not self.history:
             return
         st = stack_rounds(merged_rounds(self.cfg, self.history))
@@ -271,7 +245,7 @@ class PatchlmStrategy(Strategy):
         cfg = self.cfg
         by_id = {}
         ids = list(grid.push_messages(messages))
-        for mid, m in zip(ids, messages):
+        for mid, m in zip(ids, messages, strict=True):
             by_id[mid] = m.metadata.dst_node_id
         pending = set(ids)
         replies: list[Message] = []
@@ -353,8 +327,6 @@ class PatchlmStrategy(Strategy):
                 raise RuntimeError(f"round {r} failed: {info.get('failed')}; the run can resume with --resume")
             tensors = agg.to_torch_state_dict()
             t_eval = time.time()
-            from patchlm.federated.rules import merge_tensors_into_model
-
             if cfg.protocol == "continue" and self.history:  # the new global adapter replaces the previous one
                 merge_tensors_into_model(self.base.model, self.history[-1], scaling=-1.0)
             merge_tensors_into_model(self.base.model, tensors)
@@ -389,8 +361,6 @@ class PatchlmStrategy(Strategy):
 
     def _dp_totals(self) -> dict:
         """Total epsilon per client over all completed rounds (RDP composition of the logged rounds)."""
-        from patchlm.federated.privacy import total_epsilon
-
         hist: dict[str, list] = {}
         deltas: dict[str, float] = {}
         logf = self.out / "log.jsonl"
@@ -406,8 +376,6 @@ class PatchlmStrategy(Strategy):
 
 
 def _natural(s: str):
-    import re
-
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
@@ -427,8 +395,9 @@ def _check_tensors(tensors: dict, expected: dict) -> str | None:
         if k.endswith("lora_A"):
             if tuple(v.shape[1:]) != expected[k] or v.dim() != 2:
                 return f"wrong shape {tuple(v.shape)} for {k} (expected r x {expected[k][0]})"
-            b = tensors[k[: -len("lora_A")] + "lora_B"]
-            if b.dim() != 2 or tuple(b.shape[:1]) != expected[k[: -len("lora_A")] + "lora_B"] or b.shape[1] != v.shape[0]:
+            bname = k[: -len("lora_A")] + "lora_B"
+            b = tensors[bname]
+            if b.dim() != 2 or tuple(b.shape[:1]) != expected[bname] or b.shape[1] != v.shape[0]:
                 return f"wrong shape {tuple(b.shape)} for the B of {k[:-7]} (A is {tuple(v.shape)})"
             ranks.add(v.shape[0])
         if not torch.isfinite(v).all():
@@ -437,5 +406,3 @@ def _check_tensors(tensors: dict, expected: dict) -> str | None:
         return f"mixed ranks {sorted(ranks)} inside one update"
     return None
 
-
-_ = math

@@ -1,5 +1,6 @@
-"""The task code shared by the Flower apps: the run configuration, client data partitions, the client's local
-LoRA training (plain or DP), and the server's model state and evaluation. No Flower imports here.
+"""The task code shared by the Flower apps: client data partitions, the client's local LoRA training (plain or
+DP, both on patchlm's training engine), and the server's model state and evaluation. No Flower imports here; the
+run configuration is patchlm.federated.config.FedConfig.
 """
 
 from __future__ import annotations
@@ -9,141 +10,15 @@ import math
 import random
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from patchlm.errors import ConfigError, DataError
-
-AGGREGATIONS = ("flora", "fedit", "zeropad", "ffa")
-PARTITIONS = ("dirichlet", "iid", "natural")
-SIGN_SCHEMES = ("mldsa", "slhdsa", "none")
-BROADCASTS = ("delta", "full")
-PROTOCOLS = ("merge", "continue")
-
-
-@dataclass
-class FedConfig:
-    """Every option of a federated run (one source of truth for the CLI, the server and the clients)."""
-
-    model: str = field(default="tiny-random-llama", metadata={"help": "base model (built-in name or path)"})
-    task: str = field(default="sms_spam", metadata={"help": "built-in task or local data file"})
-    clients: int = field(default=2, metadata={"help": "number of clients (SuperNodes)"})
-    rounds: int = field(default=3, metadata={"help": "federated rounds"})
-    aggregation: str = field(default="flora", metadata={"help": "flora | fedit | zeropad | ffa"})
-    ranks: list = field(default_factory=lambda: [8], metadata={"help": "LoRA rank per client (one value = all)"})
-    alpha: float | None = field(default=None, metadata={"help": "LoRA alpha for every client [2 x its rank]"})
-    targets: str = field(default="qv", metadata={"help": "LoRA target modules (preset or names)"})
-    local_steps: int = field(default=10, metadata={"help": "optimizer steps per client per round"})
-    batch_size: int = field(default=8, metadata={"help": "examples per step"})
-    lr: float = field(default=5e-4, metadata={"help": "client learning rate (AdamW)"})
-    max_length: int = field(default=128, metadata={"help": "max tokens per example"})
-    partition: str = field(default="dirichlet", metadata={"help": "dirichlet | iid | natural (health_tweets outlets)"})
-    dirichlet_alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration over labels"})
-    max_train: int | None = field(default=None, metadata={"help": "cap on the task's train examples (before partitioning)"})
-    seed: int = field(default=0, metadata={"help": "seed of partitions, inits and data order"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for client training and evaluation"})
-    sign: str = field(default="mldsa", metadata={"help": "mldsa | slhdsa | none"})
-    broadcast: str = field(default="delta", metadata={"help": "delta (only the rounds a client lacks) | full"})
-    protocol: str = field(default="merge", metadata={"help": "merge (FLoRA: merge each round into the base, fresh "
-                                                              "LoRA next round) | continue (FedIT: clients keep "
-                                                              "training the global LoRA)"})
-    dp: bool = field(default=False, metadata={"help": "client-side DP-SGD (Opacus)"})
-    dp_noise: float = field(default=1.0, metadata={"help": "DP noise multiplier"})
-    dp_clip: float = field(default=1.0, metadata={"help": "DP per-example clipping norm"})
-    dp_delta: float | None = field(default=None, metadata={"help": "DP delta [1/n^1.1 per client]"})
-    dp_flat: bool = field(default=False, metadata={"help": "DP-Flat: min-max step, flatness layer choice, distillation"})
-    min_clients: int | None = field(default=None, metadata={"help": "replies needed to complete a round [all]"})
-    round_timeout: float = field(default=1800.0, metadata={"help": "seconds a round waits for replies"})
-    straggler_timeout: float | None = field(default=None, metadata={"help": "once min_clients replied, wait at most this long for the rest"})
-    eval_limit: int = field(default=200, metadata={"help": "test examples for the server's evaluation (0 = none)"})
-    eval_split: str = field(default="test", metadata={"help": "split the server evaluates on"})
-    out: str = field(default="", metadata={"help": "run directory"})
-    run_id: str = field(default="", metadata={"help": "stable id of this run (signatures bind to it)"})
-
-    def __post_init__(self):
-        if isinstance(self.ranks, (int, str)):
-            self.ranks = parse_ranks(str(self.ranks))
-        self.ranks = [int(r) for r in self.ranks]
-        if self.clients < 1:
-            raise ConfigError(f"--clients must be at least 1, got {self.clients}")
-        if self.rounds < 1:
-            raise ConfigError(f"--rounds must be at least 1, got {self.rounds}")
-        if self.aggregation not in AGGREGATIONS:
-            from patchlm.errors import did_you_mean
-
-            raise ConfigError(f"unknown --aggregation {self.aggregation!r}; {did_you_mean(self.aggregation, AGGREGATIONS)}")
-        if len(self.ranks) == 1:
-            self.ranks = self.ranks * self.clients
-        if len(self.ranks) != self.clients:
-            raise ConfigError(f"--ranks has {len(self.ranks)} values for {self.clients} clients; give one value or one per client")
-        if any(r <= 0 for r in self.ranks):
-            raise ConfigError(f"--ranks must be positive, got {self.ranks}")
-        if self.aggregation == "fedit" and len(set(self.ranks)) > 1:
-            raise ConfigError(f"fedit averages A and B separately and cannot combine mixed ranks {self.ranks}; "
-                              "use --aggregation flora (exact), zeropad or ffa")
-        if self.partition not in PARTITIONS:
-            raise ConfigError(f"unknown --partition {self.partition!r}; choices: {', '.join(PARTITIONS)}")
-        if self.dirichlet_alpha <= 0:
-            raise ConfigError(f"--alpha (Dirichlet) must be positive, got {self.dirichlet_alpha}")
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"unknown --protocol {self.protocol!r}; choices: {', '.join(PROTOCOLS)}")
-        if self.protocol == "continue" and self.aggregation == "flora":
-            raise ConfigError("--protocol continue does not fit flora: its global rank is the sum of the clients' "
-                              "ranks and would grow every round; use --protocol merge (FLoRA's own) or "
-                              "--aggregation fedit / zeropad / ffa")
-        if self.broadcast not in BROADCASTS:
-            raise ConfigError(f"unknown --broadcast {self.broadcast!r}; choices: {', '.join(BROADCASTS)}")
-        if self.sign not in SIGN_SCHEMES:
-            raise ConfigError(f"unknown --sign {self.sign!r}; choices: {', '.join(SIGN_SCHEMES)}")
-        for name in ("local_steps", "batch_size", "max_length"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if self.min_clients is None:
-            self.min_clients = self.clients
-        if not 1 <= self.min_clients <= self.clients:
-            raise ConfigError(f"--min-clients must be between 1 and --clients ({self.clients}), got {self.min_clients}")
-        if self.dp_flat and not self.dp:
-            raise ConfigError("--dp-flat is a variant of DP training: add --dp")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FedConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"unknown federated option(s) {', '.join(sorted(unknown))}")
-        return cls(**d)
-
-    def rank(self, k: int) -> int:
-        return self.ranks[k]
-
-    def lora_alpha(self, k: int) -> float:
-        return float(self.alpha) if self.alpha is not None else 2.0 * self.ranks[k]
-
-    def dp_config(self):
-        from patchlm.federated.privacy import DPConfig
-
-        return DPConfig(noise_multiplier=self.dp_noise, max_grad_norm=self.dp_clip, delta=self.dp_delta,
-                        flat=self.dp_flat)
-
-
-def parse_ranks(text: str) -> list[int]:
-    try:
-        ranks = [int(x) for x in str(text).replace(" ", "").split(",") if x]
-    except ValueError:
-        raise ConfigError(f"--ranks must be comma-separated integers such as 16,8,4, got {text!r}") from None
-    if not ranks:
-        raise ConfigError("--ranks is empty; give e.g. 8 or 16,8,8,4")
-    return ranks
+from patchlm.federated.config import PARTITIONS, FedConfig
+from patchlm.federated.privacy import dp_train, one_batch
+from patchlm.paths import atomic_write_text
+from patchlm.train.config import TrainConfig
 
 
 # ---------------------------------------------------------------- data
@@ -171,17 +46,18 @@ def partition_indices(task, num_clients: int, method: str = "dirichlet", alpha: 
             c = task.train[i].get("client")
             if c is None:
                 raise DataError(f"task {task.name} has no 'client' field for natural partitioning; "
-                                "use --partition dirichlet (or health_tweets, whose clients are news outlets)")
+                                "set partition to dirichlet (or use health_tweets, whose clients are news outlets)")
             groups.setdefault(str(c), []).append(i)
         if len(groups) < num_clients:
-            raise DataError(f"task {task.name} has {len(groups)} natural clients, fewer than --clients {num_clients}")
+            raise DataError(f"task {task.name} has {len(groups)} natural clients, fewer than the {num_clients} "
+                            "clients asked for")
         biggest = sorted(groups, key=lambda g: (-len(groups[g]), g))[:num_clients]
         return [groups[g] for g in biggest]
     if method != "dirichlet":
-        raise ConfigError(f"unknown partition {method!r}; choices: {', '.join(PARTITIONS)}")
+        raise ConfigError(f"unknown partition {method!r}; choices: {', '.join(PARTITIONS)}", field="partition")
     if task.kind != "classification":
         raise DataError(f"Dirichlet partitioning splits by label, but task {task.name} is {task.kind}; "
-                        "use --partition iid or natural")
+                        "set partition to iid or natural")
     import numpy as np
 
     by_label: dict[int, list[int]] = {}
@@ -200,7 +76,7 @@ def partition_indices(task, num_clients: int, method: str = "dirichlet", alpha: 
         if min(len(p) for p in parts) >= min_size:
             return [sorted(p) for p in parts]
     raise DataError(f"could not draw a Dirichlet(alpha={alpha}) partition giving every one of {num_clients} "
-                    f"clients at least {min_size} examples; raise --alpha or lower --clients")
+                    f"clients at least {min_size} examples; raise dirichlet_alpha or lower clients")
 
 
 def client_examples(task, cfg: FedConfig, k: int) -> list[dict]:
@@ -209,15 +85,6 @@ def client_examples(task, cfg: FedConfig, k: int) -> list[dict]:
     parts = partition_indices(task, cfg.clients, cfg.partition, cfg.dirichlet_alpha, cfg.seed,
                               min_size=2, max_train=cfg.max_train)
     return [task.train[i] for i in parts[k]]
-
-
-def label_histogram(task, examples: list[dict]) -> list[int] | None:
-    if task.kind != "classification":
-        return None
-    h = [0] * len(task.labels)
-    for e in examples:
-        h[int(e["label"])] += 1
-    return h
 
 
 # ---------------------------------------------------------------- model
@@ -275,15 +142,37 @@ def round_seed(cfg: FedConfig, round_: int) -> int:
     return cfg.seed * 10_007 + round_
 
 
+def client_train_config(cfg: FedConfig) -> TrainConfig:
+    """The step rule's settings of a client's local training: AdamW at the constant rate cfg.lr, no weight decay,
+    gradients clipped to norm 1 (DP training clips per example instead and ignores max_grad_norm)."""
+    return TrainConfig(steps=cfg.local_steps, batch_size=cfg.batch_size, optimizer="adamw", lr=cfg.lr,
+                       weight_decay=0.0, max_grad_norm=1.0, schedule="constant", warmup=0, max_length=cfg.max_length,
+                       seed=cfg.seed, bf16=cfg.bf16, progress=False)
+
+
+def cyclic_batches(feats: list[dict], batch_size: int, seed: int, pad: int):
+    """batches(step) for the engine: one shuffled pass order (random.Random(seed)), cycled, batch_size per step."""
+    from patchlm.data.features import collate
+
+    order = list(range(len(feats)))
+    random.Random(seed).shuffle(order)
+
+    def batches(s: int) -> list[dict[str, torch.Tensor]]:
+        sel = [feats[order[(s * batch_size + j) % len(order)]] for j in range(batch_size)]
+        return [collate(sel, pad)]
+
+    return batches
+
+
 def local_train(base, cfg: FedConfig, k: int, round_: int, examples: list[dict], task, log=None,
                 start: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict]:
     """Train client k's LoRA for cfg.local_steps on its examples; return (tensors, metrics). The LoRA starts
     fresh (merge protocol, or the first round) or from the global adapter `start` (continue protocol)."""
     from patchlm.adapters.inject import wrapped_modules
     from patchlm.adapters.lora import LoraKind, LoraLinear
-    from patchlm.data.features import build_features, objective_for
-    from patchlm.data.features import collate
-    from patchlm.train.engine import causal_lm_loss
+    from patchlm.data.features import build_features, objective_for, pad_id
+    from patchlm.train.engine import causal_lm_loss, train_loop
+    from patchlm.train.optim import make_optimizer
 
     t0 = time.perf_counter()
     r, alpha = cfg.rank(k), cfg.lora_alpha(k)
@@ -307,11 +196,10 @@ def local_train(base, cfg: FedConfig, k: int, round_: int, examples: list[dict],
     objective = objective_for(task, "auto")
     sub = type(task)(**{**task.__dict__, "train": examples})
     feats = build_features(sub, "train", base.tokenizer, objective, cfg.max_length)
-    pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(base.tokenizer)
     metrics: dict = {"num_samples": len(examples), "rank": r, "alpha": alpha}
+    tcfg = client_train_config(cfg)
     if cfg.dp:
-        from patchlm.federated.privacy import dp_train
-
         public = None
         if cfg.dp_flat:  # the task's validation split stands in for public data (never a client's train data)
             public = build_features(task, "validation", base.tokenizer, objective, cfg.max_length, limit=256)
@@ -320,37 +208,16 @@ def local_train(base, cfg: FedConfig, k: int, round_: int, examples: list[dict],
                        public_feats=public, log=log)
         metrics.update({"train_loss": rec.pop("train_loss"), "dp": rec})
     else:
-        autocast = torch.autocast(model.device.type, dtype=torch.bfloat16) if cfg.bf16 else _null()
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        order = list(range(len(feats)))
-        rng = random.Random(seed * 131 + k)
-        rng.shuffle(order)
-        model.train()
-        losses = []
-        for s in range(cfg.local_steps):
-            sel = [feats[order[(s * cfg.batch_size + j) % len(order)]] for j in range(cfg.batch_size)]
-            batch = {kk: v.to(model.device) for kk, v in collate(sel, pad).items()}
-            with autocast:
-                loss, _ = causal_lm_loss(model, batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+        losses: list[float] = []
+        train_loop(model, make_optimizer(tcfg.optimizer, params, tcfg),
+                   cyclic_batches(feats, cfg.batch_size, seed * 131 + k, pad), cfg.local_steps,
+                   loss_fn=causal_lm_loss, bf16=cfg.bf16, count=one_batch, on_step=lambda i: losses.append(i.loss))
         metrics["train_loss"] = sum(losses) / len(losses)
     model.eval()
     tensors = kind.state(model)
     kind.detach(model)
     metrics["train_seconds"] = time.perf_counter() - t0
     return tensors, metrics
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def evaluate_model(base, task, cfg: FedConfig) -> dict:
@@ -364,6 +231,4 @@ def evaluate_model(base, task, cfg: FedConfig) -> dict:
 
 
 def write_json(path: Path, obj) -> None:
-    from patchlm.paths import atomic_write_text
-
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
