@@ -6,7 +6,6 @@ default and help text lives in those dataclasses.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -20,10 +19,6 @@ drop_app = typer.Typer(no_args_is_help=True, help="LLM-Drop: score modules and d
 skip_app = typer.Typer(no_args_is_help=True, help="MindSkip: train routers that skip attention per sequence.")
 
 CALIBRATION = ("calib", "samples", "seq_len", "batch_size", "bf16")  # the DropConfig fields scoring needs
-
-
-def _help(cls: type, name: str) -> str:
-    return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
 
 
 def apply_patches(base, paths: list[Path] | None, force: bool = False) -> list:
@@ -159,7 +154,7 @@ def _parse_plan(text: str) -> dict:
 
 
 @skip_app.command("train")
-@config_command(Group(SkipConfig, exclude=("lam",)))
+@config_command(Group(SkipConfig, rename={"lam": "lambda"}))
 def skip_train(cv: ConfigValues,
                model: Annotated[str, typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")],
                out: Annotated[Path, typer.Option("--out", "-o", help="where to write the router patch")],
@@ -167,9 +162,6 @@ def skip_train(cv: ConfigValues,
                                                  help="instruction data (chat objective)")] = "sharegpt",
                layers: Annotated[str | None, typer.Option(
                    help="routed layers, e.g. '14-28' (instead of --last)")] = None,
-               # `lambda` is a Python keyword, so this one option is declared here; its default and help are
-               # SkipConfig.lam's
-               lam: Annotated[float, typer.Option("--lambda", help=_help(SkipConfig, "lam"))] = SkipConfig.lam,
                patch: Annotated[list[Path] | None, typer.Option(
                    "--patch", "-p", help="patch(es) to apply first (LoRA, merged, drop...)")] = None,
                force: Annotated[bool, typer.Option("--force",
@@ -192,7 +184,7 @@ def skip_train(cv: ConfigValues,
     from patchlm.errors import ConfigError
     from patchlm.paths import check_output
 
-    cfg = SkipConfig(**cv.values(SkipConfig), lam=lam)
+    cfg = SkipConfig(**cv.values(SkipConfig))
     check_output(out, force and not resume)
     ckpt = out.with_name(out.name + ".ckpt")
     if layers and cfg.last is not None:
