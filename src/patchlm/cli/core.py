@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +11,7 @@ import typer
 from patchlm.cli.common import load_task_opts, print_json, print_table, status
 from patchlm.cli.options import ConfigValues, Group, config_command
 from patchlm.errors import ConfigError
+from patchlm.evaluate.config import EvalConfig
 
 
 def models(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
@@ -67,25 +67,6 @@ def info(patch: Annotated[Path, typer.Argument(help="patch directory")],
             if k not in ("kind", "base", "trainable_params", "file_bytes", "num_tensors", "metrics", "spec",
                          "provenance", "path", "format_version"):
                 typer.echo(f"{k}: {v}")
-
-
-@dataclass
-class EvalConfig:
-    """What `patchlm eval` measures and how (the library's evaluate() takes the same values)."""
-
-    split: str = field(default="test", metadata={"help": "train | validation | test"})
-    limit: int | None = field(default=None, metadata={"help": "evaluate the first N examples of the split"})
-    batch_size: int = field(default=16, metadata={"help": "examples per forward pass"})
-    max_length: int = field(default=512, metadata={"help": "max tokens per example"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
-    seed: int = field(default=0, metadata={"help": "data split seed"})
-
-    def __post_init__(self):
-        if self.limit is not None and self.limit <= 0:
-            raise ConfigError(f"limit must be positive, got {self.limit}", field="limit")
-        for name in ("batch_size", "max_length"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}", field=name)
 
 
 @config_command(Group(EvalConfig))

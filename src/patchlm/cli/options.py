@@ -104,7 +104,8 @@ def _options(group: Group) -> list[_Opt]:
 
 def _typer_param(opt: _Opt) -> inspect.Parameter:
     f = opt.fld
-    names = [f"{opt.flag}/--no-{opt.flag[2:]}"] if opt.typ is bool else [opt.flag]
+    negative = f.metadata.get("negative") or f"--no-{opt.flag[2:]}"
+    names = [f"{opt.flag}/{negative}"] if opt.typ is bool else [opt.flag]
     if f.metadata.get("short"):
         names.append(f.metadata["short"])
     help_text = f.metadata.get("help", "")
@@ -144,7 +145,7 @@ class ConfigValues:
         return None
 
 
-_FLAGS: dict[str, str] = {}  # field name -> flag of the command being run (for error messages)
+_FLAGS: dict[str, str | None] = {}  # field name -> flag of the command being run (for error messages)
 
 
 def flag_for(field_name: str) -> str | None:
@@ -183,7 +184,8 @@ def config_command(*groups: Group):
                 if src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP"):
                     given.add(o.param)
             _FLAGS.clear()
-            _FLAGS.update({o.fld.name: o.flag for o in opts})
+            for o in opts:  # a field name two groups share (r: --rank, --mos-r) maps to no flag: it is ambiguous
+                _FLAGS[o.fld.name] = None if o.fld.name in _FLAGS else o.flag
             gen_kwargs = {o.param: kwargs.pop(o.param) for o in opts}
             return fn(ConfigValues(opts, gen_kwargs, given), **kwargs)
 

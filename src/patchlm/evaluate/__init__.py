@@ -2,15 +2,17 @@
 
 from patchlm.data.features import encode_verbalizers
 from patchlm.evaluate.classify import evaluate_classification, label_scores
+from patchlm.evaluate.config import EvalConfig
 from patchlm.evaluate.perplexity import perplexity
 from patchlm.evaluate.probes import MemoryProbe, Timer, peak_rss_bytes
 
-__all__ = ["evaluate_classification", "label_scores", "encode_verbalizers", "perplexity", "MemoryProbe", "Timer",
-           "peak_rss_bytes", "evaluate"]
+__all__ = ["EvalConfig", "MemoryProbe", "Timer", "encode_verbalizers", "evaluate", "evaluate_classification",
+           "label_scores", "peak_rss_bytes", "perplexity"]
 
 
-def evaluate(model, tokenizer, task, split: str = "test", limit: int | None = None, batch_size: int = 16,
-             bf16: bool = False, max_length: int = 512) -> dict:
+def evaluate(model, tokenizer, task, split: str = EvalConfig.split, limit: int | None = EvalConfig.limit,
+             batch_size: int = EvalConfig.batch_size, bf16: bool = EvalConfig.bf16,
+             max_length: int = EvalConfig.max_length) -> dict:
     """Metrics of `model` on a task split: accuracy/macro-F1 for classification, perplexity otherwise."""
     if task.kind == "classification":
         return evaluate_classification(model, tokenizer, task, split=split, limit=limit, batch_size=batch_size,

@@ -10,6 +10,7 @@ import torch
 
 from patchlm.data.features import collate, encode_prompt, encode_verbalizers, pad_id
 from patchlm.errors import DataError
+from patchlm.evaluate.config import EvalConfig
 from patchlm.models.parts import autocast, model_device
 
 
@@ -19,8 +20,9 @@ def _pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def label_scores(model, tokenizer, task, examples: list[dict], batch_size: int = 16, max_length: int = 512,
-                 bf16: bool = False) -> torch.Tensor:
+def label_scores(model, tokenizer, task, examples: list[dict], batch_size: int = EvalConfig.batch_size,
+                 max_length: int = EvalConfig.max_length,
+                 bf16: bool = EvalConfig.bf16) -> torch.Tensor:
     """Log-likelihood of each label's verbalizer for each example: a tensor [N, num_labels]."""
     device = model_device(model)
     verbs = encode_verbalizers(tokenizer, task)
@@ -75,8 +77,9 @@ def macro_f1(y_true: list[int], y_pred: list[int], num_labels: int) -> float:
     return sum(f1s) / len(f1s) if f1s else 0.0
 
 
-def evaluate_classification(model, tokenizer, task, split: str = "test", limit: int | None = None,
-                            batch_size: int = 16, bf16: bool = False, max_length: int = 512,
+def evaluate_classification(model, tokenizer, task, split: str = EvalConfig.split, limit: int | None = EvalConfig.limit,
+                            batch_size: int = EvalConfig.batch_size, bf16: bool = EvalConfig.bf16,
+                            max_length: int = EvalConfig.max_length,
                             examples: list[dict] | None = None) -> dict:
     """Accuracy and macro-F1 on a split (the first `limit` examples of it; splits are already shuffled)."""
     if task.kind != "classification":
