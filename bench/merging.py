@@ -26,14 +26,15 @@ import zoo  # noqa: E402
 from common import CACHE, ROOT, RowCache, md_table, write_results  # noqa: E402
 
 MK_VENV = CACHE / "mergekit-venv"
-# each method with the parameters used (per-model weight 1 unless said; mergekit's defaults otherwise)
+# each method with the parameters used (per-model weight 1 unless said; the method's defaults otherwise)
+PRUNING = ("density", "gamma")  # per-model defaults recorded in each row, read from the method's signature
 METHODS = [
     ("linear", {}, {}),
     ("task_arithmetic", {}, {}),
     ("ties", {}, {"density": 0.5}),
     ("dare_linear", {}, {"density": 0.5}),
     ("dare_ties", {}, {"density": 0.5}),
-    ("breadcrumbs", {}, {"density": 0.9, "gamma": 0.01}),
+    ("breadcrumbs", {}, {}),  # its defaults (density, gamma: see PRUNING), recorded in the row
     ("fisher", {}, {}),
 ]
 
@@ -54,7 +55,8 @@ def mean(xs) -> float:
 # ---------------------------------------------------------------- merge methods on three task patches
 def run_methods(args, cache: RowCache, members: dict[str, Path]) -> list[dict]:
     from patchlm.merge.fisher import estimate_fisher
-    from patchlm.merge.patches import merge_patches
+    from patchlm.merge.methods import get_method
+    from patchlm.merge.patch_merge import merge_patches
     from patchlm.models import load_base
     from patchlm.patch import Patch, get_kind
 
@@ -100,7 +102,8 @@ def run_methods(args, cache: RowCache, members: dict[str, Path]) -> list[dict]:
             merged.apply(base())
             acc = zoo.evaluate_tasks(base(), ts, args.limit)
             get_kind(merged.kind).detach(base().model)
-            return {"name": method, "kind": "merge", "params": {**params, **mp, "weight": 1.0},
+            used = {k: p.default for k, p in get_method(method).model_params.items() if k in PRUNING}
+            return {"name": method, "kind": "merge", "params": {**params, **used, **mp, "weight": 1.0},
                     **{f"acc_{t}": a for t, a in acc.items()}, "mean_acc": mean(acc.values()),
                     "merge_seconds": merge_s, "fisher_seconds": fisher_s if method == "fisher" else None,
                     "patch_kind": merged.kind}
@@ -128,8 +131,8 @@ def run_methods(args, cache: RowCache, members: dict[str, Path]) -> list[dict]:
 
 # ---------------------------------------------------------------- Model-GLUE with harmful members
 def run_glue_rows(args, cache: RowCache, members: dict[str, Path]) -> tuple[list[dict], dict]:
-    from patchlm.merge.glue import run_glue
-    from patchlm.merge.patches import merge_patches
+    from patchlm.merge.glue_runner import run_glue
+    from patchlm.merge.patch_merge import merge_patches
     from patchlm.models import load_base
     from patchlm.patch import Patch, get_kind
 
@@ -150,8 +153,7 @@ def run_glue_rows(args, cache: RowCache, members: dict[str, Path]) -> tuple[list
             return mean(acc.values())
 
         t0 = time.perf_counter()
-        rep = run_glue(base, patches, names, list(ts.values()), trials=args.trials, scorer=scorer, log=log,
-                       threshold=0.95)
+        rep = run_glue(base, patches, names, list(ts.values()), trials=args.trials, scorer=scorer, log=log)
         rep["seconds"] = time.perf_counter() - t0
         return rep
 
@@ -218,10 +220,10 @@ def dense_checkpoints(members: dict[str, Path], tag: str) -> dict[str, Path]:
 def run_stream(args, cache: RowCache, members: dict[str, Path], tag: str) -> list[dict]:
     import yaml
 
-    from patchlm.models.base import BUILTIN_MODELS, _builtin_dir
+    from patchlm.models.base import builtin_dir
 
     dense = dense_checkpoints(members, tag)
-    base_dir = _builtin_dir(BUILTIN_MODELS[zoo.MODEL])
+    base_dir = builtin_dir(zoo.MODEL)
     ckpt_mb = sum(f.stat().st_size for f in base_dir.glob("*.safetensors")) / 2**20
     work = CACHE / "merging" / tag / "stream"
     work.mkdir(parents=True, exist_ok=True)
@@ -256,7 +258,7 @@ def run_stream(args, cache: RowCache, members: dict[str, Path], tag: str) -> lis
             def agree(method=method):
                 a_dir, b_dir = work / f"out-{method}-patchlm", work / f"out-{method}-mergekit"
                 worst = 0.0
-                from patchlm.merge.stream import Checkpoint
+                from patchlm.models.checkpoint import Checkpoint
 
                 a, b = Checkpoint(str(a_dir)), Checkpoint(str(b_dir))
                 for n in a.names:
@@ -278,13 +280,15 @@ def run_stream(args, cache: RowCache, members: dict[str, Path], tag: str) -> lis
 
 # ---------------------------------------------------------------- page
 def main() -> None:
+    from patchlm.merge.config import MergeConfig
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--steps", type=int, default=150, help="training steps per zoo member")
     ap.add_argument("--limit", type=int, default=200, help="test examples per task")
     ap.add_argument("--val-limit", type=int, default=30, help="validation examples per task per Model-GLUE score")
     ap.add_argument("--trials", type=int, default=24, help="CMA-ES evaluations")
-    ap.add_argument("--fisher-examples", type=int, default=32)
+    ap.add_argument("--fisher-examples", type=int, default=MergeConfig.fisher_examples)
     ap.add_argument("--repeats", type=int, default=2, help="runs of each streamed merge (alternating tools)")
     args = ap.parse_args()
     if args.quick:
@@ -308,6 +312,9 @@ def main() -> None:
 
 
 def page(args, method_rows, glue_rows, report, stream_rows) -> str:
+    from patchlm.merge.methods import get_method
+
+    crumbs = get_method("breadcrumbs").model_params
     t_cols = [f"acc_{t}" for t in zoo.TASKS]
     b, ind = method_rows[0], method_rows[1]
     merges = method_rows[2:]
@@ -362,8 +369,9 @@ One LoRA per task (r=8, alpha=16, all linear modules, {args.steps} steps, batch 
 bbc_news 128), merged by each method with weight 1 per patch; the merged model is evaluated on each of
 the three tasks (first {args.limit} test examples, label log-likelihood). "individual" is each task's own
 patch on its own task. Parameters: TIES / DARE density 0.5 (mergekit's normalize/rescale defaults:
-TIES normalizes by the agreeing weights, DARE rescales by the L1 norm), Breadcrumbs density 0.9 and
-gamma 0.01, Fisher from {args.fisher_examples} training examples per task (per-example squared gradients
+TIES normalizes by the agreeing weights, DARE rescales by the L1 norm), Breadcrumbs density
+{crumbs['density'].default} and gamma {crumbs['gamma'].default}, Fisher from {args.fisher_examples} training examples per
+task (per-example squared gradients
 of the patched weights). Merges run on dW = scaling * B A per module; linear and task arithmetic are
 exact stacked LoRAs. gain_kept = (merge mean - base mean) / (individual mean - base mean).
 

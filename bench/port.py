@@ -65,10 +65,10 @@ def evolve(args, tag: str) -> tuple[Path, dict]:
         ppl[label] = evaluate(b.model, b.tokenizer, task, split="test", limit=args.ppl_limit, bf16=True,
                               max_length=256)["perplexity"]
     from patchlm.merge.port import lineage_similarity, patch_modules
-    from patchlm.models.base import BUILTIN_MODELS, _builtin_dir
+    from patchlm.models.base import builtin_dir
     from patchlm.patch import Patch
 
-    sim = lineage_similarity(str(_builtin_dir(BUILTIN_MODELS[zoo.MODEL])), str(out),
+    sim = lineage_similarity(str(builtin_dir(zoo.MODEL)), str(out),
                              patch_modules(Patch.load(run / "patch")))
     info = {"cpt_steps": args.cpt_steps, "cpt_seconds": cpt_s, "news_perplexity_original": ppl["original"],
             "news_perplexity_evolved": ppl["evolved"], "weight_similarity": sim}

@@ -109,3 +109,42 @@ def test_patch_scorer_evaluates_the_merge(tiny, toy_task):
 
     get_kind("lora").detach(tiny.model)
     assert s == pytest.approx(want)
+
+
+def test_search_is_pure_on_a_similarity_matrix_and_a_scorer():
+    sim = [[1, .97, .96], [.97, 1, .98], [.96, .98, 1]]
+    rep = G.search(sim, concave_scorer, ["a", "b", "bad"], config=G.GlueConfig(heuristics=("average", "similarity")))
+    assert rep["families"] == [["a", "b", "bad"]] and rep["merged_family"] == ["a", "b", "bad"]
+    assert rep["heuristics"]["average"]["kept"] == ["a", "b"]
+    assert rep["best"] == G.best_heuristic(rep["heuristics"])
+    assert rep["heuristics"][rep["best"]]["score"] == max(h["score"] for h in rep["heuristics"].values())
+
+
+def test_similarity_matrix_of_tensor_groups_by_hand():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    sim = G.similarity_matrix(iter([[a, b, a], [a, a, -a]]), 3)
+    assert sim[0][1] == pytest.approx((G.column_cosine(a, b) + 1.0) / 2)
+    assert sim[0][2] == pytest.approx(0.0) and sim[2][0] == sim[0][2] and sim[1][1] == 1.0
+
+
+@pytest.mark.parametrize("kw,field", [({"threshold": 1.5}, "threshold"), ({"on": "grads"}, "on"),
+                                      ({"limit": 0}, "limit"), ({"trials": -1}, "trials"),
+                                      ({"heuristics": ("average", "best")}, "heuristics")])
+def test_glue_config_errors_name_the_field(kw, field):
+    with pytest.raises(ConfigError) as e:
+        G.GlueConfig(**kw)
+    assert e.value.field == field and field.rstrip("s") in str(e.value)
+
+
+def test_best_merge_is_the_best_selection(tiny):
+    patches = [lora_patch(tiny, s, scale=0.02) for s in (1, 2)]
+    report = {"best": "average", "heuristics": {"average": {"weights": {"b": 0.25, "a": 0.75}, "score": 0.9}}}
+    merged = R.best_merge(report, patches, ["a", "b"])
+    assert merged.metrics["glue"] == {"heuristic": "average", "score": 0.9, "weights": {"b": 0.25, "a": 0.75}}
+    want = R.merge_selection(patches, {0: 0.75, 1: 0.25})
+    from patchlm.merge.patch_merge import patch_deltas
+
+    got, ref = patch_deltas(merged), patch_deltas(want)
+    assert set(got) == set(ref) and all(torch.allclose(got[n], ref[n], atol=1e-7) for n in ref)
+    assert R.best_merge({"best": None, "heuristics": {}}, patches, ["a", "b"]) is None

@@ -22,6 +22,40 @@ def test_registry_has_every_method():
         M.get_method("model_stock")
 
 
+def test_parameters_and_defaults_come_from_the_signature():
+    import inspect
+
+    for m in M.METHODS.values():
+        sig = inspect.signature(m.fn).parameters
+        for key, p in m.all_params().items():
+            assert M.param_key(p.arg) == key and p.arg in sig
+            want = sig[p.arg].default
+            assert (p.required, p.default) == ((True, None) if want is inspect.Parameter.empty else (False, want))
+    ties = M.get_method("ties")
+    assert ties.params["lambda"].arg == "lambda_" and "lambda_" not in ties.params
+    assert set(ties.model_params) == {"weight", "density"} and not ties.random
+    assert M.get_method("dare_ties").random and M.get_method("slerp").params["t"].required
+    assert M.get_method("breadcrumbs").model_params["density"].default == 0.9
+    assert M.param_key("lambda_") == "lambda" and M.param_key("fisher_floor") == "fisher_floor"
+
+
+def test_a_new_method_is_one_decorated_function():
+    @M.merge_method("scaled_sum_test", mergekit=False)
+    def scaled(deltas, weight: M.Weight = 1.0, lambda_: M.Lambda = 2.0):
+        """sum of weighted deltas times lambda."""
+        return sum(w * d for w, d in zip(M._each(weight, len(deltas)), deltas)) * lambda_
+
+    try:
+        m = M.get_method("scaled_sum_test")
+        assert m.params["lambda"].default == 2.0 and m.model_params["weight"].default == 1.0
+        out = M.merge_tensor(m, "x", None, [D0, D1], [{"weight": 1.0}, {}], {"lambda": 0.5})
+        assert torch.allclose(out, (D0 + D1) * 0.5)
+        with pytest.raises(ConfigError, match="lambda"):
+            M.validate_value(m, "lambda", "big")
+    finally:
+        M.METHODS.pop("scaled_sum_test")
+
+
 def test_linear_normalized_and_not():
     # (1*D0 + 3*D1) / 4
     assert torch.allclose(M.linear([D0, D1], [1, 3]), torch.tensor([-0.5, 0.25, 2.25, -2.875]))

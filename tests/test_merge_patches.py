@@ -197,3 +197,166 @@ def test_cli_merges_patches(tiny, tmp_path, capsys):
     code, out, err = run_cli(["merge", "-p", str(tmp_path / "a"), "-m", "x", "--method", "ties",
                               "--out", str(tmp_path / "z")], capsys)
     assert code == 2 and "not both" in err
+
+
+# ---------------------------------------------------------------- the refactor changed no numbers
+def _old_collate(feats, pad_id):
+    """patchlm.train.trainer.collate as of af73a9d (reference copy)."""
+    from patchlm.data.features import IGNORE
+
+    n = max(len(f["input_ids"]) for f in feats)
+    ids = torch.full((len(feats), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(feats), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(feats), n), dtype=torch.long)
+    for i, f in enumerate(feats):
+        k = len(f["input_ids"])
+        ids[i, :k] = torch.tensor(f["input_ids"])
+        labels[i, :k] = torch.tensor(f["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _old_loss(model, batch):
+    """patchlm.train.trainer.causal_lm_loss as of af73a9d (reference copy)."""
+    import torch.nn.functional as F
+
+    from patchlm.data.features import IGNORE
+
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    n = int(keep.sum())
+    backbone = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backbone is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        return F.cross_entropy(logits[keep].float(), target[keep]), n
+    hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    logits = head(hidden[keep])
+    return F.cross_entropy(logits.float(), target[keep]), n
+
+
+def _old_estimate_fisher(base, patch, task, n_examples=32, max_length=128, bf16=False, split="train"):
+    """merge/fisher.py's estimate_fisher as of af73a9d (reference copy: CPU autocast, batches left on the CPU)."""
+    from patchlm.data.features import build_features, objective_for
+
+    modules = PatchDeltas(patch).modules
+    model = base.model
+    patch.apply(base)
+    kind = get_kind(patch.kind)
+    weights = {}
+    try:
+        for name in modules:
+            mod = model.get_submodule(name)
+            weights[name] = getattr(mod, "base", mod).weight
+        feats = build_features(task, split, base.tokenizer, objective_for(task), max_length, limit=n_examples)
+        req = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights.values():
+            w.requires_grad_(True)
+        acc = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+        pad = base.tokenizer.pad_token_id or 0
+        was = model.training
+        model.eval()
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+        for f in feats:
+            batch = _old_collate([f], pad)
+            with ctx:
+                loss, _ = _old_loss(model, batch)
+            loss.backward()
+            for n, w in weights.items():
+                acc[n].add_(w.grad.float() ** 2)
+                w.grad = None
+        model.train(was)
+        for n, p in model.named_parameters():
+            p.requires_grad_(req.get(n, False))
+        return {n: a / len(feats) for n, a in acc.items()}
+    finally:
+        for w in weights.values():
+            w.grad = None
+            w.requires_grad_(False)
+        kind.detach(model)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fisher_on_the_engine_equals_the_old_loop(tiny, toy_task, bf16):
+    from patchlm.merge.fisher import estimate_fisher
+
+    p = lora_patch(tiny, 3, targets=["q_proj", "down_proj"])
+    want = _old_estimate_fisher(tiny, p, toy_task, n_examples=3, max_length=32, bf16=bf16)
+    got = estimate_fisher(tiny, p, toy_task, n_examples=3, max_length=32, bf16=bf16)
+    assert set(got) == set(want)
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    assert not any(q.requires_grad for q in tiny.model.parameters())  # flags restored, patch detached
+    assert not any("lora" in n for n, _ in tiny.model.named_parameters())
+
+
+def test_fisher_count_is_a_named_field(tiny, toy_task):
+    from patchlm.merge.fisher import estimate_fisher
+
+    with pytest.raises(ConfigError, match="fisher_examples") as e:
+        estimate_fisher(tiny, lora_patch(tiny, 1), toy_task, n_examples=0)
+    assert e.value.field == "fisher_examples"
+
+
+def test_merged_kind_declares_itself_and_attach_returns_the_spec(tiny):
+    from patchlm.patch import kind_can
+
+    kind = get_kind("merged")
+    assert kind.stage == "weight" and kind_can("merged", "materialize") and kind_can("merged", "export-merged")
+    merged = merge_patches([lora_patch(tiny, 1), lora_patch(tiny, 2)], "ties", densities=[0.5, 0.5])
+    spec = dict(merged.spec)
+    resolved = kind.attach(tiny.model, merged.spec, merged.tensors)
+    kind.detach(tiny.model)
+    assert resolved == spec and merged.spec == spec and resolved is not merged.spec
+
+
+def test_a_kind_without_a_lora_form_is_refused_by_capability(tiny):
+    from patchlm.errors import PatchFormatError
+    from patchlm.merge.patch_merge import lora_form
+
+    drop = Patch(kind="drop", base=tiny.ref(), spec={}, tensors={})
+    with pytest.raises(PatchFormatError, match="materialize"):
+        lora_form(drop)
+
+
+def test_run_plan_writes_the_patch_and_names_rank_for_checkpoints(tiny, tmp_path):
+    from patchlm.merge.config import MergeConfig
+    from patchlm.merge.plan import plan_from_options
+    from patchlm.merge.runner import run_plan
+
+    lora_patch(tiny, 1).save(tmp_path / "a")
+    lora_patch(tiny, 2).save(tmp_path / "b")
+    plan = plan_from_options([str(tmp_path / "a"), str(tmp_path / "b")], "ties", densities=[0.5])
+    rep = run_plan(plan, tmp_path / "m", MergeConfig(rank=4))
+    assert rep["kind"] == "lora" and Patch.load(tmp_path / "m").kind == "lora"
+    ck = plan_from_options(["x", "y"], "linear")
+    with pytest.raises(ConfigError, match="rank") as e:
+        run_plan(ck, tmp_path / "c", MergeConfig(rank=4))
+    assert e.value.field == "rank" and not (tmp_path / "c").exists()
+
+
+def test_merge_config_shard_size_is_binary_by_default():
+    from patchlm.merge.config import DEFAULT_SHARD_BYTES, MergeConfig, parse_size
+
+    assert MergeConfig().shard_bytes == DEFAULT_SHARD_BYTES == 2 * 2**30
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size("1000") == 1000
+    with pytest.raises(ConfigError, match="shard_size") as e:
+        MergeConfig(shard_size="lots")
+    assert e.value.field == "shard_size"
+
+
+def test_cli_merge_options_default_to_their_config_fields():
+    import dataclasses
+
+    from patchlm.cli.merge import glue, merge, port
+
+    for cmd in (merge, glue, port):
+        for param, (cls, name, default) in cmd.__patchlm_fields__.items():
+            f = next(f for f in dataclasses.fields(cls) if f.name == name)
+            want = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert default == want, (cmd.__name__, param)
+    flags = {p for p in merge.__patchlm_fields__}
+    assert {"rank", "stack", "fisher_examples", "shard_size", "seed", "dtype", "out_dtype"} <= flags

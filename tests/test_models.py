@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -77,3 +79,34 @@ def test_gemma3_builtin_loads_when_installed():
     assert b.architecture == "Gemma3ForCausalLM" and b.model.config.num_hidden_layers == 18
     ids = b.tokenizer("The capital of France is", return_tensors="pt")
     assert torch.isfinite(b.model(**ids).logits).all()
+
+
+def test_state_dict_and_streamed_fingerprints_are_one_implementation(tiny, tmp_path):
+    """load_base's fingerprint (state dict) and porting's (streamed checkpoint) agree, tied weights included."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from patchlm.models.checkpoint import Checkpoint
+    from patchlm.models.fingerprint import fingerprint_checkpoint
+
+    sd = tiny.model.state_dict()
+    assert sd["lm_head.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr()  # tied: hashed once
+    tiny.model.save_pretrained(tmp_path / "m")
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path / "m"))
+    for chunk in (1 << 22, 777):
+        assert fingerprint_checkpoint(Checkpoint(str(tmp_path / "m")), meta, chunk) == fingerprint_state_dict(sd)
+    assert fingerprint_state_dict(sd) == tiny.fingerprint
+
+
+def test_checkpoint_names_resolve_in_one_place(tiny, tmp_path):
+    from patchlm.models.base import builtin_dir, cached_fingerprint
+    from patchlm.models.checkpoint import resolve_checkpoint
+
+    d = builtin_dir("tiny-random-llama")
+    assert resolve_checkpoint("tiny-random-llama") == d == Path(tiny.path)
+    assert cached_fingerprint(d) == tiny.fingerprint  # built-ins cache theirs beside the checkpoint
+    assert resolve_checkpoint(str(tmp_path)) == tmp_path and cached_fingerprint(tmp_path) is None
+    with pytest.raises(UnknownNameError, match="tiny-random-llama"):
+        builtin_dir("tiny-random-lama")
+    with pytest.raises(PatchlmError, match="not found"):
+        resolve_checkpoint("no-such-model")

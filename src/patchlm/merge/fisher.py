@@ -21,7 +21,8 @@ from patchlm.train.engine import autocast, causal_lm_loss, to_device
 
 def estimate_fisher(base, patch, task, n_examples: int = MergeConfig.fisher_examples, max_length: int = 128,
                     bf16: bool = MergeConfig.bf16, split: str = "train") -> dict[str, torch.Tensor]:
-    """module name -> diagonal Fisher of W (float32, on the CPU beside the patch's tensors) for every module the patch changes.
+    """module name -> diagonal Fisher of W (float32, on the CPU beside the patch's tensors) for every module the
+    patch changes.
 
     The patch is attached for the estimate and detached after; the model's train/eval mode and requires_grad
     flags are restored."""
