@@ -161,7 +161,7 @@ def fedit(updates: list[ClientUpdate]) -> GlobalLoRA:
     ranks = sorted(set().union(*(u.ranks for u in updates)))
     if len(ranks) != 1:
         raise ConfigError(f"fedit averages A and B separately and cannot combine mixed ranks {ranks}; "
-                          "use --aggregation flora (exact), zeropad or ffa")
+                          "set aggregation to flora (exact), zeropad or ffa", field="aggregation")
     p = data_weights(updates)
     out = {}
     for n in names:

@@ -63,7 +63,7 @@ def federate(cfg: FedConfig, out: str | Path, *, resume: bool = False, force: bo
         differ = sorted(k for k in saved if k not in ("rounds",) and saved[k] != mine.get(k))
         if differ:
             raise ConfigError(f"--resume with other options than the run in {out} ({', '.join(differ)}); "
-                              "give the same options (only --rounds may grow)")
+                              "give the same options (only rounds may grow)", field=differ[0])
         cfg = FedConfig.from_dict(mine)
     else:
         if out.exists() and any(out.iterdir()) and not force:

@@ -184,7 +184,7 @@ class PatchlmStrategy(Strategy):
                                "dp": metrics.get("dp")})
         self._round_info = {"rejected": rejected, "clients": per_client, "verify_seconds": verify_s}
         if len(accepted) < cfg.min_clients:
-            self._round_info["failed"] = (f"only {len(accepted)} valid updates, --min-clients is {cfg.min_clients}")
+            self._round_info["failed"] = (f"only {len(accepted)} valid updates, min_clients is {cfg.min_clients}")
             return None, None
         accepted.sort(key=lambda a: _natural(a[0]))  # a fixed order: the stacked global is reproducible from disk
         per_client.sort(key=lambda c: _natural(c["client_id"]))
