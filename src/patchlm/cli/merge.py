@@ -23,7 +23,7 @@ from patchlm.merge.port import PortConfig
 PLAN_OPTIONS = ("dtype", "out_dtype", "tokenizer_source", "seed")
 # config fields set by the hand-written options below (the generated ones are found by patchlm.cli.options)
 FIELD_FLAGS = {"weight": "--weight", "density": "--density", "gamma": "--gamma", "parameters": "--param",
-               "heuristics": "--heuristic", "base_model": "--base"}
+               "heuristics": "--heuristic", "base_model": "--base", "models": "--model or --patch"}
 
 
 @contextmanager
@@ -132,12 +132,12 @@ def glue(cv: ConfigValues,
         check_output(out, force)
     with _name_flags():
         cfg = GlueConfig(**cv.values(GlueConfig), **({"heuristics": tuple(heuristic)} if heuristic else {}))
-    patches = [Patch.load(p) for p in patch]
-    tasks = [load_task_opts(t) for t in task]
-    base = load_base(patches[0].base["name"])
-    names = [str(p) for p in patch]
-    report = run_glue(base, patches, names, tasks, cfg, log=status)
-    merged = best_merge(report, patches, names) if out is not None else None
+        patches = [Patch.load(p) for p in patch]
+        tasks = [load_task_opts(t) for t in task]
+        base = load_base(patches[0].base["name"])
+        names = [str(p) for p in patch]
+        report = run_glue(base, patches, names, tasks, cfg, log=status)
+        merged = best_merge(report, patches, names) if out is not None else None
     if merged is not None:
         merged.save(out, force=force)
         report["out"] = str(out)

@@ -101,13 +101,13 @@ class MergePlan:
                                    f"{did_you_mean(self.merge_method, METHODS)}")
         m = self.method
         if not self.models:
-            raise ConfigError("no models to merge: give `models:` in the YAML or --model options")
+            raise ConfigError("no models to merge: models is empty", field="models")
         names = [e.model for e in self.models]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ConfigError(f"model {dup[0]} is listed twice")
         if m.needs_base and not self.base_model and not self.patches:
-            raise ConfigError(f"merge method {m.name} needs a base model: set base_model (or --base)")
+            raise ConfigError(f"merge method {m.name} needs a base model: set base_model", field="base_model")
         if m.space == "weights" and self.base_model and self.base_model not in names:
             raise ConfigError(f"merge method {m.name} averages the listed models; base_model {self.base_model} is "
                               "not among them: add it to models (with a weight) or drop base_model")
