@@ -28,7 +28,7 @@ from patchlm.patch import Patch, get_kind
 
 @dataclass
 class PortConfig:
-    """PortLLM's one knob (besides --force): how much the new base must look like the old one."""
+    """PortLLM's one knob (besides force): how much the new base must look like the old one."""
 
     min_similarity: float = field(default=0.9, metadata={
         "help": "weight similarity (mean per-column cosine of the patched modules) the new base must have to the old"})
