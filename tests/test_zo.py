@@ -239,9 +239,9 @@ def test_zo_training_resumes_exactly(toy_task, tmp_path):
     from patchlm.models import load_base
 
     spec = {"r": 2, "alpha": 4, "targets": "attn"}
-    for opt in ("zo-sgd", "zo-adam"):
+    for opt, extra in (("zo-sgd", {"zo_sparsity": 0.3}), ("zo-adam", {}), ("zo-sgd-mmt", {"zo_one_sided": True})):
         cfg = TrainConfig(optimizer=opt, lr=1e-3, steps=6, save_every=3, batch_size=4, progress=False, eval_limit=4,
-                          zo_block="layer")
+                          zo_block="layer", **extra)
         full = Trainer(load_base("tiny-random-llama"), "lora", dict(spec), toy_task, cfg).run().tensors
         import patchlm.train.trainer as tr
 

@@ -43,6 +43,7 @@ class PatchKind:
     name: ClassVar[str] = ""
     stage: ClassVar[str] = "weight"
     capabilities: ClassVar[frozenset[str]] = frozenset()
+    saves_as: ClassVar[str | None] = None  # a training-time kind whose result is a patch of another kind
 
     def attach(self, model: torch.nn.Module, spec: dict, tensors: dict[str, torch.Tensor] | None = None,
                seed: int = 0) -> dict:
@@ -59,6 +60,14 @@ class PatchKind:
     def state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The tensors to save (detached, contiguous, on CPU)."""
         raise NotImplementedError
+
+    def exact_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """Tensors that restore training bit for bit when state() alone does not (a dense delta W - W0 loses
+        rounding when added back); the trainer's checkpoints store them. None: state() is exact."""
+        return None
+
+    def load_exact_state(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Put exact_state()'s tensors back after attach (resume)."""
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         """Parameters an optimizer should update."""

@@ -63,9 +63,10 @@ class FullKind(PatchKind):
     saves_as = "merged"
 
     def attach(self, model, spec, tensors=None, seed=0):
-        check_spec_keys(FullConfig, {k: v for k, v in spec.items() if k not in ("method",)}, "full")
+        resolved = ("method", "modules")  # what attach adds to the spec it returns
+        check_spec_keys(FullConfig, {k: v for k, v in spec.items() if k not in resolved}, "full")
         cfg = FullConfig(**{k: v for k, v in spec.items() if k in spec_keys(FullConfig) and k != "seed"})
-        names = resolve_targets(model, cfg.targets)
+        names = resolve_targets(model, spec["modules"] if spec.get("modules") else cfg.targets)
         if tensors is not None:
             extra = sorted(k for k in tensors if not (k.endswith(DELTA) and k[: -len(DELTA)] in names))
             if extra:
@@ -106,6 +107,15 @@ class FullKind(PatchKind):
             w = model.get_submodule(n).weight.detach().float().cpu()
             out[f"{n}{DELTA}"] = (w - snap.read(n).float()).contiguous()
         return out
+
+    def exact_state(self, model):
+        _, names = getattr(model, "_patchlm_full", None) or (None, [])
+        return {n: model.get_submodule(n).weight.detach().cpu().contiguous() for n in names}
+
+    def load_exact_state(self, model, tensors):
+        with torch.no_grad():
+            for n, w in tensors.items():
+                model.get_submodule(n).weight.copy_(w)
 
     def trainable_parameters(self, model):
         _, names = getattr(model, "_patchlm_full", None) or (None, [])

@@ -126,7 +126,7 @@ class Trainer:
 
     # -- checkpoints
     def _patch(self, metrics: dict) -> Patch:
-        return Patch(kind=self.kind_name, base=self.base.ref(), spec=self.spec, tensors=self.kind.state(self.base.model),
+        return Patch(kind=self.kind.saves_as or self.kind_name, base=self.base.ref(), spec=self.spec, tensors=self.kind.state(self.base.model),
                      provenance=provenance(task=self.task.name, objective=self.objective, seed=self.cfg.seed,
                                            train=self.cfg.to_dict()),
                      metrics=metrics)
@@ -136,6 +136,9 @@ class Trainer:
             self._patch({"step": step}).save(tmp / "patch")
             save_state(tmp, "optimizer", {"optimizer": rule.state_dict(), "rng": torch.get_rng_state(),
                                           "name": self.cfg.optimizer})
+            exact = self.kind.exact_state(self.base.model)
+            if exact is not None:
+                save_state(tmp, "weights", exact)
             (tmp / "state.json").write_text(json.dumps({"step": step, "best": best, "spec": self.spec,
                                                         "forward_passes": self._acc["forwards"]}))
 
@@ -150,6 +153,8 @@ class Trainer:
                               f"{self.cfg.optimizer!r}: resume with the same optimizer or start over with --force")
         rule.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
+        if (last / "weights.json").exists():
+            self.kind.load_exact_state(self.base.model, load_state(last, "weights"))
         self._resumed_forwards = int(state.get("forward_passes", 0))
         return int(state["step"]), state.get("best", {})
 

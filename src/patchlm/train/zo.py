@@ -348,10 +348,17 @@ class ZeroOrder(StepRule):
                 yield i, p
 
     def state_dict(self) -> dict:
-        return {"t": self.t}
+        """The step counter (it seeds the directions) and the sparsity masks (chosen once, from the weights at
+        the start of training: a resumed run must not re-choose them from the weights it resumes with)."""
+        out: dict = {"t": self.t}
+        if any(m is not None for m in self.dirs.masks):
+            out["masks"] = [m if m is not None else torch.zeros(0, dtype=torch.bool) for m in self.dirs.masks]
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         self.t = int(state["t"])
+        if "masks" in state:
+            self.dirs.masks = [m.to(p.device) if m.numel() else None for m, p in zip(state["masks"], self.params)]
 
 
 @register_optimizer("zo-sgd")
@@ -390,10 +397,10 @@ class ZOSGDMomentum(ZeroOrder):
                 p.add_(self.m[i].to(p.dtype), alpha=-self.lr)
 
     def state_dict(self):
-        return {"t": self.t, "m": list(self.m)}
+        return {**super().state_dict(), "m": list(self.m)}
 
     def load_state_dict(self, state):
-        self.t = int(state["t"])
+        super().load_state_dict(state)
         self.m = [m.to(p.device) for m, p in zip(state["m"], self.params)]
 
 
@@ -420,10 +427,10 @@ class ZOAdam(ZeroOrder):
                 p.add_((mh / (vh.sqrt() + 1e-8)).to(p.dtype), alpha=-self.lr)
 
     def state_dict(self):
-        return {"t": self.t, "m": list(self.m), "v": list(self.v), "k": list(self.k)}
+        return {**super().state_dict(), "m": list(self.m), "v": list(self.v), "k": list(self.k)}
 
     def load_state_dict(self, state):
-        self.t = int(state["t"])
+        super().load_state_dict(state)
         self.m = [m.to(p.device) for m, p in zip(state["m"], self.params)]
         self.v = [v.to(p.device) for v, p in zip(state["v"], self.params)]
         self.k = [int(k) for k in state["k"]]
