@@ -22,6 +22,7 @@ from patchlm.adapters.virtual import (
     VirtualTable,
     backbone_of,
     cache_kwarg,
+    check_free,
     freeze_base,
     install,
     kv_geometry,
@@ -87,7 +88,7 @@ def vocab_prefix(model: torch.nn.Module, n: int, seed: int) -> torch.Tensor:
         bb(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{cache_kwarg(bb): cache})
     finally:
         model.train(was)
-    kv = [(cache.layers[i].keys[0].float(), cache.layers[i].values[0].float()) for i in range(layers)]
+    kv = [(cache.layers[i].keys[0, :, -n:].float(), cache.layers[i].values[0, :, -n:].float()) for i in range(layers)]
     return pack(kv).cpu()
 
 
@@ -102,6 +103,7 @@ class PrefixKind(PatchKind):
 
     def attach(self, model, spec, tensors=None, seed=0):
         cfg = from_spec(PrefixConfig, dict(spec), "prefix", strict=tensors is None)
+        check_free(model, ATTR, "prefix")
         layers, heads, head_dim = kv_geometry(model)
         n, width = int(cfg.num_virtual_tokens), layers * 2 * heads * head_dim
         for name, want in (("num_layers", layers), ("num_attention_heads", heads), ("token_dim", heads * head_dim)):

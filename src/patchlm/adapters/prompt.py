@@ -19,6 +19,7 @@ import torch
 from patchlm.adapters.config import check_positive_int, from_spec, to_spec
 from patchlm.adapters.virtual import (
     VirtualTable,
+    check_free,
     freeze_base,
     install,
     sample_token_ids,
@@ -58,6 +59,7 @@ class PromptKind(PatchKind):
 
     def attach(self, model, spec, tensors=None, seed=0):
         cfg = from_spec(PromptConfig, dict(spec), "prompt", strict=tensors is None)
+        check_free(model, ATTR, "prompt")
         emb = model.get_input_embeddings()
         hidden = int(emb.weight.shape[1])
         if hidden != int(getattr(text_config(model), "hidden_size", hidden)):

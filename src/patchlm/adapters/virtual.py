@@ -9,7 +9,8 @@ tokens to every call that starts a sequence (no cache passed, or an empty one), 
 - the attention mask gets `n` ones in front; a cache passed in is taken to hold the virtual tokens already, and
   the mask is extended only when its length is the cache's plus the input's minus `n` (the caller's own length);
 - prefix tuning: the prefix is the cache (keys/values at positions 0..n-1), so the input sits at positions
-  n..n+T-1; position ids given by the caller are shifted by `n`;
+  n..n+T-1; position ids given by the caller are shifted by `n`; with use_cache=False the prefix cache made for
+  the call is not returned (as the base returns none), so `generate(use_cache=False)` starts afresh each step;
 - prompt tuning: the virtual embeddings are prepended to the input embeddings and position ids given by the
   caller are dropped (PEFT ignores them); a forward hook strips the `n` virtual positions from the backbone's
   outputs, so every caller sees its own sequence length again.
@@ -107,9 +108,9 @@ class VirtualTokens:
         self.backbone, self.table, self.n, self.mode, self.begin = backbone, table, int(n), mode, begin
         self.arg_names, self.cache_key = _positional_names(backbone), cache_kwarg(backbone)
         self.injected = False  # set by the pre-hook when this call prepended prompt embeddings
-        self.handles = [backbone.register_forward_pre_hook(self._pre, with_kwargs=True)]
-        if mode == "prompt":
-            self.handles.append(backbone.register_forward_hook(self._post, with_kwargs=True))
+        self.drop_cache = False  # set when this call made the prefix cache but the caller asked for no cache
+        self.handles = [backbone.register_forward_pre_hook(self._pre, with_kwargs=True),
+                        backbone.register_forward_hook(self._post, with_kwargs=True)]
 
     def remove(self) -> None:
         for h in self.handles:
@@ -117,7 +118,7 @@ class VirtualTokens:
         self.handles = []
 
     def _pre(self, module, args, kwargs):
-        self.injected = False
+        self.injected = self.drop_cache = False
         if len(args) > len(self.arg_names):
             raise PatchlmError(f"{type(module).__name__} called with {len(args)} positional arguments: the "
                                f"{self.mode} patch needs them by name")
@@ -138,6 +139,10 @@ class VirtualTokens:
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:  # a sequence starts here: add the virtual tokens
             if self.mode == "prefix":
+                use_cache = kw.get("use_cache")
+                if use_cache is None:
+                    use_cache = getattr(getattr(module, "config", None), "use_cache", True)
+                self.drop_cache = cache is None and not use_cache  # the base would return no cache here
                 cache = self.begin(module, cache, batch)
                 kw[self.cache_key] = cache
             else:
@@ -158,6 +163,12 @@ class VirtualTokens:
         return (), kw
 
     def _post(self, module, args, kwargs, output):
+        if self.drop_cache:  # use_cache=False: the prefix cache must not leak out (generate would carry it on)
+            self.drop_cache = False
+            if not isinstance(output, tuple):
+                output = type(output)(**{k: v for k, v in output.items() if k not in CACHE_KWARGS})
+            if not self.injected:
+                return output
         if not self.injected:
             return None
         self.injected = False
@@ -171,11 +182,16 @@ class VirtualTokens:
         return output
 
 
-def install(model: nn.Module, attr: str, table: VirtualTable, n: int, mode: str, begin) -> None:
-    """Register `table` as `backbone.<attr>` and the hooks; refuse a second patch of the same kind."""
-    bb = backbone_of(model)
-    if attr in bb._modules:
+def check_free(model: nn.Module, attr: str, mode: str) -> None:
+    """Refuse a second patch of the same kind on one model."""
+    if attr in backbone_of(model)._modules:
         raise PatchlmError(f"this model already has a {mode} patch attached: detach it first")
+
+
+def install(model: nn.Module, attr: str, table: VirtualTable, n: int, mode: str, begin) -> None:
+    """Register `table` as `backbone.<attr>` and the hooks."""
+    check_free(model, attr, mode)
+    bb = backbone_of(model)
     bb.add_module(attr, table)
     table._patchlm_hooks = VirtualTokens(bb, table, n, mode, begin)
 
