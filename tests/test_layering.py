@@ -4,6 +4,7 @@ no import cycle between modules, and no layer importing a layer above it."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "patchlm"
@@ -99,3 +100,12 @@ def test_layers_import_only_downwards():
             elif dst_layer == src_layer == ORDER.index("methods") and dst_part not in METHOD_USES.get(src_part, set()):
                 bad.append(f"{mod} (method {src_part}) imports another method's module {d}")
     assert not bad, "layering violations:\n" + "\n".join(sorted(bad))
+
+
+def test_no_pickle_loader_anywhere_in_the_package():
+    """No code path reaches a pickle loader: torch.load, pickle.load(s) and their kin appear nowhere in src."""
+    pattern = re.compile(r"\btorch\.load\(|\bpickle\.loads?\(|\bimport pickle\b|\bcloudpickle\b|\bdill\b|"
+                         r"\bjoblib\.load\(|\bnp\.load\([^)]*allow_pickle=True")
+    hits = [f"{p.relative_to(SRC.parent)}:{i}: {line.strip()}" for p in SRC.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not hits, "pickle loaders:\n" + "\n".join(hits)

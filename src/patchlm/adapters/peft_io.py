@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 
 from patchlm.adapters.lora import lora_modules_from_tensors, module_scaling
 from patchlm.errors import PatchFormatError
@@ -78,8 +77,9 @@ def import_peft(path: str | Path, base=None) -> Patch:
     wf = path / "adapter_model.safetensors"
     if wf.exists():
         raw = load_file(str(wf))
-    elif (path / "adapter_model.bin").exists():
-        raw = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    elif (path / "adapter_model.bin").exists():  # a pickle: never loaded, whatever unpickler restrictions exist
+        raise PatchFormatError(f"{path} holds adapter_model.bin (a pickle), which patchlm never loads; re-save the "
+                               "adapter with safe_serialization=True (adapter_model.safetensors)")
     else:
         raise PatchFormatError(f"{path} has no adapter_model.safetensors")
     tensors = {}
