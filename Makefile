@@ -36,7 +36,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
-	$(BIN)/python -m ruff check src tests bench
+	$(BIN)/ruff check src tests bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
