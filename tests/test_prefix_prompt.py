@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import randomize, sample_ids, toy_features
+from conftest import randomize, run_cli, sample_ids, toy_features
 
 from patchlm.data.features import collate, pad_id
 from patchlm.errors import ConfigError, PatchFormatError, PatchlmError
@@ -207,12 +207,12 @@ def test_zeroth_order_training_runs(tiny, toy_task, name, optimizer):
 
 @pytest.mark.parametrize("name", KINDS)
 def test_peft_loads_the_export_with_the_same_logits(tiny, tmp_path, name):
-    from patchlm.adapters.peft_prompt_io import export_prompt_peft, import_prompt_peft
+    from patchlm.adapters.peft_io import export_peft, import_peft
 
     patch = _trained_patch(tiny, name)
     ids, mask = _ids_mask()
     ours = _logits(tiny.model, ids, mask)
-    export_prompt_peft(patch, tmp_path / "peft")
+    export_peft(patch, tmp_path / "peft")  # peft_io dispatches prefix / prompt patches to PEFT's prompt learning
     pm = _peft_model(tmp_path / "peft")
     cfg = pm.peft_config["default"]
     assert cfg.peft_type.value == ("PREFIX_TUNING" if name == "prefix" else "PROMPT_TUNING")
@@ -223,12 +223,28 @@ def test_peft_loads_the_export_with_the_same_logits(tiny, tmp_path, name):
         assert theirs.shape[1] == ids.shape[1] + N
         theirs = theirs[:, N:]  # PEFT's logits keep the virtual positions; patchlm's drop them
     assert (theirs - ours).abs().max() < 1e-5
-    back = import_prompt_peft(tmp_path / "peft")
+    back = import_peft(tmp_path / "peft")
     assert back.kind == name and back.base == patch.base
     assert all(torch.equal(back.tensors[k], v) for k, v in patch.tensors.items())
     assert {k: back.spec[k] for k in patch.spec if k != "init"} == {k: v for k, v in patch.spec.items() if k != "init"}
     with pytest.raises(Exception):  # noqa: B017 - atomic_dir refuses an existing directory without force
-        export_prompt_peft(patch, tmp_path / "peft")
+        export_peft(patch, tmp_path / "peft")
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_cli_exports_to_peft(tiny, tmp_path, capsys, name):
+    """`patchlm export DIR/patch --format peft` writes a PEFT adapter; --format merged is refused in one line."""
+    patch = _trained_patch(tiny, name)
+    ours = _logits(tiny.model)
+    patch.save(tmp_path / "run" / "patch")
+    code, _, err = run_cli(["export", str(tmp_path / "run" / "patch"), "--format", "peft", "--out",
+                            str(tmp_path / "peft")], capsys)
+    assert code == 0, err
+    theirs = _logits(_peft_model(tmp_path / "peft"))
+    assert (theirs[:, N:] if name == "prompt" else theirs).sub(ours).abs().max() < 1e-5
+    code, _, err = run_cli(["export", str(tmp_path / "run" / "patch"), "--format", "merged", "--out",
+                            str(tmp_path / "merged")], capsys)
+    assert code == 2 and not (tmp_path / "merged").exists()
 
 
 @pytest.mark.parametrize("name", KINDS)
@@ -236,7 +252,7 @@ def test_peft_trained_adapter_imports(tmp_path, name):
     """An adapter PEFT made itself (its own init, its own save_pretrained) imports with PEFT's logits."""
     from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
-    from patchlm.adapters.peft_prompt_io import import_prompt_peft
+    from patchlm.adapters.peft_io import import_peft
     from patchlm.models import load_base
 
     base = load_base("tiny-random-llama")
@@ -250,7 +266,7 @@ def test_peft_trained_adapter_imports(tmp_path, name):
     ids, mask = _ids_mask()
     with torch.no_grad():
         theirs = pm(input_ids=ids, attention_mask=mask).logits
-    patch = import_prompt_peft(tmp_path / "theirs", base=load_base("tiny-random-llama"))
+    patch = import_peft(tmp_path / "theirs", base=load_base("tiny-random-llama"))
     assert patch.kind == name and patch.spec["num_virtual_tokens"] == 4
     fresh = load_base("tiny-random-llama")
     patch.apply(fresh)

@@ -2,6 +2,7 @@
 
 PEFT stores `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` and applies
 scaling = lora_alpha / r (per module through rank_pattern / alpha_pattern when ranks differ).
+Prefix and prompt patches go to and come from PEFT's PREFIX_TUNING / PROMPT_TUNING adapters (`peft_prompt_io`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
+from patchlm.adapters import peft_prompt_io
 from patchlm.adapters.lora import lora_modules_from_tensors, module_scaling
 from patchlm.errors import PatchFormatError
 from patchlm.patch import Patch, get_kind, kind_can, provenance
@@ -30,6 +31,9 @@ def to_lora_patch(patch: Patch) -> Patch:
 def export_peft(patch: Patch, out: str | Path, force: bool = False) -> Path:
     """Write adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads."""
     from safetensors.torch import save_file
+
+    if patch.kind in peft_prompt_io.KINDS:  # prefix / prompt tuning: PEFT's prompt-learning adapters
+        return peft_prompt_io.export_prompt_peft(patch, out, force=force)
 
     patch = to_lora_patch(patch)
     mods = lora_modules_from_tensors(patch.tensors)
@@ -70,8 +74,11 @@ def import_peft(path: str | Path, base=None) -> Patch:
     if not cfg_f.exists():
         raise PatchFormatError(f"{path} is not a PEFT adapter directory: no adapter_config.json")
     cfg = json.loads(cfg_f.read_text())
+    if cfg.get("peft_type") in peft_prompt_io.PEFT_TYPES.values():
+        return peft_prompt_io.import_prompt_peft(path, cfg, base)
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise PatchFormatError(f"only PEFT LoRA adapters can be imported, this one is {cfg.get('peft_type')}")
+        raise PatchFormatError(f"only PEFT LoRA, prefix-tuning and prompt-tuning adapters can be imported, this one "
+                               f"is {cfg.get('peft_type')}")
     if cfg.get("use_dora") or cfg.get("use_rslora") or cfg.get("fan_in_fan_out"):
         raise PatchFormatError("PEFT adapters with use_dora, use_rslora or fan_in_fan_out are not supported")
     wf = path / "adapter_model.safetensors"

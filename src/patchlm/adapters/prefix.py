@@ -51,7 +51,8 @@ class PrefixConfig:
     num_layers: int | None = field(default=None, metadata={
         "cli": False, "help": "decoder layers the prefix covers: filled in when the patch is made"})
     num_attention_heads: int | None = field(default=None, metadata={
-        "cli": False, "help": "key/value heads per layer (PEFT's num_attention_heads): filled in when the patch is made"})
+        "cli": False,
+        "help": "key/value heads per layer (PEFT's num_attention_heads): filled in when the patch is made"})
     token_dim: int | None = field(default=None, metadata={
         "cli": False, "help": "key/value heads x head dim (PEFT's token_dim): filled in when the patch is made"})
 
@@ -69,7 +70,8 @@ def pack(keys_values: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
 
 
 def unpack(table: torch.Tensor, layers: int, heads: int) -> torch.Tensor:
-    """PEFT's [n, layers * 2 * heads * dim] as [2 * layers, heads, n, dim]: row 2l is layer l's keys, 2l+1 its values."""
+    """PEFT's [n, layers * 2 * heads * dim] as [2 * layers, heads, n, dim]: row 2l holds layer l's keys, 2l+1 its
+    values."""
     n = table.shape[0]
     return table.view(n, 2 * layers, heads, -1).permute(1, 2, 0, 3)
 

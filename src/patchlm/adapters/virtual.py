@@ -174,7 +174,7 @@ class VirtualTokens:
         self.injected = False
         n = self.n
         if isinstance(output, tuple):
-            return (output[0][:, n:],) + tuple(output[1:])
+            return (output[0][:, n:], *output[1:])
         output.last_hidden_state = output.last_hidden_state[:, n:]
         hidden = output.get("hidden_states")
         if hidden is not None:
