@@ -226,3 +226,18 @@ def test_closure_weights_and_per_example_loss(tiny, toy_task):
     train_loop(tiny.model, Record(params, None), lambda s: [b] if s == 0 else [], 2, loss_fn=example_mean_loss,
                count=example_count)
     assert seen[0] == pytest.approx(float(per.mean().detach()), abs=1e-5) and math.isnan(seen[1])
+
+
+@pytest.mark.parametrize("kw,field", [({"lr": float("inf")}, "lr"), ({"lr": float("nan")}, "lr"),
+                                      ({"steps": 3.7}, "steps"), ({"bf16": "yes please"}, "bf16"),
+                                      ({"steps": True}, "steps"), ({"warmup": float("nan")}, "warmup"),
+                                      ({"optimizer": 3}, "optimizer")])
+def test_train_config_refuses_wrong_types_and_non_finite_numbers(kw, field):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(**kw)
+    assert e.value.field == field
+
+
+def test_train_config_takes_integral_floats_from_yaml():
+    c = TrainConfig(steps=10.0, lr=1)
+    assert c.steps == 10 and isinstance(c.steps, int) and isinstance(c.lr, float)

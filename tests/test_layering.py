@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "patchlm"
 # layer of each top-level part of the package; a module may import its own layer's parts or lower ones, except
 # that methods may not import each other's internals beyond the allowances below.
 LAYERS = {
-    "core": ["__init__", "patch", "errors", "paths"],
+    "core": ["__init__", "patch", "errors", "paths", "typed"],
     "inputs": ["models", "data"],
     "engine": ["train", "evaluate"],
     "methods": ["adapters", "merge", "depth", "federated", "moe", "quant", "route", "select", "qnewton", "report"],

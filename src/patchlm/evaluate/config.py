@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from patchlm.errors import ConfigError
+from patchlm.typed import check_fields
 
 
 @dataclass
@@ -20,6 +21,7 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "data split seed"})
 
     def __post_init__(self):
+        check_fields(self)
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"limit must be positive, got {self.limit}", field="limit")
         for name in ("batch_size", "max_length"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from patchlm.errors import ConfigError
+from patchlm.typed import check_fields
 
 
 @dataclass
@@ -46,6 +47,7 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):
+        check_fields(self)
         for name in ("steps", "batch_size", "grad_accum", "max_length"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
