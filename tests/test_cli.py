@@ -18,7 +18,7 @@ def trained(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("cli") / "run"
     try:
-        main(TRAIN + ["--out", str(out)])
+        main([*TRAIN, "--out", str(out)])
     except SystemExit as e:
         assert e.code in (0, None)
     return out
@@ -51,11 +51,13 @@ def test_eval_info_export(trained, tmp_path, capsys):
     assert d["kind"] == "lora" and d["base"]["name"] == "tiny-random-llama"
     assert d["trainable_params"] == 4 * sum(i + o for i, o in [(64, 64), (64, 32), (64, 32), (64, 64),
                                                                (64, 128), (64, 128), (128, 64)]) * 4
-    code, _, _ = run_cli(["export", str(trained / "patch"), "--format", "peft", "--out", str(tmp_path / "peft")], capsys)
+    code, _, _ = run_cli(["export", str(trained / "patch"), "--format", "peft", "--out", str(tmp_path / "peft")],
+                         capsys)
     assert code == 0
     assert (tmp_path / "peft" / "adapter_config.json").exists()
     assert (tmp_path / "peft" / "adapter_model.safetensors").exists()
-    code, _, _ = run_cli(["export", str(trained / "patch"), "--format", "merged", "--out", str(tmp_path / "hf")], capsys)
+    code, _, _ = run_cli(["export", str(trained / "patch"), "--format", "merged", "--out", str(tmp_path / "hf")],
+                         capsys)
     assert code == 0
     import torch
     from conftest import sample_ids
@@ -93,14 +95,14 @@ def test_recipe_spec_keys_and_method_flags_are_checked(tmp_path, capsys):
     bad = tmp_path / "bad.yml"
     bad.write_text("model: tiny-random-llama\ntask: sms_spam\nmethod: lora\nspec: {r: 2, rnak: 3}\n")
     _bad(capsys, ["train", "--config", str(bad), "--out", str(tmp_path / "b")], "rnak")
-    _bad(capsys, TRAIN + ["--mos-r", "4", "--out", str(tmp_path / "b")], "--mos-r")
+    _bad(capsys, [*TRAIN, "--mos-r", "4", "--out", str(tmp_path / "b")], "--mos-r")
     _bad(capsys, [*TRAIN[:6], "mos", *TRAIN[9:], "--rank", "4", "--out", str(tmp_path / "b")], "--mos-r")
-    _bad(capsys, TRAIN + ["--optimizer", "adamw2", "--out", str(tmp_path / "b")], "adamw2")
+    _bad(capsys, [*TRAIN, "--optimizer", "adamw2", "--out", str(tmp_path / "b")], "adamw2")
     assert not (tmp_path / "b").exists()
 
 
 def _bad(capsys, argv, must_mention, tmp_path=None):
-    code, out, err = run_cli(argv, capsys)
+    code, _out, err = run_cli(argv, capsys)
     assert code == 2, (code, err)
     lines = [x for x in err.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), err
@@ -109,14 +111,14 @@ def _bad(capsys, argv, must_mention, tmp_path=None):
 
 def test_bad_inputs(trained, tmp_path, capsys):
     out = tmp_path / "o"
-    _bad(capsys, TRAIN[:2] + ["nope-model"] + TRAIN[3:] + ["--out", str(out)], "nope-model")
+    _bad(capsys, [*TRAIN[:2], "nope-model", *TRAIN[3:], "--out", str(out)], "nope-model")
     _bad(capsys, ["train", "--model", "tiny-random-llama", "--task", "imbd", "--out", str(out)], "imbd")
-    _bad(capsys, TRAIN + ["--targets", "qproj", "--out", str(out)], "qproj")
-    _bad(capsys, TRAIN[:7] + ["--rank=-3"] + TRAIN[9:] + ["--out", str(out)], "rank")
-    _bad(capsys, TRAIN[:9] + ["--steps=-5"] + TRAIN[11:] + ["--out", str(out)], "steps")
-    _bad(capsys, TRAIN + ["--no-such-flag", "--out", str(out)], "no-such-flag")
+    _bad(capsys, [*TRAIN, "--targets", "qproj", "--out", str(out)], "qproj")
+    _bad(capsys, [*TRAIN[:7], "--rank=-3", *TRAIN[9:], "--out", str(out)], "rank")
+    _bad(capsys, [*TRAIN[:9], "--steps=-5", *TRAIN[11:], "--out", str(out)], "steps")
+    _bad(capsys, [*TRAIN, "--no-such-flag", "--out", str(out)], "no-such-flag")
     assert not out.exists()  # nothing half-written by any of the above
-    _bad(capsys, TRAIN + ["--out", str(trained)], "already exists")
+    _bad(capsys, [*TRAIN, "--out", str(trained)], "already exists")
     csv = tmp_path / "d.csv"
     csv.write_text("sentence,label\nhello,a\nworld,b\n")
     _bad(capsys, ["train", "--model", "tiny-random-llama", "--task", str(csv), "--out", str(out)], "text")

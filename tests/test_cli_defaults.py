@@ -80,7 +80,7 @@ def test_hyper_parameter_commands_are_generated_from_configs(command):
 def test_every_command_has_help_with_an_example(capsys):
     from conftest import run_cli
 
-    for path, cmd in _commands():
+    for path, _cmd in _commands():
         code, out, err = run_cli([*path.split(), "--help"], capsys)
         assert code == 0, (path, err)
         assert "Usage" in out, path

@@ -271,7 +271,7 @@ def test_cache_parses_once_and_recovers_from_corruption(home, monkeypatch):
     def toy() -> list[dict]:
         calls.append(1)
         rows = [{"text": f"example {i}", "label": i % 2} for i in range(40)]
-        return rows + [{"text": "EXAMPLE 0", "label": 0}]
+        return [*rows, {"text": "EXAMPLE 0", "label": 0}]
 
     monkeypatch.setitem(TASKS, "toy_cached", None)  # so teardown removes the registration below
     register("toy_cached", kind="classification", labels=["a", "b"], verbalizers=[" a", " b"],

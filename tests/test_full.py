@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import run_cli
+
 from patchlm.patch import Patch, get_kind
 from patchlm.train import TrainConfig, Trainer
 

@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from test_merge_patches import lora_patch
 
 from patchlm.errors import ConfigError
 from patchlm.merge import glue as G
 from patchlm.merge import glue_runner as R
-from test_merge_patches import lora_patch
 
 # Two task experts (member 0 knows task A, member 1 task B) and a harmful member 2 that knows little of both.
 SKILLS = [[1.0, 0.0], [0.0, 1.0], [0.1, 0.1]]

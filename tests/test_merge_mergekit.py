@@ -112,4 +112,5 @@ def test_outputs_match_mergekit(tmp_path):
         want, got = load_file(str(Path(mk_out) / "model.safetensors")), load_file(str(out / "model.safetensors"))
         assert set(want) == set(got), name
         for k in want:
-            assert torch.allclose(got[k], want[k], atol=2e-6, rtol=1e-5), (name, k, float((got[k] - want[k]).abs().max()))
+            diff = float((got[k] - want[k]).abs().max())
+            assert torch.allclose(got[k], want[k], atol=2e-6, rtol=1e-5), (name, k, diff)

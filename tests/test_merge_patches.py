@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from patchlm.errors import BaseMismatchError, ConfigError
 from patchlm.merge.merged import refactor
 from patchlm.merge.patch_merge import PatchDeltas, merge_patches, patch_deltas
@@ -93,7 +93,7 @@ def test_task_arithmetic_of_loras_is_an_exact_stacked_lora(tiny):
 def test_refactor_error_is_the_svd_tail(tiny):
     p1, p2 = lora_patch(tiny, 1), lora_patch(tiny, 2)
     merged = merge_patches([p1, p2], "task_arithmetic", stack=False)
-    full, rep = refactor(merged, rank=8)  # sum of two rank-4 updates: rank <= 8, exact
+    _full, rep = refactor(merged, rank=8)  # sum of two rank-4 updates: rank <= 8, exact
     assert rep["refactor_rel_error"] < 1e-5
     low, rep2 = refactor(merged, rank=2)
     tail = tot = 0.0

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
 from patchlm.errors import BaseMismatchError, ConfigError, OutputExistsError
 from patchlm.merge.plan import plan_from_config
 from patchlm.merge.stream import merge_checkpoints, merge_state_dicts

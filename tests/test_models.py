@@ -43,7 +43,7 @@ def test_local_directory_roundtrip(tiny, tmp_path):
     tiny.tokenizer.save_pretrained(tmp_path / "m")
     local = load_base(str(tmp_path / "m"))
     assert local.fingerprint == tiny.fingerprint and local.source == "local"
-    with pytest.raises(PatchlmError, match="config.json"):
+    with pytest.raises(PatchlmError, match=r"config\.json"):
         load_base(str(tmp_path))
 
 

@@ -39,7 +39,7 @@ def _mods(model):
 
 def _by_type(model):
     out = {}
-    for n, m in _mods(model).items():
+    for _n, m in _mods(model).items():
         out.setdefault(m.group, []).append(m)
     return {k: sorted(v, key=lambda m: m.layer) for k, v in out.items()}
 
@@ -70,11 +70,11 @@ def test_fresh_mos_is_identity(tiny):
 
 def test_construction_by_hand(tiny):
     """idx = public draw without replacement ++ this layer's private slice; A row j = l shards concatenated."""
-    kind, spec = _attach(tiny, seed=5)
+    kind, _spec = _attach(tiny, seed=5)
     _randomize(kind, tiny.model)
     r, e, p, l, L = 4, 2, 1, 2, 4
     n_pub, N = (e - p) * L * l, e * L * l
-    for key, mods in _by_type(tiny.model).items():
+    for _key, mods in _by_type(tiny.model).items():
         for i, m in enumerate(mods):
             for idx, pool, d in ((m.idx_A, m.pool_A, m.base.in_features), (m.idx_B, m.pool_B, m.base.out_features)):
                 assert pool.shape == (N, d // l)
@@ -154,7 +154,8 @@ def test_indices_deterministic_and_survive_save_load(tiny, tmp_path):
     assert any(not torch.equal(state[k], diff[k]) for k in state if ".idx_" in k)
     Patch(kind="mos", base=tiny.ref(), spec=spec, tensors=state).save(tmp_path / "p")
     loaded = Patch.load(tmp_path / "p")
-    assert loaded.spec["seed"] == 7 and loaded.trainable_params == sum(p.numel() for p in kind.trainable_parameters(tiny.model))
+    assert loaded.spec["seed"] == 7
+    assert loaded.trainable_params == sum(p.numel() for p in kind.trainable_parameters(tiny.model))
     fresh = load_base("tiny-random-llama")
     loaded.apply(fresh)
     for n, m in _mods(fresh.model).items():
@@ -182,7 +183,7 @@ def test_compact_file_smaller_than_materialized(tiny, tmp_path):
 
 
 def _indices(base, seed=0, **over):
-    kind, spec = _attach(base, seed=seed, **over)
+    _kind, spec = _attach(base, seed=seed, **over)
     return {k: (torch.stack([m.idx_A for m in v]), torch.stack([m.idx_B for m in v]), v[0].pool_A.shape)
             for k, v in _by_type(base.model).items()}, spec
 
@@ -257,7 +258,7 @@ def test_pure_sharing_gives_identical_layers(tiny):
     _randomize(kind, tiny.model)
     cfg = mos_config(spec)
     assert (cfg.l, cfg.p) == (1, 0)
-    for key, mods in _by_type(tiny.model).items():
+    for _key, mods in _by_type(tiny.model).items():
         d0 = mods[0].delta()
         assert all(torch.equal(m.delta(), d0) for m in mods)
         assert torch.equal(mods[0].idx_A, mods[0].idx_B)

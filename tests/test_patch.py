@@ -15,7 +15,8 @@ def _lora_patch(base, r=2, seed=0):
             torch.nn.init.normal_(p, std=0.02)
     tensors = kind.state(base.model)
     kind.detach(base.model)
-    return Patch(kind="lora", base=base.ref(), spec={"r": r, "alpha": 4, "targets": sorted({k.rsplit('.', 1)[0] for k in tensors})},
+    targets = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    return Patch(kind="lora", base=base.ref(), spec={"r": r, "alpha": 4, "targets": targets},
                  tensors=tensors)
 
 
@@ -71,7 +72,7 @@ def test_missing_files_and_unknown_kind(tiny, tmp_path):
     with pytest.raises(UnknownNameError, match="lora"):
         Patch.load(tmp_path / "p")
     meta.unlink()
-    with pytest.raises(PatchFormatError, match="missing patch.json"):
+    with pytest.raises(PatchFormatError, match=r"missing patch\.json"):
         Patch.load(tmp_path / "p")
 
 

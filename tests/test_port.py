@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import run_cli
+from safetensors.torch import load_file, save_file
+from test_merge_patches import lora_patch
+
 from patchlm.errors import BaseMismatchError
 from patchlm.merge.port import port_patch
 from patchlm.models import load_base
 from patchlm.patch import Patch, get_kind
-from test_merge_patches import lora_patch
 
 IDS = torch.tensor([[5, 9, 2, 6, 5, 3]])
 

@@ -28,7 +28,7 @@ def test_sigkill_then_resume(tmp_path):
         proc.wait(timeout=30)
     killed_at = json.loads(state.read_text())["step"]
     assert 20 <= killed_at < 400 and not (out / "patch").exists()
-    r = subprocess.run(args + ["--resume", "--json"], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([*args, "--resume", "--json"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["metrics"]["steps"] == 400
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -16,7 +16,8 @@ def cfg(**kw):
 
 
 def test_training_changes_the_adapter_and_logs(tiny, toy_task, tmp_path):
-    patch = Trainer(tiny, "lora", {"r": 2, "alpha": 4, "targets": "attn"}, toy_task, cfg(), out_dir=tmp_path / "run").run()
+    spec = {"r": 2, "alpha": 4, "targets": "attn"}
+    patch = Trainer(tiny, "lora", spec, toy_task, cfg(), out_dir=tmp_path / "run").run()
     assert any(t.abs().sum() > 0 for k, t in patch.tensors.items() if k.endswith("lora_B"))
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [2, 4, 6, 8, 10, 12]
@@ -134,14 +135,14 @@ def test_adapters_probe_loop_is_the_old_loop(toy_task):
     # the old loop (git show af73a9d:bench/adapters.py, speed_probe)
     opt = torch.optim.AdamW(params, lr=1e-4)
     base.model.train()
-    for b in [batches[0]] + batches:
+    for b in [batches[0], *batches]:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, _ = causal_lm_loss(base.model, b)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     new_base, new_params = _lora_model(spec)
-    assert _bench("adapters").probe_train(new_base.model, new_params, [batches[0]] + batches) == 4
+    assert _bench("adapters").probe_train(new_base.model, new_params, [batches[0], *batches]) == 4
     assert any(not torch.equal(p, q) for p, q in zip(params, _lora_model(spec)[1]))  # it trained
     for p, q in zip(params, new_params):
         assert torch.equal(p, q)
@@ -160,7 +161,8 @@ def test_foundation_speed_loop_is_the_old_loop(toy_task, bf16):
     # the old loop (git show af73a9d:bench/foundation.py, speed_worker)
     opt = torch.optim.AdamW(params, lr=1e-4)
     base.model.train()
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else (lambda: torch.autocast("cpu", enabled=False))
+    def ctx():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
 
     def step(i):
         b = collate(feats[i * batch:(i + 1) * batch], pad)

@@ -11,7 +11,7 @@ import torch
 from patchlm.data.features import build_features, collate, pad_id
 from patchlm.errors import ConfigError, UnknownNameError
 from patchlm.train import TrainConfig, Trainer
-from patchlm.train.engine import make_closure, causal_lm_loss
+from patchlm.train.engine import causal_lm_loss, make_closure
 from patchlm.train.optim import make_optimizer
 from patchlm.train.zo import Directions, Perturber
 
@@ -186,7 +186,7 @@ def test_forward_grad_equals_the_analytic_directional_derivative(tiny, toy_task)
 
 
 def test_block_wise_perturbs_only_its_block(tiny, toy_task):
-    params, closure = _tiny_lora(tiny, toy_task, targets="all-linear")
+    params, _closure = _tiny_lora(tiny, toy_task, targets="all-linear")
     for mode, min_blocks in (("layer", 4), ("sublayer", 8), ("linear", 28)):
         rule = make_optimizer("zo-sgd", params, _cfg(zo_block=mode), model=tiny.model)
         assert len(rule.blocks) >= min_blocks, mode
@@ -247,7 +247,7 @@ def test_zo_training_resumes_exactly(toy_task, tmp_path):
 
         real = tr.train_loop
 
-        def stop(*a, **kw):
+        def stop(*a, real=real, **kw):
             hook = kw["on_step"]
 
             def on_step(info):
@@ -282,7 +282,8 @@ def test_zo_training_reports_forward_passes(tiny, toy_task, tmp_path):
 def test_bad_zo_options_are_refused_by_field():
     with pytest.raises(UnknownNameError, match="zo-sgd"):
         make_optimizer("zo-sgdd", [torch.nn.Parameter(torch.zeros(2))], _cfg())
-    for kw, fld in (({"zo_eps": 0.0}, "zo_eps"), ({"zo_eps": float("nan")}, "zo_eps"), ({"zo_queries": 0}, "zo_queries"),
+    for kw, fld in (({"zo_eps": 0.0}, "zo_eps"), ({"zo_eps": float("nan")}, "zo_eps"),
+                    ({"zo_queries": 0}, "zo_queries"),
                     ({"zo_sparsity": 1.5}, "zo_sparsity"), ({"zo_sparsity": 0.0}, "zo_sparsity"),
                     ({"zo_block": "blocks"}, "zo_block"), ({"zo_fo_layers": "a-b"}, "zo_fo_layers")):
         with pytest.raises(ConfigError) as e:
@@ -309,12 +310,12 @@ def test_forward_grad_on_a_scheme_torch_func_cannot_differentiate(tiny, toy_task
         raise RuntimeError("hooks are not supported by functorch")
 
     closure.functional = broken
-    with pytest.raises(ConfigError, match="torch.func"):
+    with pytest.raises(ConfigError, match=r"torch\.func"):
         rule.step(closure)
 
 
 def test_perturber_restores_theta_even_when_the_forward_fails(tiny, toy_task):
-    params, closure = _tiny_lora(tiny, toy_task)
+    params, _closure = _tiny_lora(tiny, toy_task)
     from patchlm.patch import get_kind
 
     get_kind("lora").detach(tiny.model)

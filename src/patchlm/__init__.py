@@ -2,4 +2,4 @@
 
 __version__ = "0.1.0"
 
-from patchlm.errors import PatchlmError  # noqa: E402,F401
+from patchlm.errors import PatchlmError  # noqa: F401

@@ -236,7 +236,7 @@ class Patch:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Patch":
+    def load(cls, path: str | Path) -> Patch:
         """Read a patch directory, checking its files, checksum, format version and kind."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -59,7 +59,7 @@ def resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]
             chosen.update(n for n in linears if n.split(".")[-1] == t)
         else:
             raise UnknownNameError(f"unknown target module {t!r}; "
-                                   f"{did_you_mean(t, sorted(leaf_names) + ['attn', 'mlp', 'qv', 'all-linear'])}")
+                                   f"{did_you_mean(t, [*sorted(leaf_names), 'attn', 'mlp', 'qv', 'all-linear'])}")
     return sorted(chosen, key=_natural_key)
 
 

@@ -108,8 +108,10 @@ def eval_cmd(cv: ConfigValues,
 
 def export(patch: Annotated[Path, typer.Argument(help="patch directory")],
            out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
-           fmt: Annotated[str, typer.Option("--format", help="peft (adapter dir) | merged (full HF checkpoint)")] = "peft",
-           model: Annotated[str | None, typer.Option(help="base for --format merged (default: the patch's base)")] = None,
+           fmt: Annotated[str, typer.Option(
+               "--format", help="peft (adapter dir) | merged (full HF checkpoint)")] = "peft",
+           model: Annotated[str | None, typer.Option(
+               help="base for --format merged (default: the patch's base)")] = None,
            force: Annotated[bool, typer.Option("--force", help="overwrite OUT")] = False) -> None:
     """Export a patch: as a PEFT LoRA adapter, or merged into its base as a Hugging Face checkpoint.
 
@@ -130,6 +132,11 @@ def export(patch: Annotated[Path, typer.Argument(help="patch directory")],
         from patchlm.models import load_base
         from patchlm.models.export import save_hf_checkpoint
 
+        from patchlm.patch import kind_can
+
+        if not kind_can(p.kind, "export-merged"):
+            raise ConfigError(f"a {p.kind} patch cannot be baked into a plain transformers checkpoint (its kind "
+                              "does not declare export-merged); use --format peft")
         p = to_lora_patch(p)
         base = load_base(model or p.base["name"])
         p.apply(base, force=force)

@@ -33,7 +33,7 @@ def _quiet() -> None:
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001 - quieting is best effort
+    except Exception:
         pass
 
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted (a training run resumes with --resume)", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         # typer ships its own copy of click: recognise its exceptions by shape, not by class.
         name = type(e).__name__
         if name == "Exit":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -41,24 +41,24 @@ def _name_flags():
 @config_command(Group(MergeConfig, panel="Run (MergeConfig)"),
                 Group(MergePlan, only=PLAN_OPTIONS, panel="Plan (as in a mergekit YAML)"))
 def merge(cv: ConfigValues,
-          config: Annotated[Optional[Path], typer.Argument(
+          config: Annotated[Path | None, typer.Argument(
               help="mergekit-format YAML (or give the options below)")] = None,
           out: Annotated[Path, typer.Option(
               "--out", "-o", help="output: a checkpoint dir, or a patch dir for --patch")] = ...,
-          model: Annotated[Optional[list[str]], typer.Option(
+          model: Annotated[list[str] | None, typer.Option(
               "--model", "-m", help="checkpoint dir or built-in name (repeat)")] = None,
-          patch: Annotated[Optional[list[Path]], typer.Option(
+          patch: Annotated[list[Path] | None, typer.Option(
               "--patch", "-p", help="patch dir (repeat): merge patches")] = None,
-          base: Annotated[Optional[str], typer.Option(
+          base: Annotated[str | None, typer.Option(
               "--base", help="base model (task vectors are taken against it)")] = None,
-          method: Annotated[Optional[str], typer.Option("--method", help=" | ".join(METHODS))] = None,
-          weight: Annotated[Optional[list[float]], typer.Option(
+          method: Annotated[str | None, typer.Option("--method", help=" | ".join(METHODS))] = None,
+          weight: Annotated[list[float] | None, typer.Option(
               "--weight", "-w", help="per model, in order (or one for all)")] = None,
-          density: Annotated[Optional[list[float]], typer.Option(
+          density: Annotated[list[float] | None, typer.Option(
               "--density", "-d", help="per model: fraction kept")] = None,
-          gamma: Annotated[Optional[list[float]], typer.Option(
+          gamma: Annotated[list[float] | None, typer.Option(
               "--gamma", help="per model (breadcrumbs): top fraction dropped")] = None,
-          param: Annotated[Optional[list[str]], typer.Option(
+          param: Annotated[list[str] | None, typer.Option(
               "--param", help="shared parameter key=value, e.g. lambda=0.8, t=0.5")] = None,
           force: Annotated[bool, typer.Option(
               "--force", help="overwrite OUT; merge patches of different bases")] = False,
@@ -111,9 +111,9 @@ def merge(cv: ConfigValues,
 def glue(cv: ConfigValues,
          patch: Annotated[list[Path], typer.Option("--patch", "-p", help="zoo member: patch dir (repeat)")],
          task: Annotated[list[str], typer.Option("--task", "-t", help="validation task(s) for scoring (repeat)")],
-         out: Annotated[Optional[Path], typer.Option(
+         out: Annotated[Path | None, typer.Option(
              "--out", "-o", help="write the best selection's merged patch here")] = None,
-         heuristic: Annotated[Optional[list[str]], typer.Option(
+         heuristic: Annotated[list[str] | None, typer.Option(
              "--heuristic", help=f"{' | '.join(HEURISTICS)} (repeat; none given: every one)")] = None,
          force: Annotated[bool, typer.Option("--force", help="overwrite OUT")] = False,
          json_out: Annotated[bool, typer.Option("--json", help="print the JSON report")] = False) -> None:
@@ -161,7 +161,7 @@ def port(cv: ConfigValues,
          patch: Annotated[Path, typer.Argument(help="patch dir made on the old base")],
          to: Annotated[str, typer.Option("--to", help="the updated base: checkpoint dir or built-in name")],
          out: Annotated[Path, typer.Option("--out", "-o", help="output patch dir")],
-         from_base: Annotated[Optional[str], typer.Option(
+         from_base: Annotated[str | None, typer.Option(
              "--from", help="the patch's original base (default: its recorded name)")] = None,
          force: Annotated[bool, typer.Option(
              "--force", help="port even when the new base does not look like an update; overwrite OUT")] = False,

@@ -13,7 +13,15 @@ from typing import Annotated, Any
 
 import typer
 
-from patchlm.adapters import METHOD_CONFIGS, LoraConfig, MosConfig, VBLoraConfig, VeraConfig
+from patchlm.adapters import (
+    METHOD_CONFIGS,
+    LoraConfig,
+    MosConfig,
+    PrefixConfig,
+    PromptConfig,
+    VBLoraConfig,
+    VeraConfig,
+)
 from patchlm.adapters.config import check_spec_keys, from_spec
 from patchlm.adapters.mos import STRATEGIES, mos_config
 from patchlm.cli.common import load_task_opts, print_json, status
@@ -89,6 +97,8 @@ def _load_recipe(path: Path | None) -> dict:
     Group(MosConfig, only=STRATEGIES, panel="MoS (--method mos)"),
     Group(VeraConfig, prefix="vera-", exclude=SHARED, panel="VeRA (--method vera)"),
     Group(VBLoraConfig, prefix="vblora-", exclude=SHARED, panel="VB-LoRA (--method vblora)"),
+    Group(PrefixConfig, prefix="prefix-", panel="Prefix tuning (--method prefix)"),
+    Group(PromptConfig, prefix="prompt-", panel="Prompt tuning (--method prompt)"),
 )
 def train(
     cv: ConfigValues,
@@ -114,10 +124,13 @@ def train(
 
     Example: `patchlm train --model tiny-random-llama --task sms_spam --method lora --rank 4 --steps 20 --out runs/t`
 
-    MoS: `patchlm train -m tiny-random-llama -t sms_spam --method mos --mos-r 4 --mos-e 2 --mos-p 1 --mos-l 2 --steps 20 --out runs/m`
+    MoS: `patchlm train -m tiny-random-llama -t sms_spam --method mos --mos-r 4 --mos-e 2 --mos-p 1 --mos-l 2
+    --steps 20 --out runs/m`
     (add --no-subset-selection, --no-pair-dissociation, --no-vector-sharding, --no-privatization for ablations).
 
     VeRA / VB-LoRA (PEFT-backed): `--method vera --vera-r 64` or `--method vblora --vblora-vector-length 16`.
+    Prefix / prompt tuning: `--method prefix --prefix-num-virtual-tokens 5`, `--method prompt`. Full fine-tuning of
+    the linear weights: `--method full`. Zeroth order: `--optimizer zo-sgd --lr 1e-4` (see --zo-* options).
     """
     recipe = _load_recipe(config)
     method = method or recipe.get("method", "lora")

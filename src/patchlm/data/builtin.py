@@ -165,7 +165,7 @@ def _strip_mojibake(text: str) -> str:
     """Replace mangled byte runs: by an apostrophe inside a word (don't), else by a space."""
     def fix(m: re.Match) -> str:
         s, e = m.start(), m.end()
-        inside = 0 < s and e < len(text) and text[s - 1].isalnum() and text[e].isalnum()
+        inside = s > 0 and e < len(text) and text[s - 1].isalnum() and text[e].isalnum()
         return "'" if inside else " "
     return _MOJIBAKE.sub(fix, text)
 

@@ -139,7 +139,8 @@ def chat_features(task, examples, tokenizer, max_length: int) -> list[dict]:
     return out
 
 
-def build_features(task, split: str, tokenizer, objective: str, max_length: int, limit: int | None = None) -> list[dict]:
+def build_features(task, split: str, tokenizer, objective: str, max_length: int,
+                   limit: int | None = None) -> list[dict]:
     examples = task.split(split)
     if limit:
         examples = examples[:limit]

@@ -44,7 +44,7 @@ class MemoryProbe:
             self.peak_bytes = max(self.peak_bytes, rss_bytes())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "MemoryProbe":
+    def __enter__(self) -> MemoryProbe:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -73,7 +73,7 @@ class MemoryProbe:
 class Timer:
     """`with Timer() as t: ...` then t.seconds; `rate(n)` gives n / seconds."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.t0 = time.perf_counter()
         return self
 

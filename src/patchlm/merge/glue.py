@@ -214,7 +214,7 @@ def similarity_selection(best: int, sim: Sequence[Sequence[float]], members: Seq
                          most_similar_first: bool = True) -> Selection:
     """Average-style greedy merging in order of similarity to the best single model."""
     rest = sorted((i for i in members if i != best), key=lambda i: sim[best][i], reverse=most_similar_first)
-    sel = _greedy([best] + rest, scorer, _average_candidates, "similarity")
+    sel = _greedy([best, *rest], scorer, _average_candidates, "similarity")
     return sel
 
 

@@ -80,8 +80,8 @@ def check_same_base(patches: Sequence[Patch], force: bool = False) -> dict:
                                     f"({ref.get('name')}) and {p.base.get('architecture')} ({p.base.get('name')})")
         if not force and p.base.get("fingerprint") != ref.get("fingerprint"):
             raise BaseMismatchError(f"patches were made for different bases: {ref.get('name')} "
-                                    f"({ref.get('fingerprint')}) and {p.base.get('name')} ({p.base.get('fingerprint')});"
-                                    " port one first (patchlm port) or pass --force")
+                                    f"({ref.get('fingerprint')}) and {p.base.get('name')} "
+                                    f"({p.base.get('fingerprint')}); port one first (patchlm port) or pass --force")
     return dict(ref)
 
 

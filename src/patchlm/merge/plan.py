@@ -114,8 +114,9 @@ class MergePlan:
         if m.space == "pair" and self.patches and len(self.models) != 2:
             raise ConfigError(f"slerp merges exactly two patches, got {len(self.models)}")
         if m.space == "pair" and not self.patches and len(self.inputs()) != 1:
+            listed = ", ".join([self.base_model or "?"] + [e.model for e in self.inputs()])
             raise ConfigError(f"slerp merges exactly two models (the base and one other), got "
-                              f"{len(self.inputs()) + 1}: {', '.join([self.base_model or '?'] + [e.model for e in self.inputs()])}")
+                              f"{len(self.inputs()) + 1}: {listed}")
         if not self.inputs():
             raise ConfigError("nothing to merge: the only model listed is the base model")
         for key, val in self.parameters.items():

@@ -124,7 +124,8 @@ def port_patch(patch: Patch, new_base, old_base: str | None = None, force: bool 
     new_ref = new_base.ref()
     if old.get("architecture") and old["architecture"] != new_base.architecture:
         raise BaseMismatchError(f"patch was made for a {old['architecture']} ({old.get('name')}), "
-                                f"but {new_base.name} is a {new_base.architecture}: porting needs the same architecture")
+                                f"but {new_base.name} is a {new_base.architecture}: porting needs the same "
+                                "architecture")
     check_attaches(patch, new_base)
     report = {"old_base": old.get("name"), "old_fingerprint": old.get("fingerprint"), "new_base": new_base.name,
               "new_fingerprint": new_base.fingerprint, "identical_base": old.get("fingerprint") == new_base.fingerprint,

@@ -87,7 +87,7 @@ class StreamingWriter:
             off += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self._fh = open(self.out_dir / self.files[i], "wb")
+        self._fh = open(self.out_dir / self.files[i], "wb")  # noqa: SIM115 - held across write() calls, closed by close()
         self._fh.write(struct.pack("<Q", len(raw)))
         self._fh.write(raw)
         self._shard = i
@@ -158,7 +158,8 @@ class _Fishers(Sequence):
             from safetensors import safe_open
 
             with safe_open(str(f), framework="pt") as fh:
-                t = fh.get_tensor(self.name) if self.name in fh.keys() else None
+                present = self.name in fh.keys()  # noqa: SIM118 - safe_open has no __contains__
+                t = fh.get_tensor(self.name) if present else None
         return torch.ones(self.shape) if t is None else t.float()  # no Fisher for a tensor: plain average
 
 
@@ -227,10 +228,7 @@ def run_merge(plan: MergePlan, sources: dict[str, Any], sink: Callable[[str, tor
                 continue
             shared, per_model = plan.params_for(name, num_layers)
             base_t = _cast(base.read(name), dtype) if base is not None else None
-            if method.space == "delta":
-                xs = _Inputs(inputs, name, base_t, dtype)
-            else:
-                xs = _Inputs(inputs, name, None, dtype)
+            xs = _Inputs(inputs, name, base_t, dtype) if method.space == "delta" else _Inputs(inputs, name, None, dtype)
             extra = {"fisher": _Fishers(fishers, name, ref.meta[name][2])} if fishers is not None else None
             out = merge_tensor(method, name, base_t, xs, per_model, shared, seed=plan.seed, per_model_inputs=extra)
             del base_t, xs

@@ -1,5 +1,5 @@
 """Base models: built-in names (offline packaged assets), local directories, GGUF files, hub ids."""
 
-from patchlm.models.base import Base, fingerprint_state_dict, load_base, list_models, BUILTIN_MODELS
+from patchlm.models.base import BUILTIN_MODELS, Base, fingerprint_state_dict, list_models, load_base
 
-__all__ = ["Base", "load_base", "list_models", "fingerprint_state_dict", "BUILTIN_MODELS"]
+__all__ = ["BUILTIN_MODELS", "Base", "fingerprint_state_dict", "list_models", "load_base"]

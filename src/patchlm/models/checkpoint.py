@@ -78,7 +78,7 @@ class Checkpoint:
         for fn in files:
             head, start = safetensors_header(self.path / fn)
             with safe_open(str(self.path / fn), framework="pt") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                     sl = f.get_slice(name)
                     self.meta[name] = (fn, sl.get_dtype(), tuple(sl.get_shape()))
                     b, e = head[name]["data_offsets"]

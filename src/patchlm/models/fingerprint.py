@@ -76,7 +76,7 @@ def fingerprint_checkpoint(checkpoint, meta_model: torch.nn.Module, chunk_elemen
         key = id(t) if t.numel() else None
         stored = None
         if not h.seen(key):
-            stored = next((n for n in [name] + owners.get(id(t), []) if n in checkpoint.meta), None)
+            stored = next((n for n in [name, *owners.get(id(t), [])] if n in checkpoint.meta), None)
             if stored is None:
                 return None
         h.add(name, tuple(t.shape), key, lambda s=stored: checkpoint.read_chunks(s, chunk_elements))

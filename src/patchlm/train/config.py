@@ -79,9 +79,10 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ConfigError(f"unknown training option(s) {', '.join(sorted(unknown))}; choices: {', '.join(sorted(names))}")
+            raise ConfigError(f"unknown training option(s) {', '.join(sorted(unknown))}; "
+                              f"choices: {', '.join(sorted(names))}")
         return cls(**d)

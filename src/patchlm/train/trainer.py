@@ -126,7 +126,8 @@ class Trainer:
 
     # -- checkpoints
     def _patch(self, metrics: dict) -> Patch:
-        return Patch(kind=self.kind.saves_as or self.kind_name, base=self.base.ref(), spec=self.spec, tensors=self.kind.state(self.base.model),
+        return Patch(kind=self.kind.saves_as or self.kind_name, base=self.base.ref(), spec=self.spec,
+                     tensors=self.kind.state(self.base.model),
                      provenance=provenance(task=self.task.name, objective=self.objective, seed=self.cfg.seed,
                                            train=self.cfg.to_dict()),
                      metrics=metrics)
@@ -186,12 +187,10 @@ class Trainer:
         if self.resume:
             step, best = self._load_last(rule)
             self.log(f"resuming from step {step}")
-        metrics_f = open(self.out / "metrics.jsonl", "a") if self.out is not None else None
-
         def emit(rec: dict) -> None:
-            if metrics_f:
-                metrics_f.write(json.dumps(rec) + "\n")
-                metrics_f.flush()
+            if self.out is not None:  # one append per record: a killed run's log ends with its last full line
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
 
         t_start = time.perf_counter()
         acc = {"tokens": 0, "train_time": 0.0, "loss": 0.0, "n": 0, "best_tensors": None, "best": best,
@@ -223,18 +222,15 @@ class Trainer:
                         if self.out is not None:
                             self._patch({**m, "step": step}).save(self.out / "checkpoints" / "best", force=True)
                         else:
-                            acc["best_tensors"] = self.kind.state(model)
+                            # a copy: a kind's state() may hand out the live parameters themselves
+                            acc["best_tensors"] = {k: v.clone() for k, v in self.kind.state(model).items()}
                     model.train()
             if self.out is not None and (step % cfg.save_every == 0 or step == cfg.steps):
                 self._save_last(step, rule, acc["best"])
 
-        try:
-            step = train_loop(model, rule, batches, cfg.steps, start=step, loss_fn=causal_lm_loss, bf16=cfg.bf16,
-                              lr_at=lambda s: lr_at(s, cfg), on_step=on_step, progress=cfg.progress,
-                              desc=f"train {self.kind_name}")
-        finally:
-            if metrics_f:
-                metrics_f.close()
+        step = train_loop(model, rule, batches, cfg.steps, start=step, loss_fn=causal_lm_loss, bf16=cfg.bf16,
+                          lr_at=lambda s: lr_at(s, cfg), on_step=on_step, progress=cfg.progress,
+                          desc=f"train {self.kind_name}")
         best, best_tensors = acc["best"], acc["best_tensors"]
         tokens_total, train_time = acc["tokens"], acc["train_time"]
         model.eval()
@@ -243,10 +239,7 @@ class Trainer:
         if best:
             metrics.update({k: v for k, v in best.items() if k != "score"})
             metrics["best_step"] = best["step"]
-            if self.out is not None:
-                tensors = Patch.load(self.out / "checkpoints" / "best").tensors
-            else:
-                tensors = best_tensors
+            tensors = Patch.load(self.out / "checkpoints" / "best").tensors if self.out is not None else best_tensors
             if best["step"] != step:  # load the best weights back into the live model
                 self.kind.detach(model)
                 self.kind.attach(model, self.spec, tensors, seed=self.spec["seed"])

@@ -483,7 +483,7 @@ class ForwardGrad(ZeroOrder):
             tangents = tuple(self.dirs.z(i, self.t, j).to(self.params[i].dtype) for i in idx)
             names = [self.names[i] for i in idx]
 
-            def f(*ps):
+            def f(*ps, names=names):
                 return closure.functional(dict(zip(names, ps)))
 
             try:
