@@ -118,7 +118,7 @@ def test_skip_train_resume_after_interrupt(tmp_path, capsys, monkeypatch):
     real = skip.train_routers
     monkeypatch.setattr(skip, "train_routers", lambda *a, **k: real(*a, **{**k, "stop_after": 2}))
     code, _, err = run_cli(args, capsys)
-    assert code == 2 and "--resume" in err and not (tmp_path / "r").exists() and (tmp_path / "r.ckpt").exists()
+    assert code == 130 and "--resume" in err and not (tmp_path / "r").exists() and (tmp_path / "r.ckpt").exists()
     monkeypatch.setattr(skip, "train_routers", real)
     code, _, err = run_cli(args, capsys)  # neither --resume nor --force: refuses to throw the checkpoint away
     assert code == 2 and "interrupted router training" in err

@@ -241,3 +241,50 @@ def test_train_config_refuses_wrong_types_and_non_finite_numbers(kw, field):
 def test_train_config_takes_integral_floats_from_yaml():
     c = TrainConfig(steps=10.0, lr=1)
     assert c.steps == 10 and isinstance(c.steps, int) and isinstance(c.lr, float)
+
+
+def test_resume_refuses_another_task_spec_or_base_by_name(toy_task, tmp_path):
+    from patchlm.models import load_base
+
+    spec = {"r": 2, "alpha": 4, "targets": "attn"}
+    cfg = _cfg(steps=6, grad_accum=1)
+    import patchlm.train.trainer as tr
+
+    real = tr.train_loop
+
+    def stop(*a, **kw):
+        hook = kw["on_step"]
+
+        def on_step(info):
+            hook(info)
+            if info.step == 3:
+                raise KeyboardInterrupt
+
+        return real(*a, **{**kw, "on_step": on_step})
+
+    tr.train_loop = stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(load_base("tiny-random-llama"), "lora", dict(spec), toy_task, cfg, out_dir=tmp_path / "r").run()
+    finally:
+        tr.train_loop = real
+    before = sorted(p.name for p in (tmp_path / "r").rglob("*"))
+    other_task = type(toy_task)(**{**toy_task.__dict__, "name": "other"})
+    with pytest.raises(ConfigError, match="task"):
+        Trainer(load_base("tiny-random-llama"), "lora", dict(spec), other_task, cfg, out_dir=tmp_path / "r",
+                resume=True)
+    with pytest.raises(ConfigError, match=r"spec \(r\)"):
+        Trainer(load_base("tiny-random-llama"), "lora", {**spec, "r": 4}, toy_task, cfg, out_dir=tmp_path / "r",
+                resume=True)
+    with pytest.raises(ConfigError, match="method"):
+        Trainer(load_base("tiny-random-llama"), "mos", {}, toy_task, cfg, out_dir=tmp_path / "r", resume=True)
+    changed = load_base("tiny-random-llama")
+    with torch.no_grad():
+        next(changed.model.parameters()).add_(1.0)
+    changed.fingerprint = "another"
+    with pytest.raises(ConfigError, match="fingerprint"):
+        Trainer(changed, "lora", dict(spec), toy_task, cfg, out_dir=tmp_path / "r", resume=True)
+    assert sorted(p.name for p in (tmp_path / "r").rglob("*")) == before  # nothing written or removed
+    done = Trainer(load_base("tiny-random-llama"), "lora", dict(spec), toy_task, cfg, out_dir=tmp_path / "r",
+                   resume=True).run()
+    assert done.metrics["steps"] == 6

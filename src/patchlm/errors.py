@@ -47,7 +47,13 @@ def did_you_mean(name: str, choices) -> str:
 
 
 class TrainingInterrupted(PatchlmError):
-    """Training stopped on request before its last step; its checkpoint can be resumed."""
+    """Training stopped on request before its last step; its checkpoint can be resumed.
+
+    exit_code: what the CLI exits with (130 after Ctrl-C, 143 after SIGTERM, the shell's conventions)."""
+
+    def __init__(self, message: str = "", exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class TrainingDiverged(PatchlmError):

@@ -55,7 +55,7 @@ def check_fields(cfg) -> None:
             raise ConfigError(f"{name} must be true or false, got {v!r}", field=name)
         if isinstance(v, float) and int in allowed and float not in allowed:
             if not math.isfinite(v) or v != int(v):
-                raise ConfigError(f"{name} must be a whole number, got {v!r}", field=name)
+                raise ConfigError(f"{name} must be an integer, got {v!r}", field=name)
             object.__setattr__(cfg, name, int(v))
             continue
         if isinstance(v, int) and float in allowed and int not in allowed:

@@ -24,6 +24,7 @@ from patchlm.adapters.inject import resolve_targets
 from patchlm.errors import PatchFormatError
 from patchlm.patch import PatchKind, register_kind
 from patchlm.paths import home
+from patchlm.typed import check_fields
 
 DELTA = ".delta"  # the merged kind's tensor suffix
 
@@ -32,6 +33,9 @@ DELTA = ".delta"  # the merged kind's tensor suffix
 class FullConfig:
     targets: str = field(default="all-linear", metadata={
         "help": "full fine-tuning: the linear modules whose weights train (preset or names)"})
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 class _Snapshot:

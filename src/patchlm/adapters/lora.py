@@ -19,6 +19,7 @@ from patchlm.adapters.config import check_dropout, check_positive_int, from_spec
 from patchlm.adapters.inject import has_module, replace_modules, resolve_targets, unwrap_modules, wrapped_modules
 from patchlm.errors import ConfigError, PatchFormatError
 from patchlm.patch import PatchKind, register_kind
+from patchlm.typed import check_fields
 
 TARGETS_HELP = "modules: names (q_proj,v_proj), full names, re:<regex>, or a preset: attn, mlp, qv, all-linear"
 
@@ -35,6 +36,7 @@ class LoraConfig:
         "cli": False, "help": "overrides alpha / r (imported, federated and merged patches)"})
 
     def __post_init__(self):
+        check_fields(self)
         check_positive_int(self.r, "r", "LoRA rank")
         check_dropout(self.dropout, "LoRA")
         if self.alpha is not None and not float(self.alpha) > 0:

@@ -54,6 +54,7 @@ from patchlm.adapters.inject import has_module, replace_modules, resolve_targets
 from patchlm.adapters.lora import TARGETS_HELP, default_alpha
 from patchlm.errors import ConfigError, PatchFormatError
 from patchlm.patch import Patch, PatchKind, provenance, register_kind
+from patchlm.typed import check_fields
 
 STRATEGIES = ("subset_selection", "pair_dissociation", "vector_sharding", "privatization")
 
@@ -87,6 +88,9 @@ class MosConfig:
     @property
     def scaling(self) -> float:
         return (default_alpha(self.r) if self.alpha is None else float(self.alpha)) / self.r
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def _as_int(value, key: str) -> int:

@@ -33,6 +33,7 @@ from patchlm.adapters.virtual import (
 )
 from patchlm.errors import ConfigError, PatchFormatError
 from patchlm.patch import PatchKind, register_kind
+from patchlm.typed import check_fields
 
 TENSOR = "prefix_embeddings"
 ATTR = "patchlm_prefix"
@@ -57,6 +58,7 @@ class PrefixConfig:
         "cli": False, "help": "key/value heads x head dim (PEFT's token_dim): filled in when the patch is made"})
 
     def __post_init__(self):
+        check_fields(self)
         check_positive_int(self.num_virtual_tokens, "num_virtual_tokens", "prefix tuning")
         if self.init not in PREFIX_INITS:
             raise ConfigError(f"unknown prefix init {self.init!r}; choices: {', '.join(PREFIX_INITS)}", field="init")

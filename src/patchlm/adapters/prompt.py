@@ -29,6 +29,7 @@ from patchlm.adapters.virtual import (
 )
 from patchlm.errors import ConfigError, PatchFormatError
 from patchlm.patch import PatchKind, register_kind
+from patchlm.typed import check_fields
 
 TENSOR = "prompt_embeddings"
 ATTR = "patchlm_prompt"
@@ -48,6 +49,7 @@ class PromptConfig:
         "cli": False, "help": "the model's hidden size: filled in when the patch is made"})
 
     def __post_init__(self):
+        check_fields(self)
         check_positive_int(self.num_virtual_tokens, "num_virtual_tokens", "prompt tuning")
         if self.init not in PROMPT_INITS:
             raise ConfigError(f"unknown prompt init {self.init!r}; choices: {', '.join(PROMPT_INITS)}", field="init")

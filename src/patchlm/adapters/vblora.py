@@ -20,6 +20,7 @@ from patchlm.adapters.lora import TARGETS_HELP
 from patchlm.adapters.peft_tuner import ADAPTER, PeftTunerKind
 from patchlm.errors import ConfigError, PatchFormatError
 from patchlm.patch import Patch, provenance, register_kind
+from patchlm.typed import check_fields
 
 BANK = "vblora.vector_bank"
 
@@ -38,6 +39,7 @@ class VBLoraConfig:
     targets: str | list[str] = field(default="all-linear", metadata={"help": TARGETS_HELP})
 
     def __post_init__(self):
+        check_fields(self)
         for name in ("r", "vector_length", "num_vectors", "topk"):
             check_positive_int(getattr(self, name), name, "VB-LoRA")
         if self.topk > self.num_vectors:

@@ -19,6 +19,7 @@ from patchlm.adapters.lora import TARGETS_HELP
 from patchlm.adapters.peft_tuner import PeftTunerKind
 from patchlm.errors import ConfigError, PatchFormatError
 from patchlm.patch import Patch, provenance, register_kind
+from patchlm.typed import check_fields
 
 
 @dataclass
@@ -33,6 +34,7 @@ class VeraConfig:
         "cli": False, "help": "module -> [d_out, d_in]: filled in when the patch is made (the projections' size)"})
 
     def __post_init__(self):
+        check_fields(self)
         check_positive_int(self.r, "r", "VeRA rank")
         check_dropout(self.dropout, "VeRA")
         if not isinstance(self.d_initial, (int, float)) or isinstance(self.d_initial, bool):

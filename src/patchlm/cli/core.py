@@ -131,7 +131,6 @@ def export(patch: Annotated[Path, typer.Argument(help="patch directory")],
         from patchlm.adapters.peft_io import to_lora_patch
         from patchlm.models import load_base
         from patchlm.models.export import save_hf_checkpoint
-
         from patchlm.patch import kind_can
 
         if not kind_can(p.kind, "export-merged"):

@@ -12,6 +12,7 @@ import typer
 from patchlm.adapters.lora import LoraConfig
 from patchlm.cli.common import status
 from patchlm.cli.options import ConfigValues, Group, config_command
+from patchlm.typed import check_fields
 
 
 @dataclass
@@ -24,6 +25,9 @@ class DemoConfig:
     lr: float = field(default=5e-4, metadata={"help": "learning rate"})
     limit: int = field(default=400, metadata={"help": "test examples to evaluate"})
     bf16: bool = field(default=True, metadata={"cli": False, "help": "bf16 autocast for speed"})
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 _BF16 = {f.name: f for f in fields(DemoConfig)}["bf16"]

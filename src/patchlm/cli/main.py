@@ -45,8 +45,17 @@ def main(argv: list[str] | None = None) -> None:
     argv = [a for a in argv if a != "--debug"]
     _quiet()
     _register_all()
+    from patchlm.errors import TrainingInterrupted
+
     try:
-        app(args=argv, prog_name="patchlm", standalone_mode=False)
+        rv = app(args=argv, prog_name="patchlm", standalone_mode=False)
+        if type(rv) is int and rv:  # non-standalone typer returns an Exit's code instead of exiting
+            sys.exit(rv)
+    except TrainingInterrupted as e:
+        if debug:
+            raise
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except PatchlmError as e:
         if debug:
             raise

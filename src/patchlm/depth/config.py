@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from patchlm.errors import ConfigError, UnknownNameError, did_you_mean
+from patchlm.typed import check_fields
 
 METHODS = ("one-shot", "iterative", "joint", "consecutive")
 GRANULARITIES = ("sequence", "token")
@@ -31,6 +32,7 @@ class DropConfig:
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast while scoring"})
 
     def __post_init__(self):
+        check_fields(self)
         if self.method not in METHODS:
             raise UnknownNameError(f"unknown drop method {self.method!r}; {did_you_mean(self.method, METHODS)}")
         for name in ("attn", "mlp", "blocks", "modules"):
@@ -64,6 +66,7 @@ class SkipConfig:
     save_every: int = field(default=25, metadata={"help": "checkpoint the routers every N steps"})
 
     def __post_init__(self):
+        check_fields(self)
         for name in ("samples", "batch_size", "max_length", "epochs", "save_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}", field=name)

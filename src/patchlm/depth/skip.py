@@ -28,7 +28,7 @@ from patchlm.patch import Patch, PatchKind, provenance, register_kind
 from patchlm.paths import atomic_dir
 from patchlm.train.checkpoint import load_state, save_state
 from patchlm.train.config import TrainConfig
-from patchlm.train.engine import StepInfo, causal_lm_loss, train_loop
+from patchlm.train.engine import StepInfo, StopRequest, causal_lm_loss, train_loop
 from patchlm.train.optim import make_optimizer
 
 
@@ -303,8 +303,15 @@ def train_routers(base, task, layers: list[int] | None = None, granularity: str 
 
     try:
         # one micro-batch per step, weighted 1: the loss is back-propagated as computed (bit-exact)
-        train_loop(model, rule, batches, steps, start=done, loss_fn=loss_fn, bf16=cfg.bf16, count=lambda b: 1,
-                   on_step=on_step, progress=progress, desc="train routers")
+        with StopRequest() as stop:
+            at = train_loop(model, rule, batches, steps, start=done, loss_fn=loss_fn, bf16=cfg.bf16,
+                            count=lambda b: 1, on_step=on_step, progress=progress, desc="train routers", stop=stop)
+        if at < steps:  # Ctrl-C / SIGTERM: stopped at a step boundary
+            where = "nothing was saved (no checkpoint directory)"
+            if ckpt is not None:
+                _save_checkpoint(ckpt, at, spec, params, rule, hist)
+                where = f"checkpoint after step {at} of {steps}; continue with --resume"
+            raise TrainingInterrupted(f"router training interrupted: {where}", exit_code=stop.exit_code)
     finally:
         model.eval()
     for r in rs.values():

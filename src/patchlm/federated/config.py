@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 from patchlm.errors import ConfigError, did_you_mean
+from patchlm.typed import check_fields
 
 AGGREGATIONS = ("flora", "fedit", "zeropad", "ffa")
 PARTITIONS = ("dirichlet", "iid", "natural")
@@ -38,6 +39,7 @@ class DPConfig:
     teacher_steps: int = field(default=10, metadata={"help": "DP-Flat: non-private teacher steps on public data"})
 
     def __post_init__(self):
+        check_fields(self)
         if self.noise_multiplier < 0:
             raise ConfigError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}", field="noise_multiplier")
         if self.max_grad_norm <= 0:
@@ -130,6 +132,7 @@ class FedConfig:
     run_id: str = field(default="", metadata={"help": "stable id of this run (signatures bind to it)", "cli": False})
 
     def __post_init__(self):
+        check_fields(self)
         if isinstance(self.ranks, (int, str)):
             self.ranks = parse_ranks(str(self.ranks))
         self.ranks = [int(r) for r in self.ranks]

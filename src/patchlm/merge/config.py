@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from patchlm.errors import ConfigError
+from patchlm.typed import check_fields
 
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
@@ -45,6 +46,7 @@ class MergeConfig:
         "help": "checkpoints: max bytes per safetensors shard; GiB/MiB are binary (2^30, 2^20), GB/MB decimal"})
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0):
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}", field="rank")
         if isinstance(self.fisher_examples, bool) or not isinstance(self.fisher_examples, int) \

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from patchlm.errors import ConfigError
+from patchlm.typed import check_fields
 
 ATTN_MLP = re.compile(r"(self_attn|attention|attn|mlp|feed_forward)\.")
 HEURISTICS = ("average", "coefficient", "similarity", "cmaes")
@@ -55,6 +56,7 @@ class GlueConfig:
         "help": "the Coefficient heuristic's candidate coefficients for a newcomer", "cli": False})
 
     def __post_init__(self) -> None:
+        check_fields(self)
         self.heuristics = tuple(_split_names(self.heuristics) if isinstance(self.heuristics, str)
                                 else self.heuristics)
         self.coefficient_grid = tuple(float(c) for c in self.coefficient_grid)

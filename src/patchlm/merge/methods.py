@@ -271,21 +271,6 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     return mask
 
 
-def magnitude_prune(delta: torch.Tensor, density: float, rescale=False) -> torch.Tensor:
-    """TIES trim: keep the top `density` fraction by magnitude, zero the rest."""
-    return apply_mask(delta, magnitude_mask(delta, density), rescale, density)
-
-
-def random_drop(delta: torch.Tensor, density: float, gen: torch.Generator, rescale=True) -> torch.Tensor:
-    """DARE: drop each entry with probability 1-density (seeded), then rescale what is kept."""
-    return apply_mask(delta, random_mask(delta, density, gen), rescale, density)
-
-
-def outlier_prune(delta: torch.Tensor, density: float, gamma: float, rescale=False) -> torch.Tensor:
-    """Model Breadcrumbs' pruning (see outlier_mask)."""
-    return apply_mask(delta, outlier_mask(delta, density, gamma), rescale, density)
-
-
 # ---------------------------------------------------------------- generalized task arithmetic
 _POOL = None
 

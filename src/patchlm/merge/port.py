@@ -24,6 +24,7 @@ from patchlm.models.base import cached_fingerprint
 from patchlm.models.checkpoint import Checkpoint, resolve_checkpoint
 from patchlm.models.fingerprint import fingerprint_checkpoint
 from patchlm.patch import Patch, get_kind
+from patchlm.typed import check_fields
 
 
 @dataclass
@@ -34,6 +35,7 @@ class PortConfig:
         "help": "weight similarity (mean per-column cosine of the patched modules) the new base must have to the old"})
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not -1 <= self.min_similarity <= 1:
             raise ConfigError(f"min_similarity must be in [-1, 1], got {self.min_similarity}", field="min_similarity")
 

@@ -11,6 +11,8 @@ forward-only at perturbed points, DP rules privatise the per-example gradients i
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from patchlm.errors import PatchlmError, TrainingDiverged
 from patchlm.models.parts import autocast, backbone_and_head, model_device
 
 Batch = dict[str, torch.Tensor]
-__all__ = ["StepInfo", "autocast", "causal_lm_loss", "example_count", "example_mean_loss", "label_count",
+__all__ = ["StepInfo", "StopRequest", "autocast", "causal_lm_loss", "example_count", "example_mean_loss", "label_count",
            "make_closure", "per_example_loss", "to_device", "train_loop"]
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, int]]
 
@@ -76,6 +78,41 @@ def per_example_loss(model, batch: Batch) -> torch.Tensor:
 def example_mean_loss(model, batch: Batch) -> tuple[torch.Tensor, int]:
     """The mean over examples of per-example losses (DP-SGD's loss), weighted by the example count."""
     return per_example_loss(model, batch).mean(), int(batch["input_ids"].shape[0])
+
+
+class StopRequest:
+    """Ctrl-C and SIGTERM during training become a request to stop at the next step boundary.
+
+    Within `with StopRequest() as stop:`, the first SIGINT or SIGTERM sets `stop.signal` (the loop finishes the
+    step it is in, then stops, so the caller can checkpoint); a second one interrupts at once (KeyboardInterrupt).
+    Outside the main thread it installs nothing (signals are delivered to the main thread only)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signal or signal.SIGINT)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
 
 
 @dataclass
@@ -150,7 +187,8 @@ def example_count(batch: Batch) -> int:
 def train_loop(model: torch.nn.Module, rule, batches: Callable[[int], Sequence[Batch]], steps: int, *,
                start: int = 0, loss_fn: LossFn = causal_lm_loss, bf16: bool = False,
                count: Callable[[Batch], int] = label_count, lr_at: Callable[[int], float] | None = None,
-               on_step: Callable[[StepInfo], None] | None = None, progress: bool = False, desc: str = "train") -> int:
+               on_step: Callable[[StepInfo], None] | None = None, progress: bool = False, desc: str = "train",
+               stop: Callable[[], bool] | None = None) -> int:
     """Run steps start..steps-1 of training; return the number of steps done.
 
     batches(step) gives that step's micro-batches (CPU tensors; moved to the model's device here), so the data
@@ -158,6 +196,7 @@ def train_loop(model: torch.nn.Module, rule, batches: Callable[[int], Sequence[B
     rule.step(closure) moves the parameters (see patchlm.train.optim). lr_at(step) sets the rate first.
     on_step(StepInfo) runs after every step (logging, validation, checkpoints); it may raise to stop.
     count(batch) weighs the micro-batches (labelled tokens for the token-mean loss, examples for DP's).
+    stop() is asked after each step (and its hook); when it says so the loop returns early (see StopRequest).
     A non-finite loss stops training with TrainingDiverged before anything more is written.
     """
     device = model_device(model)
@@ -188,6 +227,8 @@ def train_loop(model: torch.nn.Module, rule, batches: Callable[[int], Sequence[B
                 bar.set_postfix(loss=f"{loss:.3f}")
             if on_step is not None:
                 on_step(info)
+            if stop is not None and stop():
+                break
     finally:
         if bar:
             bar.close()

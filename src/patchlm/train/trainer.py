@@ -27,7 +27,7 @@ from patchlm.patch import Patch, get_kind, provenance
 from patchlm.paths import atomic_dir
 from patchlm.train.checkpoint import load_state, save_state
 from patchlm.train.config import TrainConfig
-from patchlm.train.engine import StepInfo, autocast, causal_lm_loss, to_device, train_loop
+from patchlm.train.engine import StepInfo, StopRequest, autocast, causal_lm_loss, to_device, train_loop
 from patchlm.train.optim import StepRule, make_optimizer
 
 
@@ -74,7 +74,34 @@ class Trainer:
                                         "or --resume to continue its run")
             if resume and not (last / "state.json").exists():
                 self.resume = False  # nothing to resume: a fresh run
+            if self.resume:
+                self._check_resumable(json.loads((last / "state.json").read_text()))
         self.device = model_device(base.model)
+
+    def _request(self) -> dict:
+        """What this run was asked to train: resuming must ask for the same (checked before anything is written)."""
+        return {"kind": self.kind_name, "task": self.task.name, "fingerprint": self.base.fingerprint,
+                "spec": {k: v for k, v in self.spec.items() if k != "seed"}, "seed": self.cfg.seed,
+                "optimizer": self.cfg.optimizer, "objective": self.objective}
+
+    def _check_resumable(self, state: dict) -> None:
+        saved = state.get("request")
+        if saved is None:
+            return  # a checkpoint of an older patchlm: nothing recorded to compare with
+        mine = self._request()
+        names = {"kind": "method", "task": "task", "fingerprint": "base model (weight fingerprint)", "spec": "spec",
+                 "seed": "seed", "optimizer": "optimizer", "objective": "objective"}
+        for key, what in names.items():
+            if key in saved and saved[key] != mine[key]:
+                if key == "spec":
+                    diff = sorted(k for k in set(saved[key]) | set(mine[key])
+                                  if saved[key].get(k) != mine[key].get(k))
+                    what = f"spec ({', '.join(diff)})"
+                from patchlm.errors import ConfigError
+
+                raise ConfigError(f"cannot resume the run in {self.out}: it was started with another {what} "
+                                  f"({saved[key]!r}, now {mine[key]!r}); use the same settings, or --force to "
+                                  "start over", field=key if key in ("seed", "optimizer", "objective") else None)
 
     # -- data order: deterministic per (seed, epoch), so a resumed run sees the same batches
     def _batch(self, micro_index: int) -> list[dict]:
@@ -141,7 +168,8 @@ class Trainer:
             if exact is not None:
                 save_state(tmp, "weights", exact)
             (tmp / "state.json").write_text(json.dumps({"step": step, "best": best, "spec": self.spec,
-                                                        "forward_passes": self._acc["forwards"]}))
+                                                        "forward_passes": self._acc["forwards"],
+                                                        "request": self._requested}))
 
     def _load_last(self, rule: StepRule) -> tuple[int, dict]:
         last = self.out / "checkpoints" / "last"
@@ -162,6 +190,7 @@ class Trainer:
     # -- the loop
     def run(self) -> Patch:
         cfg, model = self.cfg, self.base.model
+        self._requested = self._request()  # before attach resolves the spec
         torch.manual_seed(cfg.seed)
         resume_tensors = None
         if self.resume:
@@ -228,9 +257,19 @@ class Trainer:
             if self.out is not None and (step % cfg.save_every == 0 or step == cfg.steps):
                 self._save_last(step, rule, acc["best"])
 
-        step = train_loop(model, rule, batches, cfg.steps, start=step, loss_fn=causal_lm_loss, bf16=cfg.bf16,
-                          lr_at=lambda s: lr_at(s, cfg), on_step=on_step, progress=cfg.progress,
-                          desc=f"train {self.kind_name}")
+        with StopRequest() as stop:
+            step = train_loop(model, rule, batches, cfg.steps, start=step, loss_fn=causal_lm_loss, bf16=cfg.bf16,
+                              lr_at=lambda s: lr_at(s, cfg), on_step=on_step, progress=cfg.progress,
+                              desc=f"train {self.kind_name}", stop=stop)
+        if step < cfg.steps:  # stopped by Ctrl-C / SIGTERM at a step boundary: checkpoint, then say how to resume
+            from patchlm.errors import TrainingInterrupted
+
+            where = "nothing was written (no --out)"
+            if self.out is not None:
+                self._save_last(step, rule, acc["best"])
+                where = (f"checkpoint at step {step} of {cfg.steps} in {self.out}; the same command with --resume "
+                         "continues")
+            raise TrainingInterrupted(f"training interrupted: {where}", exit_code=stop.exit_code)
         best, best_tensors = acc["best"], acc["best_tensors"]
         tokens_total, train_time = acc["tokens"], acc["train_time"]
         model.eval()
