@@ -128,7 +128,7 @@ def speed_probe(pairs, scale: dict, tasks: dict, reps: int, rows: list[str]) -> 
                 if info.step == 1:
                     clock["t0"] = time.perf_counter()
 
-            probe_train(base.model, params, [batches[0]] + batches, on_step=start)
+            probe_train(base.model, params, [batches[0], *batches], on_step=start)
             rates[r].append(ntok / (time.perf_counter() - clock["t0"]))
             kind.detach(base.model)
     out = []
@@ -273,7 +273,7 @@ def goals(rows: list[dict], speed: list[dict]) -> list[str]:
         out.append(f"- **{s['row']} training throughput >= 0.9x {s['baseline']}** (interleaved probe): "
                    f"{s['tokens_per_s']:.0f} vs {s['baseline_tokens_per_s']:.0f} tokens/s = {s['ratio']:.2f}x: "
                    f"{'met' if s['ratio'] >= 0.9 else 'not met'}.")
-    abl = [n for n in list(OFF) + ["mos-pure-sharing"] if seed0(n) is not None]
+    abl = [n for n in [*list(OFF), "mos-pure-sharing"] if seed0(n) is not None]
     if mos0 is not None and abl:
         below = [n for n in abl if seed0(n) < mos0]
         clear = [n for n in below if mos_sd is not None and mos0 - seed0(n) > mos_sd]
@@ -301,7 +301,7 @@ def reading(rows: list[dict]) -> str:
               f"{100 * m[f'{worst[0]}_std']:.1f} (MoS) and {100 * l16[f'{worst[0]}_std']:.1f} (LoRA r=16) points."),
              (f"- Seed-to-seed std of the three-task mean: mos-e2-r16 {100 * m['mean_accuracy_std']:.1f}, "
               f"lora-r16 {100 * l16['mean_accuracy_std']:.1f}, lora-r2 {100 * l2['mean_accuracy_std']:.1f} points.")]
-    abl = [by[n]["seed0_mean_accuracy"] for n in list(OFF) + ["mos-pure-sharing"]
+    abl = [by[n]["seed0_mean_accuracy"] for n in [*list(OFF), "mos-pure-sharing"]
            if by.get(n, {}).get("seed0_mean_accuracy") is not None]
     if abl and m.get("seed0_mean_accuracy") is not None:
         spread = max(abs(a - m["seed0_mean_accuracy"]) for a in abl)
@@ -337,7 +337,7 @@ def long_section(long_runs: list[dict], scale: dict) -> str:
 The same recipe with {LONG_FACTOR}x the optimizer steps ({steps} x batch {scale['batch_size']}), seed 0, each row's
 learning rate from the search above, to see whether the gaps of the short study close with more training.
 
-{md_table(rows, ["name"] + list(TASKS) + ["mean", "lr"])}
+{md_table(rows, ["name", *list(TASKS), "mean", "lr"])}
 """
 
 
@@ -361,7 +361,8 @@ def write_page(runs, chosen, seeds_for, probe, scale, tag, lr_grid, suffix, long
         table_rows.append(d)
     fmt = {"trainable_params": lambda v: f"{v:,}", "patch_file_bytes": lambda v: f"{v:,}",
            "tokens_per_s": lambda v: f"{v:.0f}", "train_tokens_per_s": lambda v: f"{v:.0f}",
-           "peak_memory_mb": lambda v: f"{v:.0f}", "train_memory_delta_mb": lambda v: f"{v:.0f}", "lr": lambda v: f"{v:g}"}
+           "peak_memory_mb": lambda v: f"{v:.0f}", "train_memory_delta_mb": lambda v: f"{v:.0f}",
+           "lr": lambda v: f"{v:g}"}
     search = [r for r in runs if r["task"] == TASKS[0] and r["seed"] == 0]
     lr_rows = []
     for name in ROWS:
@@ -541,7 +542,8 @@ def main(argv=None):
 
     # 1. throughput (interleaved, same batches) and memory (fresh process per row) probes, cached
     if args.phase in ("all", "probe") and cache.get("probe") is None:
-        pairs = [("mos-e2-r16", "lora-r16"), ("mos-e2-r8", "lora-r8")] if not args.quick else [("mos-e2-r16", "lora-r2")]
+        pairs = ([("mos-e2-r16", "lora-r16"), ("mos-e2-r8", "lora-r8")] if not args.quick
+                 else [("mos-e2-r16", "lora-r2")])
         probe_rows = shown
         sp = speed_probe(pairs, scale, tasks, reps, probe_rows)
         mem = memory_probe(probe_rows, scale)

@@ -170,9 +170,9 @@ def speed_columns(sp: dict) -> dict:
 def quality(base, loras: dict, on, off, o: dict) -> dict:
     """Perplexity (no LoRA) and accuracy per task (task LoRA + depth patch)."""
     from patchlm.data import load_task
+    from patchlm.data.features import example_text
     from patchlm.evaluate import evaluate_classification, perplexity
     from patchlm.patch import get_kind
-    from patchlm.data.features import example_text
 
     news = load_task("news_corpus")
     texts = [example_text(news, e, base.tokenizer) for e in news.split("test")[:200]]
@@ -259,8 +259,10 @@ def main() -> None:
                                          blocks=s.get("blocks", 0), modules=s.get("modules", 0), bf16=True)
                 p = drop_patch(base, plan, scores, s["method"], {"task": DropConfig.calib})
                 kind = DropKind()
-                on = lambda: kind.attach(model, p.spec)
-                off = lambda: kind.detach(model)
+                def on():
+                    return kind.attach(model, p.spec)
+                def off():
+                    return kind.detach(model)
                 extra = {"method": s["method"], "dropped_attention": plan["attention"], "dropped_mlp": plan["mlp"],
                          "dropped_blocks": plan["block"]}
             else:
@@ -320,22 +322,25 @@ def findings(by: dict) -> list[str]:
     if a8 and it and jo:
         same_it = it["dropped_attention"] == a8["dropped_attention"]
         same_jo = jo["dropped_attention"] == a8["dropped_attention"] and not jo["dropped_mlp"]
-        out.append(f"- Iterative re-scoring {'chose the same 8 attention layers as' if same_it else 'changed the choice of'}"
-                   f" one-shot; joint ranking {'picked only attention modules, i.e. the same plan' if same_jo else 'mixed attention and MLP modules'}.")
+        it_text = "chose the same 8 attention layers as" if same_it else "changed the choice of"
+        jo_text = "picked only attention modules, i.e. the same plan" if same_jo else "mixed attention and MLP modules"
+        out.append(f"- Iterative re-scoring {it_text} one-shot; joint ranking {jo_text}.")
     for n in (4, 8):
         a, b = by.get(f"drop-block-{n}"), by.get(f"consecutive-block-{n}")
         if a and b:
             out.append(f"- {n} blocks: our scores (blocks {a['dropped_blocks']}) give perplexity "
                        f"{a['perplexity']:.1f} vs {b['perplexity']:.1f} for the consecutive span "
-                       f"{b['dropped_blocks']}, and mean accuracy {a['mean_accuracy']:.3f} vs {b['mean_accuracy']:.3f}.")
+                       f"{b['dropped_blocks']}, and mean accuracy {a['mean_accuracy']:.3f} vs "
+                       f"{b['mean_accuracy']:.3f}.")
     ms = [r for n, r in by.items() if n.startswith("mindskip")]
     if ms and a8:
         fewer = all(15 * (1 - r.get("attn_executed", 1)) < 8 and r["mean_accuracy"] < a8["mean_accuracy"] for r in ms)
         lead = ("MindSkip routers skipped fewer attention computations than the 8-layer drop yet lost more accuracy"
                 if fewer else "MindSkip routers vs the 8-layer drop")
         out.append(f"- {lead}: " + "; ".join(f"{r['name']} executes {r.get('attn_executed', float('nan')):.2f} of "
-                                            f"the 15 routed attentions (about {15 * (1 - r.get('attn_executed', 1)):.1f} "
-                                            f"skipped), accuracy {r['mean_accuracy']:.3f}, perplexity {r['perplexity']:.1f}"
+                                            f"the 15 routed attentions (about "
+                                            f"{15 * (1 - r.get('attn_executed', 1)):.1f} skipped), accuracy "
+                                            f"{r['mean_accuracy']:.3f}, perplexity {r['perplexity']:.1f}"
                                             for r in ms)
                    + f" (drop-attn-8: {a8['mean_accuracy']:.3f}, {a8['perplexity']:.1f}). The routers may only use "
                    "layers 14..28 (the paper's placement), while the most redundant attention layers by LLM-Drop's "
@@ -364,12 +369,16 @@ def respeed(row: dict, s: dict, model, base, pre_ids, dec_ids, o: dict, tag: str
         on = off = lambda: None
     elif s["kind"] == "drop":
         spec = {"attention": row["dropped_attention"], "mlp": row["dropped_mlp"], "block": row["dropped_blocks"]}
-        on = lambda: DropKind().attach(model, dict(spec))
-        off = lambda: DropKind().detach(model)
+        def on():
+            return DropKind().attach(model, dict(spec))
+        def off():
+            return DropKind().detach(model)
     else:
         p = router_patch(base, s["capacity"], o, tag)
-        on = lambda: RouterKind().attach(model, dict(p.spec), p.tensors)
-        off = lambda: RouterKind().detach(model)
+        def on():
+            return RouterKind().attach(model, dict(p.spec), p.tensors)
+        def off():
+            return RouterKind().detach(model)
     t0 = time.perf_counter()
     sp = speeds(model, on, off, pre_ids, dec_ids, o["repeats"])
     row = {**row, **speed_columns(sp), "speed_repeats": o["repeats"]}
@@ -406,7 +415,8 @@ def write_page(rows: list[dict], o: dict, tag: str) -> None:
               and abs(d8["kv_cache_bytes_ratio"] - 22 / 30) < 0.01)
         goals.append(f"- **Drop 8/30 attention layers: {'met' if ok else 'NOT met'}.** Mean accuracy retained "
                      f"{100 * d8['accuracy_retained']:.1f}% (goal >= 98%), decode speedup "
-                     f"{d8['decode_tokens_per_s_ratio']:.2f}x at batch 1 and {d8['decode_b8_tokens_per_s_ratio']:.2f}x at "
+                     f"{d8['decode_tokens_per_s_ratio']:.2f}x at batch 1 and "
+                     f"{d8['decode_b8_tokens_per_s_ratio']:.2f}x at "
                      f"batch 8 (goal >= 1.15x; best-of-{o['repeats']}: {_best(d8, 'decode_tokens_per_s')} and "
                      f"{_best(d8, 'decode_b8_tokens_per_s')}), KV cache {d8['kv_cache_bytes_ratio']:.3f} of full "
                      f"(goal 22/30 = 0.733).")
@@ -434,15 +444,17 @@ def write_page(rows: list[dict], o: dict, tag: str) -> None:
                       "train_capacity", "attn_executed"],
                      {"train_capacity": lambda v: f"{v:.2f}", "attn_executed": lambda v: f"{v:.2f}"})
     best = md_table(rows, ["name", "best_prefill_tokens_per_s_ratio", "best_decode_tokens_per_s_ratio",
-                           "best_decode_b8_tokens_per_s_ratio", "prefill_tokens_per_s_ratio", "decode_tokens_per_s_ratio",
-                           "decode_b8_tokens_per_s_ratio"], {c: (lambda v: f"{v:.2f}x") for c in [
-                               "best_prefill_tokens_per_s_ratio", "best_decode_tokens_per_s_ratio",
-                               "best_decode_b8_tokens_per_s_ratio", "prefill_tokens_per_s_ratio",
-                               "decode_tokens_per_s_ratio", "decode_b8_tokens_per_s_ratio"]})
+                           "best_decode_b8_tokens_per_s_ratio", "prefill_tokens_per_s_ratio",
+                           "decode_tokens_per_s_ratio", "decode_b8_tokens_per_s_ratio"],
+                    {c: (lambda v: f"{v:.2f}x") for c in [
+                        "best_prefill_tokens_per_s_ratio", "best_decode_tokens_per_s_ratio",
+                        "best_decode_b8_tokens_per_s_ratio", "prefill_tokens_per_s_ratio",
+                        "decode_tokens_per_s_ratio", "decode_b8_tokens_per_s_ratio"]})
     md = f"""
 Layer dropping (LLM-Drop) and dynamic depth (MindSkip routers) on `{MODEL}` (30 layers). Each row applies one depth
 patch to the same in-memory base; ratios are to `full` measured interleaved in the same run (see `full_speed_same_run`
-in the JSON). bf16 autocast everywhere. Scale{' (QUICK smoke run: numbers are not meaningful)' if tag == 'quick' else ''}:
+in the JSON). bf16 autocast everywhere. \
+Scale{' (QUICK smoke run: numbers are not meaningful)' if tag == 'quick' else ''}:
 accuracy on the first {o['limit']} test examples of rotten_tomatoes and trec and {o['bbc_limit']} of bbc_news (max 256
 tokens), each with a LoRA patch (r=8, all linear layers, {o['lora_steps']} steps) trained on the full model and cached;
 perplexity on {o['ppl_blocks']} x 256 held-out news_corpus tokens; drop plans scored on {o['calib_samples']} x

@@ -162,7 +162,8 @@ def page(rows: list[dict], base: dict, quick: bool) -> str:
     if fl_errs:
         fe_err = fe_o["aggregation_error"] if fe_o else None
         met = max(fl_errs) <= 1e-6 and (fe_err is None or fe_err > 100 * max(fl_errs))
-        goals.append(f"- FLoRA aggregation error <= 1e-6 while FedIT's is far larger: **{'met' if met else 'not met'}** "
+        goals.append(f"- FLoRA aggregation error <= 1e-6 while FedIT's is far larger: "
+                     f"**{'met' if met else 'not met'}** "
                      f"(FLoRA max {max(fl_errs):.1e}; FedIT homogeneous {f(fe_err, '{:.1e}')}; zero-padding "
                      f"{f((ok.get('zeropad-heterogeneous') or {}).get('aggregation_error'), '{:.1e}')} heterogeneous).")
     if fl_h:
@@ -172,41 +173,51 @@ def page(rows: list[dict], base: dict, quick: bool) -> str:
                          "ranks (it averages A and B separately; the shapes do not fit) and patchlm refuses it with a "
                          "clear error. Closest comparisons: FedIT at homogeneous rank 8 "
                          f"({f(ref['final_accuracy']) if ref else '-'}) and zero-padding, the usual way to make "
-                         f"FedIT-style averaging take mixed ranks ({f((ok.get('zeropad-heterogeneous') or {}).get('final_accuracy'))}),"
+                         f"FedIT-style averaging take mixed ranks ("
+                         f"{f((ok.get('zeropad-heterogeneous') or {}).get('final_accuracy'))}),"
                          + (f" and FedIT with its own protocol (clients keep training the global LoRA) at homogeneous "
                             f"rank 8 ({f(ok['fedit-continue-homogeneous']['final_accuracy'])})"
                             if "fedit-continue-homogeneous" in ok else "")
                          + f" vs FLoRA heterogeneous {f(fl_h['final_accuracy'])}: **"
-                         + ("met" if ref and fl_h["final_accuracy"] >= max(ref["final_accuracy"],
-                            (ok.get('zeropad-heterogeneous') or {}).get('final_accuracy') or 0,
-                            (ok.get('fedit-continue-homogeneous') or {}).get('final_accuracy') or 0) else "not met") + "**.")
+                         + ("met" if ref and fl_h["final_accuracy"] >= max(
+                             ref["final_accuracy"],
+                             (ok.get('zeropad-heterogeneous') or {}).get('final_accuracy') or 0,
+                             (ok.get('fedit-continue-homogeneous') or {}).get('final_accuracy') or 0)
+                            else "not met")
+                         + "**.")
     mldsa = [r["signing_overhead"] for r in ok.values() if r["sign"] == "mldsa"]
     slh = ok.get("flora-heterogeneous-slhdsa")
     if mldsa:
         goals.append(f"- ML-DSA signing adds under 5% to round time: **{'met' if max(mldsa) < 0.05 else 'not met'}** "
                      f"(sign + verify, both directions: {100 * min(mldsa):.3f}-{100 * max(mldsa):.3f}% of round time; "
                      + (f"SLH-DSA {100 * slh['signing_overhead']:.2f}%, signatures "
-                        f"{slh['signature_bytes']} vs {fl_h['signature_bytes'] if fl_h else '?'} bytes)." if slh and fl_h else ")"))
+                        f"{slh['signature_bytes']} vs {fl_h['signature_bytes'] if fl_h else '?'} bytes)."
+                        if slh and fl_h else ")"))
     if ok:
         left = sum(r["leftover_processes"] for r in ok.values())
         goals.append(f"- A run of 8 clients over the real Flower deployment completes on this 2-core machine: "
                      f"**met** ({len(ok)} runs of 8 SuperNodes completed; {left} processes left behind).")
-    goals.append("- A tampered, replayed or unsigned update is always rejected and the round completes with the others: "
-                 "**met in the tests** (`tests/test_federated_flower.py::test_bad_updates_rejected_and_disconnect_round_completes`: "
-                 "8 SuperNodes, tampered / NaN / wrong-shape / unsigned / replayed updates rejected with their reasons, "
+    goals.append("- A tampered, replayed or unsigned update is always rejected and the round completes with the "
+                 "others: **met in the tests** ("
+                 "`tests/test_federated_flower.py::test_bad_updates_rejected_and_disconnect_round_completes`: "
+                 "8 SuperNodes, tampered / NaN / wrong-shape / unsigned / replayed updates rejected with their "
+                 "reasons, "
                  "one client disconnecting mid-round, the round completes with the 2 good ones; the unit tests add "
                  "wrong key, unknown key and metadata tampering). No attack is simulated in the benchmark runs "
                  "(rejected updates there: " + str(sum(r.get("rejected", 0) for r in ok.values())) + ").")
     setup = (f"Setup: {base['model']}, task `{base['task']}` (first {base['max_train']} training examples, "
              f"Dirichlet alpha {base['dirichlet_alpha']} over labels into {base['clients']} clients), LoRA on "
              f"`{base['targets']}` with alpha = 2 x rank, {base['rounds']} rounds x {base['local_steps']} local steps "
-             f"(batch {base['batch_size']}, lr {base['lr']}, AdamW, bf16 autocast), the merge protocol (FLoRA's) for every "
+             f"(batch {base['batch_size']}, lr {base['lr']}, AdamW, bf16 autocast), the merge protocol (FLoRA's) "
+             f"for every "
              f"row but the `-continue` ones (the round's global update is merged into the base, clients start a "
              f"fresh LoRA each round from a shared seed, so FFA's frozen A is shared); the `-continue` rows use "
              f"FedIT's protocol (the global LoRA stays an adapter that clients keep training; a client of smaller "
-             f"rank takes its first rows, as HetLoRA does). The `-dp` row trains with client-side DP-SGD (Opacus, noise "
+             f"rank takes its first rows, as HetLoRA does). The `-dp` row trains with client-side DP-SGD "
+             f"(Opacus, noise "
              f"multiplier 1.0, clipping norm 1.0, delta 1/n^1.1 of each client's n); its dp_epsilon is the largest "
-             f"client's total epsilon over all rounds (RDP accounting). Accuracy: the server's model on the first {base['eval_limit']} "
+             f"client's total epsilon over all rounds (RDP accounting). Accuracy: the server's model on the first "
+             f"{base['eval_limit']} "
              f"test examples after each round (label log-likelihood). Clients train one at a time (a file lock: "
              f"8 clients share 2 cores); round time is wall time from broadcast to aggregated update (excluding the "
              f"server's evaluation). Bytes are the payloads of the Flower messages (tensors + config), up (8 client "

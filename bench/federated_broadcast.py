@@ -98,7 +98,8 @@ def main() -> None:
 
 FLoRA on {base['model']} (`{base['targets']}` targets, {base['clients']} SuperNodes on loopback, {r} rounds x
 {base['local_steps']} local steps, ML-DSA-65 signing). MB are the payloads of the Flower messages (tensors + config)
-summed over the {base['clients']} clients. `verify_broadcast_s` is the clients' time (summed) to check the server's signature
+summed over the {base['clients']} clients. `verify_broadcast_s` is the clients' time (summed) to check the server's \
+signature
 and hash the received and cached rounds against the signed digests. The last column compares the final stacked
 patch of the full and the delta runs (0 = the same model).
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, RowCache, md_table, write_results  # noqa: E402
+from common import CACHE, RowCache, md_table, write_results
 
 MODEL = "smollm2-135m"
 TASKS = ["rotten_tomatoes", "trec", "bbc_news"]
@@ -98,7 +98,8 @@ def run_speed(args, cache: RowCache) -> list[dict]:
             key = f"speed-{impl}-{rep}-b{args.batch}-s{args.speed_steps}-bf16{int(args.bf16)}"
 
             def go(impl=impl):
-                out = subprocess.run([sys.executable, __file__, "--worker", impl, "--speed-steps", str(args.speed_steps),
+                out = subprocess.run([sys.executable, __file__, "--worker", impl,
+                                      "--speed-steps", str(args.speed_steps),
                                       "--batch", str(args.batch)] + (["--bf16"] if args.bf16 else ["--fp32"]),
                                      capture_output=True, text=True, check=True)
                 return json.loads(out.stdout.strip().splitlines()[-1])
@@ -188,8 +189,11 @@ each run in a fresh subprocess, {args.repeats} repeats alternating the order; me
 
 patchlm / PEFT: speed **{p['speed_ratio_vs_peft']:.3f}x**, peak memory **{p['memory_ratio_vs_peft']:.3f}x**
 (memory above the pre-training resident size: {p['delta_ratio_vs_peft']:.3f}x).
-Goal (at least as fast, no more memory): speed {'met' if faster else 'NOT met'}, peak memory {'met' if leaner else 'NOT met'}
-{'' if p['delta_ratio_vs_peft'] <= 1 else '(the training-time increment alone is ' + f"{100 * (p['delta_ratio_vs_peft'] - 1):.0f}" + '% above PEFT, within sampling noise of a 5 ms RSS sampler but not below it)'}.
+Goal (at least as fast, no more memory): speed {'met' if faster else 'NOT met'}, \
+peak memory {'met' if leaner else 'NOT met'}
+{'' if p['delta_ratio_vs_peft'] <= 1 else '(the training-time increment alone is '
+    + f"{100 * (p['delta_ratio_vs_peft'] - 1):.0f}"
+    + '% above PEFT, within sampling noise of a 5 ms RSS sampler but not below it)'}.
 peak_rss_mb is the process's peak resident memory during the timed steps (model + activations + optimizer);
 train_delta_mb the part above the resident size when timing started. The machine is shared and noisy: ratios
 within a few percent are ties.
@@ -200,7 +204,8 @@ LoRA r=8 alpha=16 all-linear, {args.steps} steps, batch 8, lr {args.lr}, cosine 
 checks kept, {'bf16' if args.bf16 else 'fp32'}; first {args.limit} test examples of each task's fixed split (bbc_news
 has 213); label log-likelihood scoring.
 
-{md_table(acc, ["task", "base_accuracy", "lora_accuracy", "base_macro_f1", "lora_macro_f1", "test_examples", "train_seconds", "train_tokens_per_s"])}
+{md_table(acc, ["task", "base_accuracy", "lora_accuracy", "base_macro_f1", "lora_macro_f1", "test_examples",
+               "train_seconds", "train_tokens_per_s"])}
 
 Mean accuracy: base {mean_base:.3f}, LoRA {mean_lora:.3f} ({100 * (mean_lora - mean_base):+.1f} points).
 """

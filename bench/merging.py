@@ -6,7 +6,8 @@ members, and patchlm's streamed checkpoint merge against mergekit (time, peak me
 
 mergekit is compared from its own environment (never patchlm's):
     python3.11 -m venv bench/.cache/mergekit-venv
-    bench/.cache/mergekit-venv/bin/pip install torch==2.13.0 && bench/.cache/mergekit-venv/bin/pip install mergekit==0.1.5
+    bench/.cache/mergekit-venv/bin/pip install torch==2.13.0 && \
+bench/.cache/mergekit-venv/bin/pip install mergekit==0.1.5
 Without it the mergekit rows are skipped (and tests/test_merge_mergekit.py skips).
 """
 
@@ -22,8 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import zoo  # noqa: E402
-from common import CACHE, ROOT, RowCache, md_table, write_results  # noqa: E402
+import zoo
+from common import CACHE, ROOT, RowCache, md_table, write_results
 
 MK_VENV = CACHE / "mergekit-venv"
 # each method with the parameters used (per-model weight 1 unless said; the method's defaults otherwise)
@@ -73,7 +74,8 @@ def run_methods(args, cache: RowCache, members: dict[str, Path]) -> list[dict]:
 
     def base_row():
         acc = zoo.evaluate_tasks(base(), ts, args.limit)
-        return {"name": "base", "kind": "base", **{f"acc_{t}": a for t, a in acc.items()}, "mean_acc": mean(acc.values())}
+        return {"name": "base", "kind": "base", **{f"acc_{t}": a for t, a in acc.items()},
+                "mean_acc": mean(acc.values())}
 
     rows.append(cache.run(f"base-l{args.limit}", base_row))
 
@@ -197,7 +199,7 @@ def _peak(cmd: list[str], env: dict) -> dict:
                "print(json.dumps({'rc': r.returncode, 'seconds': time.perf_counter() - t, "
                "'peak_rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "
                "'err': r.stderr[-1500:]}))")
-    out = subprocess.run([sys.executable, "-c", wrapper] + cmd, capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=env, check=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     if res["rc"] != 0:
         raise RuntimeError(f"{cmd[0]} failed: {res['err']}")
@@ -242,7 +244,7 @@ def run_stream(args, cache: RowCache, members: dict[str, Path], tag: str) -> lis
             for tool in (tools if rep % 2 == 0 else tools[::-1]):
                 out = work / f"out-{method}-{tool}"
 
-                def go(tool=tool, out=out):
+                def go(tool=tool, out=out, cfg_f=cfg_f):
                     cmd = ([str(ROOT / ".venv" / "bin" / "patchlm"), "merge", str(cfg_f), "--out", str(out), "--force"]
                            if tool == "patchlm" else [str(mk_bin), str(cfg_f), str(out)])
                     if tool == "mergekit" and out.exists():
@@ -359,9 +361,16 @@ def page(args, method_rows, glue_rows, report, stream_rows) -> str:
 
 | goal | met? | numbers |
 |---|---|---|
-| best merge keeps >= 90% of the individual patches' mean gain | {'yes' if goal1 else 'NO'} | best: {best['name']} mean {best['mean_acc']:.3f}; base {b['mean_acc']:.3f}, individual {ind['mean_acc']:.3f} (gain {gain:+.3f}); kept {100 * (kept or 0):.0f}% |
-| Model-GLUE selection beats merge-all with harmful members present, leaving every harmful member out | {'yes' if goal2 else 'NO'} | best-on-validation selection {best_glue['name'] if best_glue else '-'}: test mean {best_glue['mean_acc'] if best_glue else float('nan'):.3f} vs merge-all {merge_all['mean_acc']:.3f}; harmful kept: {best_glue['harmful_kept'] if best_glue else '-'}; every heuristic left every harmful member out: {'yes' if every_clean else 'no'} |
-| streamed merge of N checkpoints peaks below two checkpoints and is at least as fast as mergekit | {'yes' if goal3 else 'NO'} | see the streaming section |
+| best merge keeps >= 90% of the individual patches' mean gain | {'yes' if goal1 else 'NO'} | \
+best: {best['name']} mean {best['mean_acc']:.3f}; base {b['mean_acc']:.3f}, individual {ind['mean_acc']:.3f} \
+(gain {gain:+.3f}); kept {100 * (kept or 0):.0f}% |
+| Model-GLUE selection beats merge-all with harmful members present, leaving every harmful member out | \
+{'yes' if goal2 else 'NO'} | best-on-validation selection {best_glue['name'] if best_glue else '-'}: \
+test mean {best_glue['mean_acc'] if best_glue else float('nan'):.3f} vs merge-all {merge_all['mean_acc']:.3f}; \
+harmful kept: {best_glue['harmful_kept'] if best_glue else '-'}; \
+every heuristic left every harmful member out: {'yes' if every_clean else 'no'} |
+| streamed merge of N checkpoints peaks below two checkpoints and is at least as fast as mergekit | \
+{'yes' if goal3 else 'NO'} | see the streaming section |
 
 ## Merge methods on three task patches (smollm2-135m)
 
@@ -370,12 +379,13 @@ bbc_news 128), merged by each method with weight 1 per patch; the merged model i
 the three tasks (first {args.limit} test examples, label log-likelihood). "individual" is each task's own
 patch on its own task. Parameters: TIES / DARE density 0.5 (mergekit's normalize/rescale defaults:
 TIES normalizes by the agreeing weights, DARE rescales by the L1 norm), Breadcrumbs density
-{crumbs['density'].default} and gamma {crumbs['gamma'].default}, Fisher from {args.fisher_examples} training examples per
+{crumbs['density'].default} and gamma {crumbs['gamma'].default}, Fisher from \
+{args.fisher_examples} training examples per
 task (per-example squared gradients
 of the patched weights). Merges run on dW = scaling * B A per module; linear and task arithmetic are
 exact stacked LoRAs. gain_kept = (merge mean - base mean) / (individual mean - base mean).
 
-{md_table(method_rows, ["name"] + t_cols + ["mean_acc", "gain_kept", "merge_seconds", "refactor_rel_error"])}
+{md_table(method_rows, ["name", *t_cols, "mean_acc", "gain_kept", "merge_seconds", "refactor_rel_error"])}
 
 SLERP is defined for two models and is not in this three-task table; it is checked against mergekit in
 tests/test_merge_mergekit.py.
@@ -391,7 +401,7 @@ popsize 4 + 3 ln n, sigma0 1/6. Test accuracy below is on the first {args.limit}
 
 {members_tbl}
 
-{md_table(glue_rows, ["name", "kept"] + t_cols + ["mean_acc", "validation_score", "evaluations", "harmful_kept"])}
+{md_table(glue_rows, ["name", "kept", *t_cols, "mean_acc", "validation_score", "evaluations", "harmful_kept"])}
 
 Why each member was kept or left out (Average heuristic):
 
@@ -400,12 +410,14 @@ Why each member was kept or left out (Average heuristic):
 ## Streamed checkpoint merge vs mergekit
 
 Inputs: the three task patches baked into smollm2-135m (`patchlm export --format merged`), fp32
-checkpoints of {stream_rows[0]['checkpoint_mb'] if stream_rows else 0:.0f} MB each, and the base. The same mergekit-format YAML
+checkpoints of {stream_rows[0]['checkpoint_mb'] if stream_rows else 0:.0f} MB each, and the base. \
+The same mergekit-format YAML
 is given to `patchlm merge` and `mergekit-yaml` (mergekit 0.1.5 in its own venv), each in a fresh
 process; wall time and peak RSS of the whole process (imports included), median of {args.repeats}
 alternating runs.
 
-{md_table(stream_rows, ["name", "models", "seconds", "peak_rss_mb", "all_seconds", "all_peak_rss_mb", "max_abs_diff_vs_other"])}
+{md_table(stream_rows, ["name", "models", "seconds", "peak_rss_mb", "all_seconds", "all_peak_rss_mb",
+                        "max_abs_diff_vs_other"])}
 
 {chr(10).join(stream_lines)}
 
@@ -437,9 +449,10 @@ def notes(method_rows, glue_rows, report, stream_rows) -> str:
                    f"by {ref['mean_acc'] - next(r for r in method_rows if r['name'] == 'ties')['mean_acc']:+.3f}.")
     sel = {r["name"]: r for r in glue_rows}
     fam = report["families"]
+    sim_floor = min(min(x for j, x in enumerate(row) if j != i) for i, row in enumerate(report["similarity"]["matrix"]))
     out.append(f"- Model-GLUE clustering puts all {sum(len(f) for f in fam)} members in {len(fam)} famil"
                f"{'y' if len(fam) == 1 else 'ies'}: LoRA updates barely move the raw weights (similarity >= "
-               f"{min(min(x for j, x in enumerate(row) if j != i) for i, row in enumerate(report['similarity']['matrix'])):.5f}), "
+               f"{sim_floor:.5f}), "
                "so the harmful members are filtered by the validation-scored selection, not by clustering.")
     for h in ("average", "coefficient", "similarity", "cmaes"):
         r = sel.get(f"glue-{h}")

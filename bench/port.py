@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import zoo  # noqa: E402
-from common import CACHE, ROOT, RowCache, md_table, write_results  # noqa: E402
-from merging import _peak  # noqa: E402
+import zoo
+from common import CACHE, ROOT, RowCache, md_table, write_results
+from merging import _peak
 
 PATCHLM = str(ROOT / ".venv" / "bin" / "patchlm")
 
@@ -113,7 +113,8 @@ def main() -> None:
     work = CACHE / "port" / tag
     cost_rows, acc_rows = [], []
 
-    imports = cache.run("imports-only", lambda: _peak([sys.executable, "-c", "import torch, transformers, patchlm.merge.port"], env))
+    imports = cache.run("imports-only",
+                        lambda: _peak([sys.executable, "-c", "import torch, transformers, patchlm.merge.port"], env))
     # what building the meta-device model costs on top (importing the model's code; both paths pay it)
     meta_code = ("import torch, transformers, patchlm.merge.port\n"
                  "from transformers import AutoConfig, AutoModelForCausalLM\n"
@@ -130,7 +131,8 @@ def main() -> None:
         retrain = cache.run(f"retrain-{t}-s{args.steps}", lambda t=t, d=retrain_dir: _peak(
             [sys.executable, __file__, "--worker-retrain", t, str(evolved), str(args.steps), str(d)], env))
         floor = imports["peak_rss_mb"]
-        cost_rows.append({"name": t, "task": t, "port_seconds": port["seconds"], "port_peak_rss_mb": port["peak_rss_mb"],
+        cost_rows.append({"name": t, "task": t, "port_seconds": port["seconds"],
+                          "port_peak_rss_mb": port["peak_rss_mb"],
                           "retrain_seconds": retrain["seconds"], "retrain_peak_rss_mb": retrain["peak_rss_mb"],
                           "memory_ratio": port["peak_rss_mb"] / retrain["peak_rss_mb"],
                           "memory_ratio_above_floor": max(0.0, port["peak_rss_mb"] - floor)
@@ -182,9 +184,15 @@ def main() -> None:
 
 | goal | met? | numbers |
 |---|---|---|
-| a ported patch recovers >= 90% of the re-trained patch's gain | {'yes' if goal_acc else 'NO'} | mean gain over the evolved base: ported {mean('ported_gain'):+.3f}, re-trained {mean('retrained_gain'):+.3f}: recovered {100 * (recovered or 0):.0f}% |
-| ... at under 1/10 of re-training's peak memory (whole process) | {'yes' if goal_mem else 'NO'} | worst port / re-train peak RSS ratio {mem_ratio:.3f} (port {max(r['port_peak_rss_mb'] for r in cost_rows):.0f} MB vs re-train {min(r['retrain_peak_rss_mb'] for r in cost_rows):.0f} MB) |
-| ... at under 1/10 of re-training's peak memory (above the {imports['peak_rss_mb']:.0f} MB that importing torch + transformers takes) | {'yes' if goal_mem_floor else 'NO'} | worst ratio {mem_ratio_floor:.3f} |
+| a ported patch recovers >= 90% of the re-trained patch's gain | {'yes' if goal_acc else 'NO'} | \
+mean gain over the evolved base: ported {mean('ported_gain'):+.3f}, re-trained {mean('retrained_gain'):+.3f}: \
+recovered {100 * (recovered or 0):.0f}% |
+| ... at under 1/10 of re-training's peak memory (whole process) | {'yes' if goal_mem else 'NO'} | \
+worst port / re-train peak RSS ratio {mem_ratio:.3f} (port {max(r['port_peak_rss_mb'] for r in cost_rows):.0f} MB \
+vs re-train {min(r['retrain_peak_rss_mb'] for r in cost_rows):.0f} MB) |
+| ... at under 1/10 of re-training's peak memory \
+(above the {imports['peak_rss_mb']:.0f} MB that importing torch + transformers takes) | \
+{'yes' if goal_mem_floor else 'NO'} | worst ratio {mem_ratio_floor:.3f} |
 
 ## The evolved base
 
@@ -199,7 +207,8 @@ Continued pre-training of smollm2-135m on news_corpus: LoRA r=32 (alpha 64) on e
 Task patches: LoRA r=8 alpha=16 on all linear modules, {args.steps} steps, batch 8, lr 5e-4, bf16 (the
 zoo of bench/zoo.py); re-trained patches use the same recipe on the evolved base.
 
-{md_table(acc_rows, ["task", "original_base", "original_plus_patch", "evolved_base", "evolved_plus_ported", "evolved_plus_retrained", "ported_gain", "retrained_gain", "recovered"])}
+{md_table(acc_rows, ["task", "original_base", "original_plus_patch", "evolved_base", "evolved_plus_ported",
+                     "evolved_plus_retrained", "ported_gain", "retrained_gain", "recovered"])}
 
 ## Cost of porting vs re-training (fresh process each, whole-process peak RSS)
 
@@ -212,7 +221,8 @@ meta-device model (no weights) raises that to {meta_model['peak_rss_mb']:.0f} MB
 and re-training pays it too. Checkpoint tensors are read with positioned file reads into buffers freed tensor by
 tensor, so no memory-mapped checkpoint pages count against the port.
 
-{md_table(cost_rows, ["task", "port_seconds", "port_peak_rss_mb", "retrain_seconds", "retrain_peak_rss_mb", "memory_ratio", "memory_ratio_above_floor", "time_ratio"])}
+{md_table(cost_rows, ["task", "port_seconds", "port_peak_rss_mb", "retrain_seconds", "retrain_peak_rss_mb",
+                      "memory_ratio", "memory_ratio_above_floor", "time_ratio"])}
 
 PortLLM's claim (up to 12.2x less GPU memory) counts model memory, not an interpreter: the whole-process
 ratio includes the import floor in the numerator, which alone is more than a tenth of re-training's peak

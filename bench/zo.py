@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RowCache, md_table, write_results  # noqa: E402
+from common import RowCache, md_table, write_results
 
 MODEL = "smollm2-135m"
 TASKS = ["rotten_tomatoes", "sms_spam"]
@@ -276,7 +276,8 @@ def page(rows, mem, speed, zs, sc) -> str:
               md_table(speed, ["scheme", "forward_s", "zo_step_s", "step_over_forward"])]
     lines += ["", "## Learning-rate and eps search (validation accuracy after a short run)", ""]
     for r in rows:
-        pts = ", ".join(f"lr {p['lr']:g}" + (f" eps {p['eps']:g}" if p.get("eps") else "") + f": {p['val_accuracy']:.3f}"
+        pts = ", ".join(f"lr {p['lr']:g}" + (f" eps {p['eps']:g}" if p.get("eps") else "")
+                        + f": {p['val_accuracy']:.3f}"
                         for p in r.get("search", []))
         lines.append(f"- {r['name']}: {pts}")
     return "\n".join(lines)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE  # noqa: E402
+from common import CACHE
 
 MODEL = "smollm2-135m"
 TASKS = ["rotten_tomatoes", "trec", "bbc_news"]
