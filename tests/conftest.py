@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pytest
 
@@ -76,3 +77,29 @@ def randomize(params, seed: int = 1, std: float = 0.05) -> None:
     with torch.no_grad():
         for p in params:
             p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+@contextmanager
+def killed_after(step: int):
+    """Within the block, the patch trainer's loop raises KeyboardInterrupt just after step `step` (after that
+    step's hook, so its checkpoint is written): a run killed there, for resume tests. The block must raise it."""
+    import patchlm.train.trainer as tr
+
+    real = tr.train_loop
+
+    def loop(*a, **kw):
+        hook = kw["on_step"]
+
+        def on_step(info):
+            hook(info)
+            if info.step == step:
+                raise KeyboardInterrupt
+
+        return real(*a, **{**kw, "on_step": on_step})
+
+    tr.train_loop = loop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        tr.train_loop = real

@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import killed_after
 
 from patchlm.data.features import IGNORE, build_features, collate, pad_id
 from patchlm.errors import ConfigError, PatchFormatError, TrainingDiverged, UnknownNameError
@@ -99,27 +100,8 @@ def test_resume_is_exact_for_every_rule(toy_task, tmp_path, optimizer):
     full = Trainer(load_base("tiny-random-llama"), "lora", dict(spec), toy_task, cfg).run().tensors
     half = TrainConfig(**{**cfg.to_dict(), "steps": 6})
     t = Trainer(load_base("tiny-random-llama"), "lora", dict(spec), toy_task, half, out_dir=tmp_path / "r")
-    # stop after the step-3 checkpoint by making step 4's hook raise
-    import patchlm.train.trainer as tr
-
-    real = tr.train_loop
-
-    def stop_at_4(*a, **kw):
-        hook = kw["on_step"]
-
-        def on_step(info):
-            hook(info)
-            if info.step == 3:
-                raise KeyboardInterrupt
-
-        return real(*a, **{**kw, "on_step": on_step})
-
-    tr.train_loop = stop_at_4
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            t.run()
-    finally:
-        tr.train_loop = real
+    with killed_after(3):  # killed after the step-3 checkpoint
+        t.run()
     saved = load_state(tmp_path / "r" / "checkpoints" / "last", "optimizer")
     assert saved["name"] == optimizer
     resumed = Trainer(load_base("tiny-random-llama"), "lora", dict(spec), toy_task, half, out_dir=tmp_path / "r",
@@ -248,26 +230,8 @@ def test_resume_refuses_another_task_spec_or_base_by_name(toy_task, tmp_path):
 
     spec = {"r": 2, "alpha": 4, "targets": "attn"}
     cfg = _cfg(steps=6, grad_accum=1)
-    import patchlm.train.trainer as tr
-
-    real = tr.train_loop
-
-    def stop(*a, **kw):
-        hook = kw["on_step"]
-
-        def on_step(info):
-            hook(info)
-            if info.step == 3:
-                raise KeyboardInterrupt
-
-        return real(*a, **{**kw, "on_step": on_step})
-
-    tr.train_loop = stop
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            Trainer(load_base("tiny-random-llama"), "lora", dict(spec), toy_task, cfg, out_dir=tmp_path / "r").run()
-    finally:
-        tr.train_loop = real
+    with killed_after(3):
+        Trainer(load_base("tiny-random-llama"), "lora", dict(spec), toy_task, cfg, out_dir=tmp_path / "r").run()
     before = sorted(p.name for p in (tmp_path / "r").rglob("*"))
     other_task = type(toy_task)(**{**toy_task.__dict__, "name": "other"})
     with pytest.raises(ConfigError, match="task"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import run_cli
+from conftest import killed_after, run_cli
 
 from patchlm.patch import Patch, get_kind
 from patchlm.train import TrainConfig, Trainer
@@ -48,28 +48,8 @@ def test_full_zero_order_training_resumes_exactly(toy_task, tmp_path):
 
     cfg = _cfg(optimizer="zo-sgd", lr=1e-4, steps=4)
     whole = Trainer(load_base("tiny-random-llama"), "full", {}, toy_task, cfg).run().tensors
-    import patchlm.train.trainer as tr
-
-    real = tr.train_loop
-
-    def stop(*a, **kw):
-        hook = kw["on_step"]
-
-        def on_step(info):
-            hook(info)
-            if info.step == 2:
-                raise KeyboardInterrupt
-
-        return real(*a, **{**kw, "on_step": on_step})
-
-    tr.train_loop = stop
-    try:
-        try:
-            Trainer(load_base("tiny-random-llama"), "full", {}, toy_task, cfg, out_dir=tmp_path / "z").run()
-        except KeyboardInterrupt:
-            pass
-    finally:
-        tr.train_loop = real
+    with killed_after(2):
+        Trainer(load_base("tiny-random-llama"), "full", {}, toy_task, cfg, out_dir=tmp_path / "z").run()
     resumed = Trainer(load_base("tiny-random-llama"), "full", {}, toy_task, cfg, out_dir=tmp_path / "z",
                       resume=True).run().tensors
     assert whole.keys() == resumed.keys()

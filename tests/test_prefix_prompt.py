@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import randomize, run_cli, sample_ids, toy_features
+from conftest import killed_after, randomize, run_cli, sample_ids, toy_features
 
 from patchlm.data.features import collate, pad_id
 from patchlm.errors import ConfigError, PatchFormatError, PatchlmError
@@ -206,9 +206,8 @@ def test_zeroth_order_training_runs(tiny, toy_task, name, optimizer):
 
 
 @pytest.mark.parametrize(("name", "optimizer"), [("prefix", "zo-sgd"), ("prompt", "adamw")])
-def test_interrupted_training_resumes_exactly(toy_task, tmp_path, monkeypatch, name, optimizer):
+def test_interrupted_training_resumes_exactly(toy_task, tmp_path, name, optimizer):
     """A run killed after a checkpoint and resumed ends with the tensors of an uninterrupted run (bit for bit)."""
-    import patchlm.train.trainer as tr
     from patchlm.models import load_base
     from patchlm.train import TrainConfig, Trainer
 
@@ -216,22 +215,8 @@ def test_interrupted_training_resumes_exactly(toy_task, tmp_path, monkeypatch, n
     cfg = TrainConfig(steps=4, save_every=2, batch_size=4, lr=1e-2 if optimizer == "adamw" else 1e-3,
                       optimizer=optimizer, progress=False, eval_limit=4)
     full = Trainer(load_base("tiny-random-llama"), name, dict(spec), toy_task, cfg).run().tensors
-    real = tr.train_loop
-
-    def stop_after_2(*a, **kw):
-        hook = kw["on_step"]
-
-        def on_step(info):
-            hook(info)
-            if info.step == 2:
-                raise KeyboardInterrupt
-
-        return real(*a, **{**kw, "on_step": on_step})
-
-    monkeypatch.setattr(tr, "train_loop", stop_after_2)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after(2):
         Trainer(load_base("tiny-random-llama"), name, dict(spec), toy_task, cfg, out_dir=tmp_path / "run").run()
-    monkeypatch.setattr(tr, "train_loop", real)
     resumed = Trainer(load_base("tiny-random-llama"), name, dict(spec), toy_task, cfg, out_dir=tmp_path / "run",
                       resume=True).run().tensors
     assert all(torch.equal(full[k], resumed[k]) for k in full)

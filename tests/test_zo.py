@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import killed_after
 
 from patchlm.data.features import build_features, collate, pad_id
 from patchlm.errors import ConfigError, UnknownNameError
@@ -123,11 +124,12 @@ def test_theta_is_bit_identical_after_perturbed_evaluations(tiny, toy_task, sche
 
 def test_in_place_mezo_round_trip_is_not_exact_which_is_why_patchlm_does_not_use_it():
     g = torch.Generator().manual_seed(0)
-    t = torch.randn(100_000, generator=g) * 0.02
-    z = torch.randn(100_000, generator=g)
+    t = torch.randn(1_000_000, generator=g) * 0.02
+    z = torch.randn(1_000_000, generator=g)
     a = t.clone()
     a.add_(z, alpha=1e-3).add_(z, alpha=-2e-3).add_(z, alpha=1e-3)
-    assert not torch.equal(a, t)
+    # the README and train/zo.py quote this: about half the elements (46% here) come back off by an ulp
+    assert 0.4 < float((a != t).float().mean()) < 0.55
 
 
 def test_zo_sgd_sign_follows_its_definition(tiny, toy_task):
@@ -243,26 +245,8 @@ def test_zo_training_resumes_exactly(toy_task, tmp_path):
         cfg = TrainConfig(optimizer=opt, lr=1e-3, steps=6, save_every=3, batch_size=4, progress=False, eval_limit=4,
                           zo_block="layer", **extra)
         full = Trainer(load_base("tiny-random-llama"), "lora", dict(spec), toy_task, cfg).run().tensors
-        import patchlm.train.trainer as tr
-
-        real = tr.train_loop
-
-        def stop(*a, real=real, **kw):
-            hook = kw["on_step"]
-
-            def on_step(info):
-                hook(info)
-                if info.step == 3:
-                    raise KeyboardInterrupt
-
-            return real(*a, **{**kw, "on_step": on_step})
-
-        tr.train_loop = stop
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                Trainer(load_base("tiny-random-llama"), "lora", dict(spec), toy_task, cfg, out_dir=tmp_path / opt).run()
-        finally:
-            tr.train_loop = real
+        with killed_after(3):
+            Trainer(load_base("tiny-random-llama"), "lora", dict(spec), toy_task, cfg, out_dir=tmp_path / opt).run()
         resumed = Trainer(load_base("tiny-random-llama"), "lora", dict(spec), toy_task, cfg, out_dir=tmp_path / opt,
                           resume=True).run().tensors
         for k in full:

@@ -72,3 +72,21 @@ def check_fields(cfg) -> None:
 def _names(allowed: set[type]) -> str:
     return " or ".join(sorted({"int": "an integer", "float": "a number", "str": "text", "bool": "true or false"}
                               .get(t.__name__, t.__name__) for t in allowed))
+
+
+def parse_index_list(text: str, field: str) -> list[int]:
+    """'3,5,10-12' -> [3, 5, 10, 11, 12], sorted and unique; `field` names the option in the error."""
+    out: list[int] = []
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out += list(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ConfigError(f"cannot read the {field} list {text!r}: use indices and ranges like 3,5,10-12",
+                              field=field) from None
+    return sorted(set(out))

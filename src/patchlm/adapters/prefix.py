@@ -20,6 +20,7 @@ import torch
 from patchlm.adapters.config import check_positive_int, from_spec, to_spec
 from patchlm.adapters.virtual import (
     VirtualTable,
+    VirtualTokensKind,
     backbone_of,
     cache_kwarg,
     check_free,
@@ -28,11 +29,9 @@ from patchlm.adapters.virtual import (
     kv_geometry,
     new_cache,
     sample_token_ids,
-    table_of,
-    uninstall,
 )
 from patchlm.errors import ConfigError, PatchFormatError
-from patchlm.patch import PatchKind, register_kind
+from patchlm.patch import register_kind
 from patchlm.typed import check_fields
 
 TENSOR = "prefix_embeddings"
@@ -102,8 +101,10 @@ def _model_dtype(bb) -> torch.dtype:
 
 
 @register_kind("prefix", stage="weight", capabilities=("export-peft",))
-class PrefixKind(PatchKind):
+class PrefixKind(VirtualTokensKind):
     """spec: PrefixConfig's fields (the KV geometry filled in) and the init seed."""
+
+    ATTR, TENSOR = ATTR, TENSOR
 
     def attach(self, model, spec, tensors=None, seed=0):
         cfg = from_spec(PrefixConfig, dict(spec), "prefix", strict=tensors is None)
@@ -146,19 +147,6 @@ class PrefixKind(PatchKind):
         freeze_base(model, table)
         resolved = to_spec(cfg, num_layers=layers, num_attention_heads=heads, token_dim=heads * head_dim)
         return {**spec, **resolved, "seed": int(seed) if tensors is None else spec.get("seed", seed)}
-
-    def detach(self, model):
-        uninstall(model, ATTR)
-
-    def state(self, model):
-        table = table_of(model, ATTR)
-        if table is None:
-            return {}
-        return {TENSOR: table.weight.detach().float().cpu().clone()}
-
-    def trainable_parameters(self, model):
-        table = table_of(model, ATTR)
-        return [] if table is None else [table.weight]
 
     def summary(self, spec, tensors):
         return {"num_virtual_tokens": spec.get("num_virtual_tokens"), "num_layers": spec.get("num_layers"),

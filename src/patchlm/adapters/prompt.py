@@ -19,16 +19,15 @@ import torch
 from patchlm.adapters.config import check_positive_int, from_spec, to_spec
 from patchlm.adapters.virtual import (
     VirtualTable,
+    VirtualTokensKind,
     check_free,
     freeze_base,
     install,
     sample_token_ids,
-    table_of,
     text_config,
-    uninstall,
 )
 from patchlm.errors import ConfigError, PatchFormatError
-from patchlm.patch import PatchKind, register_kind
+from patchlm.patch import register_kind
 from patchlm.typed import check_fields
 
 TENSOR = "prompt_embeddings"
@@ -56,8 +55,10 @@ class PromptConfig:
 
 
 @register_kind("prompt", stage="weight", capabilities=("export-peft",))
-class PromptKind(PatchKind):
+class PromptKind(VirtualTokensKind):
     """spec: PromptConfig's fields (token_dim filled in) and the init seed."""
+
+    ATTR, TENSOR = ATTR, TENSOR
 
     def attach(self, model, spec, tensors=None, seed=0):
         cfg = from_spec(PromptConfig, dict(spec), "prompt", strict=tensors is None)
@@ -94,19 +95,6 @@ class PromptKind(PatchKind):
         freeze_base(model, table)
         return {**spec, **to_spec(cfg, token_dim=hidden),
                 "seed": int(seed) if tensors is None else spec.get("seed", seed)}
-
-    def detach(self, model):
-        uninstall(model, ATTR)
-
-    def state(self, model):
-        table = table_of(model, ATTR)
-        if table is None:
-            return {}
-        return {TENSOR: table.weight.detach().float().cpu().clone()}
-
-    def trainable_parameters(self, model):
-        table = table_of(model, ATTR)
-        return [] if table is None else [table.weight]
 
     def summary(self, spec, tensors):
         return {"num_virtual_tokens": spec.get("num_virtual_tokens"), "token_dim": spec.get("token_dim")}

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from patchlm.errors import PatchFormatError, PatchlmError
+from patchlm.patch import PatchKind
 
 CACHE_KWARGS = ("cache", "past_key_values")  # transformers 5.24 renamed past_key_values to cache
 # PEFT builds the prefix cache from the model's config (layer types) only for these families; else a plain cache
@@ -217,3 +219,23 @@ def freeze_base(model: nn.Module, table: VirtualTable) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     table.weight.requires_grad_(True)
+
+
+class VirtualTokensKind(PatchKind):
+    """What prefix and prompt tuning share: one trainable table on the backbone under ATTR, saved as TENSOR."""
+
+    ATTR: ClassVar[str] = ""
+    TENSOR: ClassVar[str] = ""
+
+    def detach(self, model):
+        uninstall(model, self.ATTR)
+
+    def state(self, model):
+        table = table_of(model, self.ATTR)
+        if table is None:
+            return {}
+        return {self.TENSOR: table.weight.detach().float().cpu().clone()}
+
+    def trainable_parameters(self, model):
+        table = table_of(model, self.ATTR)
+        return [] if table is None else [table.weight]

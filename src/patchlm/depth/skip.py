@@ -28,8 +28,9 @@ from patchlm.patch import Patch, PatchKind, provenance, register_kind
 from patchlm.paths import atomic_dir
 from patchlm.train.checkpoint import load_state, save_state
 from patchlm.train.config import TrainConfig
-from patchlm.train.engine import StepInfo, StopRequest, causal_lm_loss, train_loop
+from patchlm.train.engine import StepInfo, StopRequest, causal_lm_loss, train_loop, unit_count
 from patchlm.train.optim import make_optimizer
+from patchlm.typed import parse_index_list
 
 
 @dataclass
@@ -105,21 +106,7 @@ def default_layers(num_layers: int, n: int | None = None) -> list[int]:
 
 def parse_layers(text: str, num_layers: int) -> list[int]:
     """'3,5,10-12' -> [3, 5, 10, 11, 12] (checked against the model's depth)."""
-    out = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out += list(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise ConfigError(f"cannot read layer list {text!r}: use indices and ranges like 3,5,10-12",
-                              field="layers") from None
-    return check_indices(out, num_layers, "routed")
+    return check_indices(parse_index_list(text, "layers"), num_layers, "routed")
 
 
 @register_kind("router", stage="depth")
@@ -305,7 +292,7 @@ def train_routers(base, task, layers: list[int] | None = None, granularity: str 
         # one micro-batch per step, weighted 1: the loss is back-propagated as computed (bit-exact)
         with StopRequest() as stop:
             at = train_loop(model, rule, batches, steps, start=done, loss_fn=loss_fn, bf16=cfg.bf16,
-                            count=lambda b: 1, on_step=on_step, progress=progress, desc="train routers", stop=stop)
+                            count=unit_count, on_step=on_step, progress=progress, desc="train routers", stop=stop)
         if at < steps:  # Ctrl-C / SIGTERM: stopped at a step boundary
             where = "nothing was saved (no checkpoint directory)"
             if ckpt is not None:

@@ -30,7 +30,15 @@ from patchlm.data.features import collate
 from patchlm.errors import ConfigError, PatchlmError
 from patchlm.federated.config import DPConfig
 from patchlm.train.config import TrainConfig
-from patchlm.train.engine import StepInfo, autocast, example_mean_loss, per_example_loss, to_device, train_loop
+from patchlm.train.engine import (
+    StepInfo,
+    autocast,
+    example_mean_loss,
+    per_example_loss,
+    to_device,
+    train_loop,
+    unit_count,
+)
 from patchlm.train.optim import StepRule, make_optimizer
 
 __all__ = ["DPAdamW", "DPConfig", "default_delta", "dp_train", "flatness_layer_choice", "total_epsilon"]
@@ -49,13 +57,6 @@ def total_epsilon(history: list[tuple[float, float, int]], delta: float) -> floa
     if not acc.history:
         return 0.0
     return float(acc.get_epsilon(delta))
-
-
-def one_batch(batch) -> int:
-    """Micro-batch weight for steps made of one micro-batch: 1 keeps the loss and its gradient bit-identical to
-    loss.backward(). (make_closure weighs loss * w / total; in float32 that changes the loss value for most w and
-    the gradient for some, e.g. w = 41 or 47 examples or labelled tokens.)"""
-    return 1
 
 
 # ---------------------------------------------------------------- DP-Flat helpers
@@ -284,7 +285,7 @@ def dp_train(model, params: list[torch.nn.Parameter], feats: list[dict], pad_id:
 
     try:
         train_loop(model, rule, poisson_batches(feats, pad_id, steps, q, seed), steps, loss_fn=example_mean_loss,
-                   bf16=bf16, count=one_batch, on_step=on_step)
+                   bf16=bf16, count=unit_count, on_step=on_step)
     finally:
         gsm._close()
     record.update({"steps": steps, "epsilon": rule.epsilon(delta) if dp.noise_multiplier > 0 else math.inf,
@@ -304,5 +305,5 @@ def _train_teacher(model, params, public_feats, pad_id, steps, batch_size, lr, s
 
     cfg = step_config(lr, weight_decay=1e-2)  # torch.optim.AdamW's default, as the teacher always had
     train_loop(model, make_optimizer("adamw", params, cfg), batches, steps, loss_fn=example_mean_loss, bf16=bf16,
-               count=one_batch)
+               count=unit_count)
     return [(i, p.detach().clone()) for i, p in zip(init, params, strict=True)]

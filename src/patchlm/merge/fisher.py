@@ -16,7 +16,7 @@ from patchlm.merge.config import MergeConfig
 from patchlm.merge.patch_merge import PatchDeltas
 from patchlm.models.parts import model_device
 from patchlm.patch import get_kind
-from patchlm.train.engine import autocast, causal_lm_loss, to_device
+from patchlm.train.engine import causal_lm_loss, make_closure, to_device, unit_count
 
 
 def estimate_fisher(base, patch, task, n_examples: int = MergeConfig.fisher_examples, max_length: int = 128,
@@ -50,10 +50,8 @@ def estimate_fisher(base, patch, task, n_examples: int = MergeConfig.fisher_exam
         was = model.training
         model.eval()  # no dropout: the Fisher of the deployed model
         for f in feats:
-            batch = to_device(collate([f], pad), device)
-            with autocast(device, bf16):
-                loss, _ = causal_lm_loss(model, batch)
-            loss.backward()
+            # the engine's closure does the forward and backward: one example, its loss back-propagated as is
+            make_closure(model, [to_device(collate([f], pad), device)], causal_lm_loss, bf16, unit_count)()
             for n, w in weights.items():
                 acc[n].add_(w.grad.float() ** 2)
                 w.grad = None

@@ -25,8 +25,20 @@ from patchlm.errors import PatchlmError, TrainingDiverged
 from patchlm.models.parts import autocast, backbone_and_head, model_device
 
 Batch = dict[str, torch.Tensor]
-__all__ = ["StepInfo", "StopRequest", "autocast", "causal_lm_loss", "example_count", "example_mean_loss", "label_count",
-           "make_closure", "per_example_loss", "to_device", "train_loop"]
+__all__ = [
+    "StepInfo",
+    "StopRequest",
+    "autocast",
+    "causal_lm_loss",
+    "example_count",
+    "example_mean_loss",
+    "label_count",
+    "make_closure",
+    "per_example_loss",
+    "to_device",
+    "train_loop",
+    "unit_count",
+]
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, int]]
 
 
@@ -182,6 +194,13 @@ class _LossHolder(torch.nn.Module):
 
 def example_count(batch: Batch) -> int:
     return int(batch["input_ids"].shape[0])
+
+
+def unit_count(batch: Batch) -> int:
+    """Weight 1 for steps of a single micro-batch: the loss is back-propagated exactly as computed. (loss * w /
+    total is not bit-identical to loss in float32 for every w; the patch trainer keeps the token weighting it
+    always had, federated, DP, router training and Fisher never weighted.)"""
+    return 1
 
 
 def train_loop(model: torch.nn.Module, rule, batches: Callable[[int], Sequence[Batch]], steps: int, *,

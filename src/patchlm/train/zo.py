@@ -6,8 +6,8 @@ private torch.Generator seeded by (run seed, step, query, tensor index), never s
 same directions (the step counter is in the rule's state) and dropout or data order are untouched.
 
 Exact restore. MeZO perturbs in place (+eps z, -2 eps z, +eps z) and relies on that to restore theta; in fp32 it
-does not (we measured 46% of elements off by an ulp after one round trip, on N(0, 0.02) weights with eps 1e-3), and
-in bf16 the drift is far larger. Here theta is never modified to evaluate a perturbed point:
+does not (46% of the elements come back changed after one round trip, on N(0, 0.02) weights with eps 1e-3:
+tests/test_zo.py checks it), and in lower precision the rounding is coarser. Here theta is never modified to evaluate a perturbed point:
 - a tensor owned by leaf modules only (nn.Linear, nn.Embedding, norms: full fine-tuning) is perturbed *during
   its module's forward*: a pre-hook puts theta + sum_j c_j z_j in the module's parameter slot and the post-hook
   puts theta back, so one perturbed tensor exists at a time (the largest, e.g. the embedding) and theta is
@@ -35,6 +35,7 @@ import torch
 
 from patchlm.errors import ConfigError
 from patchlm.train.optim import StepRule, register_optimizer
+from patchlm.typed import parse_index_list
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # decoder-layer sub-module names -> the half (attention or MLP) they belong to, per family
@@ -49,21 +50,8 @@ SPARSE_MODES = ("magnitude", "random")
 
 
 def parse_layers(text: str) -> list[int]:
-    """'0-3,7' -> [0, 1, 2, 3, 7]."""
-    out: list[int] = []
-    for part in str(text).replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out += list(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise ConfigError(f"cannot read the layer list {text!r}: use indices and ranges like 0-3,7",
-                              field="zo_fo_layers") from None
-    return sorted(set(out))
+    """zo_fo_layers: '0-3,7' -> [0, 1, 2, 3, 7]."""
+    return parse_index_list(text, "zo_fo_layers")
 
 
 def check_options(cfg) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from patchlm.errors import ConfigError, DataError
 from patchlm.federated.config import PARTITIONS, FedConfig
-from patchlm.federated.privacy import dp_train, one_batch
+from patchlm.federated.privacy import dp_train
 from patchlm.paths import atomic_write_text
 from patchlm.train.config import TrainConfig
 
@@ -171,7 +171,7 @@ def local_train(base, cfg: FedConfig, k: int, round_: int, examples: list[dict],
     from patchlm.adapters.inject import wrapped_modules
     from patchlm.adapters.lora import LoraKind, LoraLinear
     from patchlm.data.features import build_features, objective_for, pad_id
-    from patchlm.train.engine import causal_lm_loss, train_loop
+    from patchlm.train.engine import causal_lm_loss, train_loop, unit_count
     from patchlm.train.optim import make_optimizer
 
     t0 = time.perf_counter()
@@ -211,7 +211,7 @@ def local_train(base, cfg: FedConfig, k: int, round_: int, examples: list[dict],
         losses: list[float] = []
         train_loop(model, make_optimizer(tcfg.optimizer, params, tcfg),
                    cyclic_batches(feats, cfg.batch_size, seed * 131 + k, pad), cfg.local_steps,
-                   loss_fn=causal_lm_loss, bf16=cfg.bf16, count=one_batch, on_step=lambda i: losses.append(i.loss))
+                   loss_fn=causal_lm_loss, bf16=cfg.bf16, count=unit_count, on_step=lambda i: losses.append(i.loss))
         metrics["train_loss"] = sum(losses) / len(losses)
     model.eval()
     tensors = kind.state(model)
