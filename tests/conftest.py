@@ -103,3 +103,38 @@ def killed_after(step: int):
             yield
     finally:
         tr.train_loop = real
+
+
+# ---------------------------------------------------------------- reference copies of the pre-engine code (af73a9d)
+def old_collate(feats, pad_id):
+    """patchlm.train.trainer.collate as of af73a9d: the reference the engine's numbers are compared with."""
+    import torch
+
+    n = max(len(f["input_ids"]) for f in feats)
+    ids = torch.full((len(feats), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(feats), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(feats), n), dtype=torch.long)
+    for i, f in enumerate(feats):
+        k = len(f["input_ids"])
+        ids[i, :k] = torch.tensor(f["input_ids"])
+        labels[i, :k] = torch.tensor(f["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def old_causal_lm_loss(model, batch):
+    """patchlm.train.trainer.causal_lm_loss as of af73a9d (the reference)."""
+    import torch.nn.functional as F
+
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    target = labels[:, 1:]
+    keep = target != -100
+    n = int(keep.sum())
+    backbone = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backbone is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        return F.cross_entropy(logits[keep].float(), target[keep]), n
+    hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    logits = head(hidden[keep])
+    return F.cross_entropy(logits.float(), target[keep]), n

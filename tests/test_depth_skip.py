@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import old_causal_lm_loss, old_collate
 from test_depth import IDS, greedy_cached, greedy_reforward
 
 from patchlm.depth import runtime
@@ -236,38 +237,6 @@ def test_padded_batch_split_equals_sequences_alone(tiny):
 
 
 # ---------------------------------------------------------------- the engine gives the old loop's numbers
-def _old_collate(feats, pad_id):
-    """patchlm.train.trainer.collate as of af73a9d (the reference)."""
-    n = max(len(f["input_ids"]) for f in feats)
-    ids = torch.full((len(feats), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(feats), n), -100, dtype=torch.long)
-    mask = torch.zeros((len(feats), n), dtype=torch.long)
-    for i, f in enumerate(feats):
-        k = len(f["input_ids"])
-        ids[i, :k] = torch.tensor(f["input_ids"])
-        labels[i, :k] = torch.tensor(f["labels"])
-        mask[i, :k] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def _old_causal_lm_loss(model, batch):
-    """patchlm.train.trainer.causal_lm_loss as of af73a9d (the reference)."""
-    import torch.nn.functional as F
-
-    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-    target = labels[:, 1:]
-    keep = target != -100
-    n = int(keep.sum())
-    backbone = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if backbone is None or head is None or getattr(model.config, "final_logit_softcapping", None):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        return F.cross_entropy(logits[keep].float(), target[keep]), n
-    hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-    logits = head(hidden[keep])
-    return F.cross_entropy(logits.float(), target[keep]), n
-
-
 def _old_train_routers(base, task, layers, granularity, cfg):
     """The router training loop of patchlm.depth.skip.train_routers as of af73a9d (checkpointing and the
     progress bar left out; the features come from data.features, where train.objectives moved)."""
@@ -306,9 +275,9 @@ def _old_train_routers(base, task, layers, granularity, cfg):
         for s in range(0, len(order), cfg.batch_size):
             step += 1
             b = {k: v.to(device)
-                 for k, v in _old_collate([feats[i] for i in order[s: s + cfg.batch_size]], pad).items()}
+                 for k, v in old_collate([feats[i] for i in order[s: s + cfg.batch_size]], pad).items()}
             with ctx:
-                lm, _ = _old_causal_lm_loss(model, b)
+                lm, _ = old_causal_lm_loss(model, b)
             used = torch.stack([r.last_mask.float().mean() for r in rs.values()]).mean()
             cap = used if cfg.target is None else torch.relu(used - cfg.target)
             loss = lm.float() + cfg.lam * cap

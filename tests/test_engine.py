@@ -9,8 +9,7 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import killed_after
+from conftest import killed_after, old_causal_lm_loss
 
 from patchlm.data.features import IGNORE, build_features, collate, pad_id
 from patchlm.errors import ConfigError, PatchFormatError, TrainingDiverged, UnknownNameError
@@ -22,17 +21,6 @@ from patchlm.train.trainer import lr_at
 
 
 # ---------------------------------------------------------------- the pre-engine loop, kept as the reference
-def _old_loss(model, batch):
-    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-    target = labels[:, 1:]
-    keep = target != IGNORE
-    n = int(keep.sum())
-    backbone = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    head = model.get_output_embeddings()
-    hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-    return F.cross_entropy(head(hidden[keep]).float(), target[keep]), n
-
-
 def _old_train(base, task, spec, cfg):
     """The training loop of patchlm before the engine (train/trainer.py at af73a9d), without I/O."""
     from patchlm.patch import get_kind
@@ -66,7 +54,7 @@ def _old_train(base, task, spec, cfg):
         micro = [collate(batch(step * cfg.grad_accum + j), pad_id(base.tokenizer)) for j in range(cfg.grad_accum)]
         total = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
         for b in micro:
-            loss, k = _old_loss(model, b)
+            loss, k = old_causal_lm_loss(model, b)
             (loss * k / total).backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()

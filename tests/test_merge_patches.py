@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import old_causal_lm_loss, old_collate, run_cli
 
 from patchlm.errors import BaseMismatchError, ConfigError
 from patchlm.merge.merged import refactor
@@ -200,42 +200,6 @@ def test_cli_merges_patches(tiny, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- the refactor changed no numbers
-def _old_collate(feats, pad_id):
-    """patchlm.train.trainer.collate as of af73a9d (reference copy)."""
-    from patchlm.data.features import IGNORE
-
-    n = max(len(f["input_ids"]) for f in feats)
-    ids = torch.full((len(feats), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(feats), n), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(feats), n), dtype=torch.long)
-    for i, f in enumerate(feats):
-        k = len(f["input_ids"])
-        ids[i, :k] = torch.tensor(f["input_ids"])
-        labels[i, :k] = torch.tensor(f["labels"])
-        mask[i, :k] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def _old_loss(model, batch):
-    """patchlm.train.trainer.causal_lm_loss as of af73a9d (reference copy)."""
-    import torch.nn.functional as F
-
-    from patchlm.data.features import IGNORE
-
-    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-    target = labels[:, 1:]
-    keep = target != IGNORE
-    n = int(keep.sum())
-    backbone = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if backbone is None or head is None or getattr(model.config, "final_logit_softcapping", None):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        return F.cross_entropy(logits[keep].float(), target[keep]), n
-    hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-    logits = head(hidden[keep])
-    return F.cross_entropy(logits.float(), target[keep]), n
-
-
 def _old_estimate_fisher(base, patch, task, n_examples=32, max_length=128, bf16=False, split="train"):
     """merge/fisher.py's estimate_fisher as of af73a9d (reference copy: CPU autocast, batches left on the CPU)."""
     from patchlm.data.features import build_features, objective_for
@@ -261,9 +225,9 @@ def _old_estimate_fisher(base, patch, task, n_examples=32, max_length=128, bf16=
         model.eval()
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
         for f in feats:
-            batch = _old_collate([f], pad)
+            batch = old_collate([f], pad)
             with ctx:
-                loss, _ = _old_loss(model, batch)
+                loss, _ = old_causal_lm_loss(model, batch)
             loss.backward()
             for n, w in weights.items():
                 acc[n].add_(w.grad.float() ** 2)
