@@ -61,11 +61,23 @@ class RowCache:
         return row
 
     def run(self, key: str, fn) -> dict:
-        """The cached row for key, or fn() computed now and cached."""
+        """The cached row for key, or fn() computed now and cached. With $PATCHLM_BENCH_LOCK set to a file, each
+        computed row holds an exclusive lock on it, so a long study shares the machine row by row with other
+        heavy jobs that take the same lock (e.g. `flock FILE pytest ...`) instead of running beside them."""
         hit = self.get(key)
         if hit is not None:
             return hit
-        return self.put(key, fn())
+        lock = os.environ.get("PATCHLM_BENCH_LOCK")
+        if not lock:
+            return self.put(key, fn())
+        import fcntl
+
+        with open(lock, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                return self.put(key, fn())
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_results(study: str, rows: list[dict], markdown: str, extra: dict | None = None,

@@ -185,6 +185,9 @@ def memory_worker(model: str, opt: str, scheme: str, steps: int) -> dict:
     batch = collate(feats, pad_id(base.tokenizer))
     floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if opt == "inference":
+        # frozen weights, as for serving: autocast keeps a bf16 copy of every fp32 weight that requires grad (its
+        # cast cache), which would inflate the inference baseline by half the model's size
+        base.model.requires_grad_(False)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             base.model.eval()
             causal_lm_loss(base.model, to_device(batch, "cpu"))
@@ -228,7 +231,7 @@ def memory_rows(cache: RowCache, sc: dict) -> list[dict]:
 
 # ---------------------------------------------------------------- speed
 def speed_rows(cache: RowCache, sc: dict) -> list[dict]:
-    def run(scheme):
+    def run(scheme, dist):
         import torch
 
         from patchlm.data import load_task
@@ -245,8 +248,8 @@ def speed_rows(cache: RowCache, sc: dict) -> list[dict]:
         kind, spec = SCHEMES[scheme]
         k = get_kind(kind)
         k.attach(base.model, dict(spec, seed=0), None, seed=0)
-        rule = make_optimizer("zo-sgd", k.trainable_parameters(base.model), _train_cfg("zo-sgd", 1, 1e-7),
-                              model=base.model)
+        rule = make_optimizer("zo-sgd", k.trainable_parameters(base.model),
+                              _train_cfg("zo-sgd", 1, 1e-7, {"zo_distribution": dist}), model=base.model)
         fwd, stp = [], []
         for _ in range(sc["speed_reps"] + 1):  # the first of each is a warm-up
             c = make_closure(base.model, [batch], causal_lm_loss, True)
@@ -260,7 +263,13 @@ def speed_rows(cache: RowCache, sc: dict) -> list[dict]:
         f, s = min(fwd[1:]), min(stp[1:])
         return {"forward_s": f, "zo_step_s": s, "step_over_forward": s / f}
 
-    return [{"scheme": sch, **cache.run(f"speed/{sch}", lambda sch=sch: run(sch))} for sch in ("lora", "full")]
+    rows = []
+    for sch in ("lora", "full"):
+        for dist in ("gaussian", "rademacher"):
+            key = f"speed/{sch}" + ("" if dist == "gaussian" else f"/{dist}")
+            rows.append({"scheme": sch, "distribution": dist,
+                         **cache.run(key, lambda sch=sch, dist=dist: run(sch, dist))})
+    return rows
 
 
 # ---------------------------------------------------------------- page
@@ -273,7 +282,7 @@ def page(rows, mem, speed, zs, sc) -> str:
     lines += ["", "## Memory: fresh processes (peak resident MB)", "", md_table(mem, ["optimizer", "scheme", "peak_mb",
                                                                               "ratio_to_inference"])]
     lines += ["", "## Speed: one ZO-SGD step against one forward pass of the same batch (best of repeats)", "",
-              md_table(speed, ["scheme", "forward_s", "zo_step_s", "step_over_forward"])]
+              md_table(speed, ["scheme", "distribution", "forward_s", "zo_step_s", "step_over_forward"])]
     lines += ["", "## Learning-rate and eps search (validation accuracy after a short run)", ""]
     for r in rows:
         pts = ", ".join(f"lr {p['lr']:g}" + (f" eps {p['eps']:g}" if p.get("eps") else "")

@@ -39,9 +39,10 @@ class _Quadratic:
         return (self.A @ self.theta.detach() - self.b)
 
 
-def test_zo_estimate_is_the_directional_gradient_and_averages_to_the_gradient():
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_zo_estimate_is_the_directional_gradient_and_averages_to_the_gradient(distribution):
     q = _Quadratic()
-    rule = make_optimizer("zo-sgd", [q.theta], _cfg(zo_eps=1e-3))
+    rule = make_optimizer("zo-sgd", [q.theta], _cfg(zo_eps=1e-3, zo_distribution=distribution))
     grad = q.grad()
     est = torch.zeros_like(grad)
     n = 4000
@@ -55,7 +56,7 @@ def test_zo_estimate_is_the_directional_gradient_and_averages_to_the_gradient():
         assert g == pytest.approx(float(grad @ applied), rel=1e-6, abs=1e-9 * float(grad.norm() * z.norm()))
         est += g * z
     est /= n
-    # E[(grad . z) z] = grad for z ~ N(0, I); the Monte-Carlo error is about |grad| * sqrt(d / n)
+    # E[(grad . z) z] = grad for z ~ N(0, I) and for +-1 entries; the Monte-Carlo error is about |grad| * sqrt(d / n)
     assert float((est - grad).norm()) < 4 * float(grad.norm()) * math.sqrt(grad.numel() / n)
 
 
@@ -313,3 +314,18 @@ def test_perturber_restores_theta_even_when_the_forward_fails(tiny, toy_task):
     for a, p in zip(before, params):
         assert torch.equal(a, p.detach())
     assert all(isinstance(p, torch.nn.Parameter) for p in tiny.model.parameters())
+
+
+def test_rademacher_directions_are_signs_seeded_and_balanced():
+    from patchlm.train.zo import rademacher
+
+    a = rademacher((1000, 37), torch.Generator().manual_seed(5))
+    b = rademacher((1000, 37), torch.Generator().manual_seed(5))
+    c = rademacher((1000, 37), torch.Generator().manual_seed(6))
+    assert a.shape == (1000, 37) and a.dtype == torch.float32 and torch.equal(a, b) and not torch.equal(a, c)
+    assert set(a.unique().tolist()) == {-1.0, 1.0}
+    assert abs(float(a.mean())) < 4 / math.sqrt(a.numel())  # fair signs (4 standard errors)
+    # distinct entries are uncorrelated: the empirical second moment of a pair of columns is near 0
+    assert abs(float((a[:, 0] * a[:, 1]).mean())) < 4 / math.sqrt(1000)
+    with pytest.raises(ConfigError, match="zo_distribution"):
+        make_optimizer("zo-sgd", [torch.nn.Parameter(torch.zeros(3))], _cfg(zo_distribution="uniform"))

@@ -35,6 +35,9 @@ class TrainConfig:
     zo_fo_layers: str = field(default="", metadata={
         "help": "hybrid ZO/FO: decoder layers trained first-order, e.g. 0-3 (empty: none)"})
     zo_fo_lr: float | None = field(default=None, metadata={"help": "hybrid ZO/FO: first-order learning rate [lr]"})
+    zo_distribution: str = field(default="gaussian", metadata={
+        "help": "zeroth order: direction entries, gaussian (N(0,1), ZO-Bench) | rademacher (+-1, about 4x cheaper "
+                "to draw on a CPU)"})
     max_length: int = field(default=256, metadata={"help": "max tokens per example"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
     eval_every: int = field(default=0, metadata={"help": "validate every N steps (0 = only at the end)"})

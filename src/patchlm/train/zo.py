@@ -7,7 +7,8 @@ same directions (the step counter is in the rule's state) and dropout or data or
 
 Exact restore. MeZO perturbs in place (+eps z, -2 eps z, +eps z) and relies on that to restore theta; in fp32 it
 does not (46% of the elements come back changed after one round trip, on N(0, 0.02) weights with eps 1e-3:
-tests/test_zo.py checks it), and in lower precision the rounding is coarser. Here theta is never modified to evaluate a perturbed point:
+tests/test_zo.py checks it), and in lower precision the rounding is coarser. Here theta is never modified to
+evaluate a perturbed point:
 - a tensor owned by leaf modules only (nn.Linear, nn.Embedding, norms: full fine-tuning) is perturbed *during
   its module's forward*: a pre-hook puts theta + sum_j c_j z_j in the module's parameter slot and the post-hook
   puts theta back, so one perturbed tensor exists at a time (the largest, e.g. the embedding) and theta is
@@ -47,6 +48,7 @@ _HALVES = {
 _FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gemma3": "gemma3", "gemma3_text": "gemma3"}
 BLOCK_MODES = ("none", "layer", "sublayer", "linear")
 SPARSE_MODES = ("magnitude", "random")
+DISTRIBUTIONS = ("gaussian", "rademacher")
 
 
 def parse_layers(text: str) -> list[int]:
@@ -68,6 +70,9 @@ def check_options(cfg) -> None:
     if cfg.zo_sparse_mode not in SPARSE_MODES:
         raise ConfigError(f"unknown zo_sparse_mode {cfg.zo_sparse_mode!r}; choices: {', '.join(SPARSE_MODES)}",
                           field="zo_sparse_mode")
+    if cfg.zo_distribution not in DISTRIBUTIONS:
+        raise ConfigError(f"unknown zo_distribution {cfg.zo_distribution!r}; choices: {', '.join(DISTRIBUTIONS)}",
+                          field="zo_distribution")
     if cfg.zo_block not in BLOCK_MODES:
         raise ConfigError(f"unknown zo_block {cfg.zo_block!r}; choices: {', '.join(BLOCK_MODES)}", field="zo_block")
     if not 0 <= float(cfg.zo_momentum) < 1:
@@ -81,12 +86,25 @@ def _seed(base: int, step: int, query: int, index: int) -> int:
     return (int(base) * 1_000_003 + step * 10_007 + query * 101 + index * 7_919 + 17) % (2**62)
 
 
+# byte value -> its 8 bits as +-1 (bit j of byte b is entry j): Rademacher entries from 64 random bits per draw
+_SIGNS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).float().mul_(2).sub_(1)
+
+
+def rademacher(shape, generator: torch.Generator) -> torch.Tensor:
+    """+-1 entries with probability 1/2 each (E[z z^T] = I, as for N(0, 1)), fp32, from 1 int64 draw per 64."""
+    n = math.prod(shape)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 63) // 64,), dtype=torch.int64, generator=generator)
+    z = torch.nn.functional.embedding(words.view(torch.uint8).long(), _SIGNS).view(-1)
+    return z[:n].view(shape) if z.numel() != n else z.view(shape)
+
+
 class Directions:
     """Seeded directions z over a list of named tensors, with optional fixed sparsity masks."""
 
     def __init__(self, names: list[str], params: list[torch.Tensor], seed: int, sparsity: float = 1.0,
-                 sparse_mode: str = "magnitude"):
+                 sparse_mode: str = "magnitude", distribution: str = "gaussian"):
         self.names, self.params, self.seed = names, params, int(seed)
+        self.distribution = distribution
         self.masks: list[torch.Tensor | None] = [None] * len(params)
         if sparsity < 1.0:
             for i, p in enumerate(params):
@@ -102,10 +120,13 @@ class Directions:
                 self.masks[i] = m.view(p.shape).to(p.device)
 
     def z(self, i: int, step: int, query: int) -> torch.Tensor:
-        """Direction of tensor i for (step, query): N(0, 1) entries (zero outside the sparsity mask), fp32."""
+        """Direction of tensor i for (step, query): N(0, 1) or +-1 entries (zero outside the sparsity mask), fp32."""
         p = self.params[i]
         g = torch.Generator().manual_seed(_seed(self.seed, step, query, i))
-        z = torch.randn(p.shape, generator=g, dtype=torch.float32)
+        if self.distribution == "rademacher":
+            z = rademacher(tuple(p.shape), g)
+        else:
+            z = torch.randn(p.shape, generator=g, dtype=torch.float32)
         if p.device.type != "cpu":
             z = z.to(p.device)
         if self.masks[i] is not None:
@@ -259,7 +280,7 @@ class ZeroOrder(StepRule):
         for p in self.params:
             p.requires_grad_(False)  # no autograd graph for the ZO tensors
         self.names = names
-        self.dirs = Directions(names, self.params, int(cfg.seed), sparsity, sparse_mode)
+        self.dirs = Directions(names, self.params, int(cfg.seed), sparsity, sparse_mode, cfg.zo_distribution)
         self.perturb = Perturber(model, self.params, self.dirs)
         self.blocks = _blocks(model, names, block)
         self.t = 0
