@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,6 +51,40 @@ def atomic_dir(target: str | Path, force: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def set_aside(target: str | Path, keep_new: Callable[[Path], bool]):
+    """`--force` without loss: move an existing `target` aside while the block rebuilds it.
+
+    On success the old copy is deleted. On failure it is deleted only if `keep_new(target)` says the new one is
+    worth keeping (e.g. a resumable checkpoint exists); otherwise the partial new `target` is removed and the old
+    one is put back, so a run that fails on a bad option loses nothing."""
+    target = Path(target)
+    if not target.exists():
+        yield
+        return
+    old = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+    _remove(old)
+    os.replace(target, old)
+    try:
+        yield
+    except BaseException:
+        if target.exists() and keep_new(target):
+            _remove(old)
+        else:
+            _remove(target)
+            os.replace(old, target)
+        raise
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a directory tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +13,7 @@ import typer
 from patchlm.adapters.lora import LoraConfig
 from patchlm.cli.common import status
 from patchlm.cli.options import ConfigValues, Group, config_command
+from patchlm.cli.train import has_checkpoint
 from patchlm.typed import check_fields
 
 
@@ -50,7 +52,7 @@ def demo(cv: ConfigValues,
     from patchlm.data import load_task
     from patchlm.evaluate import evaluate_classification
     from patchlm.models import load_base
-    from patchlm.paths import check_output
+    from patchlm.paths import check_output, set_aside
     from patchlm.train import TrainConfig, Trainer
 
     dc = DemoConfig(**cv.values(DemoConfig), bf16=bf16)
@@ -66,7 +68,9 @@ def demo(cv: ConfigValues,
     before = evaluate_classification(base.model, base.tokenizer, t, limit=limit, bf16=bf16)
     before["seconds"] = time.perf_counter() - t0
     status(f"training a rank-{rank} LoRA patch for {steps} steps ...")
-    patch = Trainer(base, "lora", {"r": rank}, t, cfg, out_dir=out, force=force, log=status).run()
+    trainer = Trainer(base, "lora", {"r": rank}, t, cfg, out_dir=out, force=force, log=status)
+    with set_aside(out, keep_new=has_checkpoint) if force else nullcontext():  # --force loses nothing on failure
+        patch = trainer.run()
     t0 = time.perf_counter()
     after = evaluate_classification(base.model, base.tokenizer, t, limit=limit, bf16=bf16)
     after["seconds"] = time.perf_counter() - t0

@@ -8,6 +8,7 @@ LoraConfig's fields and set the same-named field of every method that has one.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,6 +28,7 @@ from patchlm.adapters.mos import STRATEGIES, mos_config
 from patchlm.cli.common import load_task_opts, print_json, status
 from patchlm.cli.options import ConfigValues, Group, config_command
 from patchlm.errors import ConfigError, UnknownNameError, did_you_mean
+from patchlm.paths import set_aside
 from patchlm.train.config import TrainConfig
 
 SHARED = ("alpha", "dropout", "targets")  # LoraConfig's flags that every method with such a field takes
@@ -68,6 +70,11 @@ def _flag(cv: ConfigValues, method: str, field: str) -> str | None:
         if flag:
             return flag
     return None
+
+
+def has_checkpoint(run: Path) -> bool:
+    """Whether a run directory holds a resumable checkpoint (then a --force'd old run need not come back)."""
+    return (run / "checkpoints" / "last" / "state.json").exists()
 
 
 def _load_recipe(path: Path | None) -> dict:
@@ -169,7 +176,9 @@ def _train(cv, recipe, model, task, out, method, bf16, max_examples, text_column
                        max_examples=max_examples)
     base = load_base(model)
     trainer = Trainer(base, method, spec, t, cfg, out_dir=out, resume=resume, force=force, log=status)
-    patch = trainer.run()
+    # --force: the old run is set aside, and put back unless the new one got as far as its first checkpoint
+    with set_aside(out, keep_new=has_checkpoint) if force else nullcontext():
+        patch = trainer.run()
     info = patch.info()
     if json_out:
         print_json(info)
