@@ -55,10 +55,16 @@ class Expert:
     noise_scale: float | None = None      # mergekit-moe's per-expert noise (None: MoeConfig.expert_noise)
     residual_scale: float | None = None   # mergekit-moe's: down_proj multiplied by it
     task: str | None = None               # prompts and router-training data (default: a patch's training task)
+    patch: Patch | None = None            # an in-memory patch (source is then only its name)
 
     @property
     def is_patch(self) -> bool:
-        return (Path(self.source) / "patch.json").exists()
+        return self.patch is not None or (Path(self.source) / "patch.json").exists()
+
+    def load_patch(self) -> Patch | None:
+        if self.patch is not None:
+            return self.patch
+        return Patch.load(self.source) if self.is_patch else None
 
 
 @dataclass
@@ -276,7 +282,7 @@ def upcycle(base_ref: str, experts: Sequence[Expert], config: MoeConfig | None =
         raise ConfigError(f"top_k {cfg.top_k} is larger than the number of experts ({len(experts)})", field="top_k")
     base_ck = Checkpoint(base_ref if base is None or base.path is None else base.path)
     check_family(base_ck.config, f"the base {base_ref}")
-    patches: list[Patch | None] = [Patch.load(e.source) if e.is_patch else None for e in experts]
+    patches: list[Patch | None] = [e.load_patch() for e in experts]
     base = base or load_base(base_ref)
     for p in patches:  # refuse a wrong base before any work
         if p is not None and p.base.get("fingerprint") and p.base["fingerprint"] != base.fingerprint:
