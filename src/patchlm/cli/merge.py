@@ -137,7 +137,9 @@ def glue(cv: ConfigValues,
         base = load_base(patches[0].base["name"])
         names = [str(p) for p in patch]
         report = run_glue(base, patches, names, tasks, cfg, log=status)
-        merged = best_merge(report, patches, names) if out is not None else None
+        merged = best_merge(report, patches, names) if out is not None and cfg.mix is None else None
+        if cfg.mix is not None:
+            report["mix"] = _mix(base, report, patches, names, cfg, out, force)
     if merged is not None:
         merged.save(out, force=force)
         report["out"] = str(out)
@@ -154,6 +156,26 @@ def glue(cv: ConfigValues,
     for h, sel in report["heuristics"].items():
         typer.echo(f"{h}: score {sel['score']:.4f} ({sel['evaluations']} evaluations)")
     typer.echo(f"merge-all: score {report['merge_all']['score']:.4f}; best: {report['best']}")
+    if report.get("mix"):
+        typer.echo(f"mix: {report['mix']['why']}; wrote {report['mix'].get('out', '-')}")
+
+
+def _mix(base, report: dict, patches, names, cfg: GlueConfig, out: Path | None, force: bool) -> dict:
+    """Model-GLUE's last step: mix the merged families (patchlm.moe.mixtures); what was mixed and why."""
+    from patchlm.merge.glue_runner import family_merges
+    from patchlm.moe.mixtures import mix, save_mixture
+
+    fams, why = family_merges(report, patches, names)
+    tasks = [[t for t in (patches[names.index(n)].provenance.get("task") for n in f["members"]) if t] for f in why]
+    model, rep = mix(base, fams, tasks, cfg.mix, prefix_layers=cfg.mix_layers, router_steps=cfg.mix_router_steps,
+                     log=status)
+    rep["merged"] = why
+    rep["why"] = (f"{len(fams)} families stay apart at similarity threshold {cfg.threshold}: each is merged inside "
+                  f"(merged_as), then the merges are mixed at {cfg.mix} level with routers")
+    if out is not None:
+        save_mixture(model, rep, out, force=force)
+        rep["out"] = str(out)
+    return rep
 
 
 @config_command(Group(PortConfig, panel="Port (PortConfig)"))

@@ -10,7 +10,8 @@ Pure functions of tensors and of a score function (evaluation and checkpoint rea
    score does not drop), Coefficient (the same with a grid for the newcomer), Similarity (Average in order of
    similarity to the best model), and CMA-ES over the merge weights (`cma` package; popsize 4 + 3 ln n).
    `search` runs the whole selection on a similarity matrix and a scorer and picks the best heuristic.
-Mixing the merged families (a model-level mixture with a router) belongs to the mixture work.
+4. Mixing the merged families (`mix`: model-, block- or FFN-level, with routers) is done by patchlm.moe.mixtures;
+   `family_merges` (glue_runner.py) gives each family's merge to mix, and the report says what was mixed and why.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from patchlm.typed import check_fields
 ATTN_MLP = re.compile(r"(self_attn|attention|attn|mlp|feed_forward)\.")
 HEURISTICS = ("average", "coefficient", "similarity", "cmaes")
 SIMILARITY_ON = ("weights", "delta")
+MIX_LEVELS = ("model", "block", "ffn")  # Model-GLUE's mixtures of the merged families (patchlm.moe.mixtures)
 
 
 def _split_names(text: str) -> tuple[str, ...]:
@@ -54,6 +56,12 @@ class GlueConfig:
     seed: int = field(default=0, metadata={"help": "CMA-ES seed"})
     coefficient_grid: tuple[float, ...] = field(default=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), metadata={
         "help": "the Coefficient heuristic's candidate coefficients for a newcomer", "cli": False})
+    mix: str | None = field(default=None, metadata={
+        "help": "after merging, mix the merged families: " + " | ".join(MIX_LEVELS) + " (none: merge only)"})
+    mix_layers: int = field(default=2, metadata={
+        "help": "mix model: layers of the merged model whose pooled output the router reads"})
+    mix_router_steps: int = field(default=0, metadata={
+        "help": "mix: router-only training steps on the members' tasks (0: routers as initialised)"})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -73,6 +81,12 @@ class GlueConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}", field=name)
         if self.sigma0 <= 0:
             raise ConfigError(f"sigma0 must be positive, got {self.sigma0}", field="sigma0")
+        if self.mix is not None and self.mix not in MIX_LEVELS:
+            raise ConfigError(f"unknown mix {self.mix!r}; choices: {', '.join(MIX_LEVELS)}", field="mix")
+        if self.mix_layers <= 0 or self.mix_router_steps < 0:
+            bad = "mix_layers" if self.mix_layers <= 0 else "mix_router_steps"
+            raise ConfigError(f"{bad} must be {'positive' if bad == 'mix_layers' else '>= 0'}, got "
+                              f"{getattr(self, bad)}", field=bad)
 
 
 # ---------------------------------------------------------------- similarity

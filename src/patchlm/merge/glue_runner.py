@@ -93,3 +93,25 @@ def best_merge(report: dict, patches: Sequence[Patch], names: Sequence[str]) -> 
     merged = merge_patches([patches[i] for i in idx], GLUE_METHOD, weights=list(best["weights"].values()))
     merged.metrics["glue"] = {"heuristic": report["best"], "score": best["score"], "weights": best["weights"]}
     return merged
+
+
+def family_merges(report: dict, patches: Sequence[Patch], names: Sequence[str]) -> tuple[list[Patch], list[dict]]:
+    """What `--mix` mixes: one patch per family (the best selection for the family the heuristics ran on, the
+    uniform task-arithmetic merge of any other family, a lone member as it is) and why, family by family."""
+    best = report["heuristics"][report["best"]] if report.get("best") else None
+    out, why = [], []
+    for k, fam in enumerate(report["families"]):
+        if best is not None and fam == report["merged_family"]:
+            keep = [n for n, w in best["weights"].items() if abs(w) > 1e-6]
+            weights = {n: best["weights"][n] for n in keep}
+            reason = f"the {report['best']} selection (validation {best['score']:.4f})"
+        else:
+            weights = {n: 1.0 / len(fam) for n in fam}
+            reason = "its only member" if len(fam) == 1 else "the uniform merge of its members"
+        if len(weights) == 1 and abs(next(iter(weights.values())) - 1.0) < 1e-9:
+            out.append(patches[names.index(next(iter(weights)))])
+        else:
+            idx = [names.index(n) for n in weights]
+            out.append(merge_patches([patches[i] for i in idx], GLUE_METHOD, weights=list(weights.values())))
+        why.append({"family": k, "members": list(fam), "weights": weights, "merged_as": reason})
+    return out, why
