@@ -1,4 +1,5 @@
-"""Commands: federate (federated LoRA over a local Flower deployment), federate-keygen, federate-app."""
+"""Commands: federate (federated LoRA, or seeds and scalars, over a local Flower deployment), federate rebuild (the
+model of any round as a patch), federate-keygen, federate-app."""
 
 from __future__ import annotations
 
@@ -28,19 +29,27 @@ def federate(
     json_out: Annotated[bool, typer.Option("--json", help="print the run summary as JSON")] = False,
 ) -> None:
     """Federated LoRA fine-tuning over a real Flower deployment on this machine (a SuperLink and one SuperNode per
-    client on loopback), with FLoRA / FedIT / zero-padding / FFA-LoRA aggregation, signed updates and optional DP.
+    client on loopback), with FLoRA / FedIT / zero-padding / FFA-LoRA aggregation, signed updates and optional DP;
+    or FedKSeed / Ferret (--aggregation fedkseed|ferret), which send seeds and scalars instead of tensors.
 
     Writes OUT/round-R/client-K/patch (K = client index), OUT/round-R/global/patch, OUT/final/patch and OUT/log.jsonl.
 
     Example: `patchlm federate --model tiny-random-llama --task sms_spam --clients 2 --rounds 2 --aggregation flora
     --ranks 4,2 --local-steps 3 --out runs/fed`
     """
+    import click
+
     from patchlm.errors import ConfigError
     from patchlm.federated.flower.run import federate as run
 
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.invoked_subcommand is not None:  # `patchlm federate rebuild ...`
+        return
     if out is None:
         raise ConfigError("federate needs --out DIR (the run directory)")
     cfg = FedConfig(**cv.values(FedConfig), bf16=bf16)
+    if not timeout > 0 or timeout == float("inf"):  # checked before the Flower deployment starts
+        raise ConfigError(f"--timeout must be a positive number of seconds, got {timeout}")
     summary = run(cfg, out, resume=resume, force=force, sequential=not parallel_clients, timeout=timeout,
                   log=None if json_out else status)
     if json_out:
@@ -50,6 +59,31 @@ def federate(
     print_table(rows, ["round", "num_updates", "rejected", "aggregation_error", "eval_accuracy", "eval_perplexity",
                        "bytes_up", "bytes_down", "round_time_s"], title=f"federate {summary['aggregation']} -> {out}")
     status(f"final patch: {summary['final_patch']}")
+
+
+def rebuild(
+    run: Annotated[Path, typer.Argument(help="a federated run directory (patchlm federate --out)")],
+    round_: Annotated[int, typer.Option("--round", "-r", help="the round whose model to write (0 = before any)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="patch directory to write")],
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing patch directory")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print what was written as JSON")] = False,
+) -> None:
+    """Write the model of round R of a federated run as a patch: replayed from the seeds and scalars (fedkseed,
+    ferret: a lora patch for scheme lora, a merged patch of dense deltas for scheme full) or the stacked global
+    LoRA updates of rounds 1..R (flora, fedit, zeropad, ffa).
+
+    Example: `patchlm federate rebuild runs/fed --round 2 --out runs/fed-round2`
+    """
+    from patchlm.federated.flower.seed_task import rebuild as do_rebuild
+    from patchlm.paths import check_output
+
+    check_output(out, force)
+    path, info = do_rebuild(run, round_, out, force=force)
+    info = {"patch": str(path), **info}
+    if json_out:
+        print_json(info)
+    else:
+        status(f"wrote {path} ({info['kind']} patch of round {round_})")
 
 
 def keygen(
@@ -71,11 +105,13 @@ def keygen(
     from patchlm.paths import check_output
 
     check_output(out, force)
+    # read (and so check) the registry before anything is written: a broken one leaves no orphan key file
+    reg = (KeyRegistry.load(registry) if registry.exists() else KeyRegistry()) if registry is not None else None
     kp = KeyPair.generate(scheme)
-    kp.save(out)
-    if registry is not None:
-        reg = KeyRegistry.load(registry) if registry.exists() else KeyRegistry()
+    if reg is not None:
         reg.add(identity, scheme, kp.public_key)
+    kp.save(out)
+    if reg is not None:
         reg.save(registry)
     info = {"key": str(out), "scheme": scheme, "identity": identity,
             "public_key": base64.b64encode(kp.public_key).decode()}
@@ -103,6 +139,9 @@ def app_dir(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("federate")(federate)
+    group = typer.Typer(add_completion=False, rich_markup_mode="markdown")
+    group.callback(invoke_without_command=True)(federate)
+    group.command("rebuild")(rebuild)
+    app.add_typer(group, name="federate")
     app.command("federate-keygen")(keygen)
     app.command("federate-app")(app_dir)

@@ -12,7 +12,10 @@ from dataclasses import asdict, dataclass, field, fields
 from patchlm.errors import ConfigError, did_you_mean
 from patchlm.typed import check_fields
 
-AGGREGATIONS = ("flora", "fedit", "zeropad", "ffa")
+SEED_AGGREGATIONS = ("fedkseed", "ferret")  # seeds and scalars on the wire (patchlm.federated.seeds)
+AGGREGATIONS = ("flora", "fedit", "zeropad", "ffa", *SEED_AGGREGATIONS)
+SEED_SCHEMES = ("lora", "full")
+SEED_PROBABILITIES = ("uniform", "pro")
 PARTITIONS = ("dirichlet", "iid", "natural")
 SIGN_SCHEMES = ("mldsa", "slhdsa", "none")
 BROADCASTS = ("delta", "full")
@@ -89,7 +92,8 @@ class FedConfig:
         "help": "built-in task (health_tweets for natural clients) or local data file", "short": "-t"})
     clients: int = field(default=2, metadata={"help": "number of clients (SuperNodes)"})
     rounds: int = field(default=3, metadata={"help": "federated rounds"})
-    aggregation: str = field(default="flora", metadata={"help": "flora | fedit | zeropad | ffa"})
+    aggregation: str = field(default="flora", metadata={
+        "help": "flora | fedit | zeropad | ffa (LoRA updates) | fedkseed | ferret (seeds and scalars)"})
     ranks: list = field(default_factory=lambda: [8], metadata={
         "help": "LoRA rank per client, e.g. 16,8,8,4 (one value = every client)", "parse": parse_ranks})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha for every client [2 x its rank]"})
@@ -121,6 +125,16 @@ class FedConfig:
     dp_clip: float = _from_dp("max_grad_norm")
     dp_delta: float | None = _from_dp("delta")
     dp_flat: bool = _from_dp("flat")
+    seeds: int = field(default=4096, metadata={
+        "help": "fedkseed: K candidate seeds drawn once per run (replay costs K x d draws: see README)"})
+    seed_probability: str = field(default="uniform", metadata={
+        "help": "fedkseed: how a local step picks its seed: uniform | pro (FedKSeed-Pro, from each seed's history)"})
+    zo_eps: float = field(default=5e-4, metadata={"help": "fedkseed: zeroth-order perturbation size eps"})
+    scheme: str = field(default="lora", metadata={
+        "help": "fedkseed / ferret: what the seeds move: lora (one shared LoRA on targets) | full (the targets' "
+                "Linear weights)"})
+    ferret_bases: int = field(default=64, metadata={
+        "help": "ferret: shared random bases per parameter tensor each round (coefficients sent per tensor)"})
     min_clients: int | None = field(default=None, metadata={"help": "valid replies that complete a round [all]"})
     round_timeout: float = field(default=1800.0, metadata={"help": "seconds a round waits for replies"})
     straggler_timeout: float | None = field(default=None, metadata={
@@ -174,11 +188,17 @@ class FedConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}", field=name)
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}", field="lr")
+        for name in ("round_timeout", "straggler_timeout"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {v}", field=name)
         if self.min_clients is None:
             self.min_clients = self.clients
         if not 1 <= self.min_clients <= self.clients:
             raise ConfigError(f"min_clients must be between 1 and clients ({self.clients}), got {self.min_clients}",
                               field="min_clients")
+        if self.aggregation in SEED_AGGREGATIONS:
+            self._check_seeds()
         if self.dp_flat and not self.dp:
             raise ConfigError("dp_flat is a variant of DP training: set dp as well", field="dp_flat")
         try:
@@ -188,6 +208,33 @@ class FedConfig:
             if mine is None:
                 raise
             raise ConfigError(mine + str(e)[len(e.field or ""):], field=mine) from None
+
+    def _check_seeds(self) -> None:
+        """The options of the seed-based aggregations (fedkseed, ferret)."""
+        if self.seeds <= 0:
+            raise ConfigError(f"seeds (K) must be positive, got {self.seeds}", field="seeds")
+        if self.ferret_bases <= 0 or self.ferret_bases > 4096:
+            raise ConfigError(f"ferret_bases must be in 1..4096, got {self.ferret_bases}", field="ferret_bases")
+        if not self.zo_eps > 0:
+            raise ConfigError(f"zo_eps must be positive, got {self.zo_eps}", field="zo_eps")
+        if self.scheme not in SEED_SCHEMES:
+            raise ConfigError(f"unknown scheme {self.scheme!r}; choices: {', '.join(SEED_SCHEMES)}", field="scheme")
+        if self.seed_probability not in SEED_PROBABILITIES:
+            raise ConfigError(f"unknown seed_probability {self.seed_probability!r}; choices: "
+                              f"{', '.join(SEED_PROBABILITIES)}", field="seed_probability")
+        if self.protocol != "merge":
+            raise ConfigError(f"{self.aggregation} replays one shared model from seeds and scalars: protocol "
+                              "continue does not apply; leave protocol at merge", field="protocol")
+        if self.scheme == "lora" and len(set(self.ranks)) > 1:
+            raise ConfigError(f"{self.aggregation} moves one shared LoRA, so every client has the same rank; got "
+                              f"ranks {self.ranks}", field="ranks")
+        if self.dp:
+            why = ("Opacus privatises per-example gradients and a zeroth-order step has none; a private FedKSeed "
+                   "would clip and noise each seed scalar (DPZero), which patchlm does not implement"
+                   if self.aggregation == "fedkseed" else
+                   "Ferret's local DP-SGD followed by the projection would be private (post-processing), but it "
+                   "is not wired yet")
+            raise ConfigError(f"dp is not supported with aggregation {self.aggregation}: {why}", field="dp")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -315,24 +315,29 @@ class ZeroOrder(StepRule):
                     p.grad = None
         return loss
 
+    def key(self) -> int:
+        """The key that seeds this step's directions: the step counter (CandidateSeedZO draws it instead)."""
+        return self.t
+
     def estimate(self, closure) -> tuple[list[tuple[int, int, float]], float]:
-        """[(step, query, g_j / q)] and the loss at theta (mean of the two points, or L(theta) one-sided)."""
+        """[(key, query, g_j / q)] and the loss at theta (mean of the two points, or L(theta) one-sided)."""
         sub = self.subset()
+        key = self.key()
         coeffs, losses = [], []
         with torch.no_grad():
             l0 = closure(backward=False) if self.one_sided else None
             for j in range(self.q):
-                with self.perturb.at([(self.t, j, self.eps)], sub):
+                with self.perturb.at([(key, j, self.eps)], sub):
                     lp = closure(backward=False)
                 if self.one_sided:
                     g = (lp - l0) / self.eps
                     losses.append(l0)
                 else:
-                    with self.perturb.at([(self.t, j, -self.eps)], sub):
+                    with self.perturb.at([(key, j, -self.eps)], sub):
                         lm = closure(backward=False)
                     g = (lp - lm) / (2 * self.eps)
                     losses.append((lp + lm) / 2)
-                coeffs.append((self.t, j, g / self.q))
+                coeffs.append((key, j, g / self.q))
         return coeffs, sum(losses) / len(losses)
 
     def grad_estimate(self, i: int, coeffs) -> torch.Tensor:
@@ -378,6 +383,43 @@ class ZOSGD(ZeroOrder):
         with torch.no_grad():
             for i, p in self._foreach(sub):
                 p.add_(self.grad_estimate(i, coeffs).to(p.dtype), alpha=-self.lr)
+
+
+class CandidateSeedZO(ZOSGD):
+    """zo-sgd whose direction each step is one of K candidate seeds (FedKSeed): step t draws a candidate index
+    from a private generator seeded by `pick_seed` (uniformly, or with probabilities `probs`), moves theta by
+    -lr g z(candidates[index]) and records (index, g) in `picks`, so the K per-seed sums of g describe the local
+    update exactly. One query, no blocks, no sparsity and no first-order layers: the update must be replayable
+    from the seeds alone."""
+
+    def __init__(self, params, config, model=None, *, candidates: list[int], probs: list[float] | None = None,
+                 pick_seed: int = 0):
+        super().__init__(params, config, model)
+        if self.q != 1 or self.fo or len(self.blocks) != 1 or any(m is not None for m in self.dirs.masks):
+            raise ConfigError("candidate-seed ZO takes one query per step on every tensor (zo_queries 1, no "
+                              "zo_block, zo_sparsity or zo_fo_layers)", field="optimizer")
+        if not candidates:
+            raise ConfigError("candidate-seed ZO needs at least one candidate seed", field="seeds")
+        self.candidates = [int(s) for s in candidates]
+        self.probs = None if probs is None else torch.as_tensor(probs, dtype=torch.float64)
+        if self.probs is not None and self.probs.shape != (len(self.candidates),):
+            raise ConfigError(f"{len(self.candidates)} candidate seeds but {self.probs.numel()} probabilities",
+                              field="seeds")
+        self.pick_gen = torch.Generator().manual_seed(int(pick_seed))
+        self.picks: list[tuple[int, float]] = []
+        self._index = 0
+
+    def key(self) -> int:
+        return self.candidates[self._index]
+
+    def estimate(self, closure):
+        if self.probs is None:
+            self._index = int(torch.randint(len(self.candidates), (1,), generator=self.pick_gen))
+        else:
+            self._index = int(torch.multinomial(self.probs, 1, generator=self.pick_gen))
+        coeffs, loss = super().estimate(closure)
+        self.picks.append((self._index, float(coeffs[0][2])))
+        return coeffs, loss
 
 
 @register_optimizer("zo-sgd-sign")

@@ -22,10 +22,11 @@ from contextlib import contextmanager
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from patchlm.federated.config import FedConfig
+from patchlm.federated.config import SEED_AGGREGATIONS, FedConfig
 from patchlm.federated.flower import faults
 from patchlm.federated.flower.history import accept_broadcast, cache_dir
-from patchlm.federated.flower.task import client_examples, load_fed_task, load_model, local_train
+from patchlm.federated.flower.seed_client import final_check_round, node_examples, seed_client_round
+from patchlm.federated.flower.task import load_model, local_train
 from patchlm.federated.flower.wire import Reply, read_broadcast, reply_content
 from patchlm.federated.signing import KeyPair, KeyRegistry, sign_tensors, update_context
 
@@ -52,6 +53,8 @@ def client_round(msg: Message, context: Context) -> Message:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     b = read_broadcast(msg.content)
     cfg = FedConfig.from_dict(b.fed)
+    if cfg.aggregation in SEED_AGGREGATIONS:  # seeds and scalars instead of LoRA tensors
+        return seed_client_round(msg, context, b, cfg, _file_lock)
     nc = context.node_config
     k = int(nc.get("partition-id", 0))
     cid = str(nc.get("client-id", f"client-{k}"))
@@ -61,14 +64,7 @@ def client_round(msg: Message, context: Context) -> Message:
     verify_s = time.perf_counter() - t0  # the broadcast signature and the received (and cached) rounds' digests
     with _file_lock(nc.get("lock")):
         base = load_model(cfg, history)
-        if nc.get("data"):
-            from patchlm.data import load_task
-
-            task = load_task(str(nc["data"]), seed=cfg.seed)
-            examples = task.train
-        else:
-            task = load_fed_task(cfg)
-            examples = client_examples(task, cfg, k)
+        task, examples = node_examples(nc, cfg, k)
         start_from = history[-1] if cfg.protocol == "continue" and history else None
         tensors, metrics = local_train(base, cfg, k, b.round, examples, task, start=start_from)
     reply = Reply(client_id=cid, run_id=cfg.run_id, round=b.round, num_samples=len(examples),
@@ -86,8 +82,21 @@ def client_round(msg: Message, context: Context) -> Message:
     return Message(content=reply_content(reply), reply_to=msg)
 
 
+def final_check(msg: Message, context: Context) -> Message:
+    """Seed aggregations, after the last round: the hash of this node's replayed final model."""
+    b = read_broadcast(msg.content)
+    return final_check_round(msg, context, b, FedConfig.from_dict(b.fed), _file_lock)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     if "fault" in context.node_config:  # TEST-ONLY: simulate a broken or malicious client (see faults.py)
         return faults.with_fault(client_round, msg, context)
     return client_round(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    if "fault" in context.node_config:
+        return faults.with_fault(final_check, msg, context)
+    return final_check(msg, context)

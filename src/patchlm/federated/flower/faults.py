@@ -7,7 +7,8 @@ ordinary client round, which stays unaware of them:
   before the round   exit (the SuperNode stops mid-round), hang, nocache (the node's history cache is lost)
   on the reply       nan, shape (a bad tensor), tamper (a tensor changed after signing), unsigned, replay (the
                      update claims the previous round), wrongkey (signed by a key not in the registry), unknown
-                     (signed under a client id the registry does not know)
+                     (signed under a client id the registry does not know), diverge (seed aggregations: the
+                     client reports, signed, the hash of another model than the replay should give)
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from patchlm.federated.flower.history import cache_dir
 from patchlm.federated.flower.wire import read_broadcast, read_reply, reply_content
 from patchlm.federated.signing import KeyPair, sign_tensors, update_context
 
-KINDS = ("exit", "hang", "nocache", "nan", "shape", "tamper", "unsigned", "replay", "wrongkey", "unknown")
+KINDS = ("exit", "hang", "nocache", "nan", "shape", "tamper", "unsigned", "replay", "wrongkey", "unknown",
+         "diverge")
 
 
 def fault_for(node_config, round_: int) -> str:
@@ -69,15 +71,22 @@ def with_fault(train: Callable[[Message, Context], Message], msg: Message, conte
     if kind in ("", "exit", "hang", "nocache") or out.has_error():
         return out
     reply, _ = read_reply(out.content)
+    names = sorted(reply.tensors)
+    floats = [x for x in names[1:] + names[:1] if reply.tensors[x].is_floating_point()]  # LoRA: the first B
     if kind == "nan":
-        reply.tensors[sorted(reply.tensors)[1]][0, 0] = float("nan")
+        reply.tensors[floats[0]].view(-1)[0] = float("nan")
     elif kind == "shape":
         name = next(x for x in sorted(reply.tensors) if x.endswith("lora_A"))
         a = reply.tensors[name]
         reply.tensors[name] = torch.zeros(a.shape[0], a.shape[1] + 1)
     elif kind == "tamper":
-        name = next(x for x in sorted(reply.tensors) if x.endswith("lora_B"))
+        name = next((x for x in names if x.endswith("lora_B")), floats[0])
         reply.tensors[name] = reply.tensors[name] + 1e-3
+    elif kind == "diverge":
+        h = reply.tensors["replay-hash"].clone()
+        h[0] ^= 0xFF
+        reply.tensors["replay-hash"] = h
+        _resign(reply, KeyPair.load(str(nc["key-file"])))
     elif kind == "unsigned":
         reply.signature = reply.scheme = None
     elif kind == "replay":  # last round's signed update, sent again

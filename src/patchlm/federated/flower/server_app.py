@@ -13,7 +13,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from patchlm.federated.config import FedConfig
+from patchlm.federated.config import SEED_AGGREGATIONS, FedConfig
+from patchlm.federated.flower.seed_strategy import SeedStrategy
 from patchlm.federated.flower.strategy import PatchlmStrategy
 from patchlm.paths import atomic_write_text
 
@@ -31,7 +32,8 @@ def main(grid: Grid, context: Context) -> None:
         raise FileNotFoundError(f"federate.json not found at {path!s}; "
                                 "pass --run-config 'config=\"DIR/federate.json\"'")
     cfg = FedConfig.from_dict(json.loads(path.read_text()))
-    strategy = PatchlmStrategy(cfg, cfg.out or path.parent, log=_log)
+    cls = SeedStrategy if cfg.aggregation in SEED_AGGREGATIONS else PatchlmStrategy
+    strategy = cls(cfg, cfg.out or path.parent, log=_log)
     try:
         strategy.start(grid)
     except BaseException as e:  # leave a trace the launcher can read, then fail the run
