@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from patchlm.errors import BaseMismatchError, PatchFormatError, UnknownNameError, did_you_mean
-from patchlm.paths import atomic_dir
+from patchlm.paths import atomic_dir, reject_constant, strict_json
 
 FORMAT_VERSION = 1
 META_FILE = "patch.json"
@@ -152,6 +152,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse tensors holding NaN or infinity (a diverged run's patch is garbage): name `where` and the tensor."""
+    for name, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise PatchFormatError(f"{where}: tensor {name!r} holds {bad} NaN or infinite value(s) of "
+                                   f"{t.numel()}; the patch is unusable (retrain it, e.g. with a lower lr)")
+
+
 def provenance(**extra: Any) -> dict:
     """Who made a patch and with what: versions, time, and whatever the caller adds (command, data, seed)."""
     import platform
@@ -214,6 +223,7 @@ class Patch:
     def apply(self, base, force: bool = False, seed: int | None = None) -> torch.nn.Module:
         """Attach this patch onto `base.model` (after checking the base) and return the model."""
         self.check_base(base, force=force)
+        check_finite(self.tensors, f"patch {self.path or self.kind}")
         get_kind(self.kind).attach(base.model, dict(self.spec), self.tensors,
                                    seed=self.spec.get("seed", 0) if seed is None else seed)
         return base.model
@@ -225,13 +235,15 @@ class Patch:
 
         path = Path(path)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
+        check_finite(tensors, f"refusing to save patch {path}")
         with atomic_dir(path, force=force) as tmp:
             save_file(tensors, str(tmp / TENSOR_FILE), metadata={"kind": self.kind, "format": "patchlm"})
             meta = {"format_version": self.format_version, "kind": self.kind, "base": self.base,
                     "spec": self.spec, "provenance": self.provenance, "metrics": self.metrics,
                     "signatures": self.signatures, "tensors_sha256": _sha256(tmp / TENSOR_FILE),
                     "trainable_params": get_kind(self.kind).count_trainable(self.spec, tensors)}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+            text = strict_json(meta, f"{path / META_FILE}", indent=2, default=_json_default)
+            (tmp / META_FILE).write_text(text + "\n")
         self.path = path
         return path
 
@@ -249,9 +261,11 @@ class Patch:
             if not f.exists():
                 raise PatchFormatError(f"patch {path} is missing {f.name}")
         try:
-            meta = json.loads(meta_f.read_text())
+            meta = json.loads(meta_f.read_text(), parse_constant=reject_constant)
         except json.JSONDecodeError as e:
             raise PatchFormatError(f"{meta_f} is not valid JSON ({e.msg} at line {e.lineno})") from e
+        except (ValueError, UnicodeDecodeError) as e:
+            raise PatchFormatError(f"{meta_f} is not valid JSON: {e}") from e
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise PatchFormatError(f"{meta_f} has format_version {version!r}; this patchlm reads {FORMAT_VERSION}")
@@ -266,6 +280,7 @@ class Patch:
             tensors = load_file(str(ten_f))
         except (SafetensorError, OSError, ValueError) as e:
             raise PatchFormatError(f"{ten_f} is not a readable safetensors file: {e}") from e
+        check_finite(tensors, str(ten_f))
         return cls(kind=meta["kind"], base=meta["base"], spec=meta["spec"], tensors=tensors,
                    provenance=meta.get("provenance", {}), metrics=meta.get("metrics", {}),
                    signatures=meta.get("signatures", []), format_version=version, path=path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -9,7 +11,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from patchlm.errors import OutputExistsError
+from patchlm.errors import OutputExistsError, PatchlmError
 
 
 def home(create: bool = True) -> Path:
@@ -108,3 +110,35 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -
 def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> None:
     """Write a text file (UTF-8) through a temporary name and a rename."""
     atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
+
+
+def strict_json(obj, what: str, **kwargs) -> str:
+    """json.dumps that refuses NaN and infinity (they are not JSON): a PatchlmError naming `what` and the key.
+
+    kwargs go to json.dumps (indent, default, sort_keys...)."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError as e:
+        if "out of range float" not in str(e).lower():
+            raise
+        where = _non_finite_key(obj)
+        raise PatchlmError(f"refusing to write {what}: {where or 'a value'} is not a finite number "
+                           "(NaN or infinity; the run diverged or an input holds one)") from None
+
+
+def _non_finite_key(obj, prefix: str = "") -> str | None:
+    """The dotted key of the first non-finite float inside nested dicts and lists, if any."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return prefix or "the value"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = _non_finite_key(v, f"{prefix}.{k}" if prefix else str(k))
+        if found:
+            return found
+    return None
+
+
+def reject_constant(name: str):
+    """json.loads(parse_constant=...) hook: NaN, Infinity and -Infinity are not JSON; refuse them."""
+    raise ValueError(f"{name} is not valid JSON (non-finite numbers are not allowed)")
+

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
@@ -13,7 +12,9 @@ err_console = Console(stderr=True)
 
 
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    from patchlm.paths import strict_json
+
+    sys.stdout.write(strict_json(obj, "the JSON report", indent=2, default=str) + "\n")
 
 
 def print_table(rows: list[dict], columns: list[str], title: str | None = None) -> None:
@@ -38,7 +39,32 @@ def status(msg: str) -> None:
 
 
 def load_task_opts(task: str, seed: int = 0, text_column: str | None = None, label_column: str | None = None,
-                   max_examples: int | None = None):
+                   max_examples: int | None = None, checks=None):
+    """load_task with the CLI's options; checks: a DataConfig (the data sanity checks), default its defaults."""
     from patchlm.data import load_task
 
-    return load_task(task, seed=seed, text_column=text_column, label_column=label_column, max_examples=max_examples)
+    return load_task(task, seed=seed, text_column=text_column, label_column=label_column, max_examples=max_examples,
+                     checks=checks)
+
+
+def load_patches(paths) -> list:
+    """Read patch directories (before any model loads, so a bad one fails fast) and refuse stacks that cannot
+    work: drop patches that together remove every attention layer."""
+    from patchlm.depth.drop import effective
+    from patchlm.errors import ConfigError
+    from patchlm.patch import Patch
+
+    paths = list(paths or [])
+    patches = [Patch.load(p) for p in paths]
+    drops = [(str(path), p) for path, p in zip(paths, patches) if p.kind == "drop"]
+    if len(drops) > 1:
+        try:
+            sizes = {int(p.spec["num_layers"]) for _, p in drops}
+            attention = set().union(*(effective(p.spec)[0] for _, p in drops))
+        except (KeyError, TypeError, ValueError):
+            return patches  # a malformed drop spec: its own attach names the problem
+        n = sizes.pop() if len(sizes) == 1 else 0
+        if n and set(range(n)) <= attention:
+            raise ConfigError(f"drop patches {', '.join(name for name, _ in drops)} together remove all {n} "
+                              "attention layers; at least one must remain: stack fewer of them")
+    return patches

@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
-from patchlm.cli.common import load_task_opts, print_json, print_table, status
+from patchlm.cli.common import load_patches, load_task_opts, print_json, print_table, status
 from patchlm.cli.options import ConfigValues, Group, config_command
+from patchlm.data.config import DataConfig
 from patchlm.errors import ConfigError
 from patchlm.evaluate.config import EvalConfig
 
@@ -69,7 +70,7 @@ def info(patch: Annotated[Path, typer.Argument(help="patch directory")],
                 typer.echo(f"{k}: {v}")
 
 
-@config_command(Group(EvalConfig))
+@config_command(Group(EvalConfig), Group(DataConfig, panel="Data checks (DataConfig)"))
 def eval_cmd(cv: ConfigValues,
              model: Annotated[str, typer.Option("--model", "-m", help="built-in name, checkpoint dir or .gguf")],
              task: Annotated[str, typer.Option("--task", "-t", help="built-in task or a local data file")],
@@ -84,12 +85,13 @@ def eval_cmd(cv: ConfigValues,
     """
     from patchlm.evaluate import evaluate
     from patchlm.models import load_base
-    from patchlm.patch import Patch, stack_order
+    from patchlm.patch import stack_order
 
     ec = EvalConfig(**cv.values(EvalConfig))
     split, limit = ec.split, ec.limit
-    t = load_task_opts(task, seed=ec.seed, text_column=text_column, label_column=label_column)
-    patches = [Patch.load(p) for p in (patch or [])]
+    t = load_task_opts(task, seed=ec.seed, text_column=text_column, label_column=label_column,
+                       checks=DataConfig(**cv.values(DataConfig)))
+    patches = load_patches(patch)
     base = load_base(model)
     # weight patches (LoRA, MoS, merged, ...) first, then depth patches (drop, router), each stage in the given order
     for p in stack_order(patches):

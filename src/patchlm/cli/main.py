@@ -37,6 +37,27 @@ def _quiet() -> None:
         pass
 
 
+def _one_line_warnings() -> None:
+    """patchlm's own warnings (DataWarning: suspicious data) print as one `warning:` line, not file:line noise."""
+    import warnings
+
+    from patchlm.data.config import DataWarning
+
+    shown = warnings.showwarning
+    if getattr(shown, "patchlm", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DataWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.patchlm = True
+    warnings.showwarning = show
+    warnings.simplefilter("always", DataWarning)
+
+
 def main(argv: list[str] | None = None) -> None:
     from patchlm.errors import PatchlmError
 
@@ -44,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     _quiet()
+    _one_line_warnings()
     _register_all()
     from patchlm.errors import TrainingInterrupted
 

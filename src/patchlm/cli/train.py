@@ -27,7 +27,8 @@ from patchlm.adapters.config import check_spec_keys, from_spec
 from patchlm.adapters.mos import STRATEGIES, mos_config
 from patchlm.cli.common import load_task_opts, print_json, status
 from patchlm.cli.options import ConfigValues, Group, config_command
-from patchlm.errors import ConfigError, UnknownNameError, did_you_mean
+from patchlm.data.config import DataConfig
+from patchlm.errors import ConfigError, DataError, UnknownNameError, did_you_mean
 from patchlm.paths import set_aside
 from patchlm.train.config import TrainConfig
 
@@ -84,7 +85,10 @@ def _load_recipe(path: Path | None) -> dict:
 
     if not path.exists():
         raise ConfigError(f"recipe {path} does not exist")
-    d = yaml.safe_load(path.read_text()) or {}
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(d, dict):
         raise ConfigError(f"recipe {path} must be a YAML mapping")
     unknown = set(d) - set(RECIPE_KEYS)
@@ -106,6 +110,7 @@ def _load_recipe(path: Path | None) -> dict:
     Group(VBLoraConfig, prefix="vblora-", exclude=SHARED, panel="VB-LoRA (--method vblora)"),
     Group(PrefixConfig, prefix="prefix-", panel="Prefix tuning (--method prefix)"),
     Group(PromptConfig, prefix="prompt-", panel="Prompt tuning (--method prompt)"),
+    Group(DataConfig, panel="Data checks (DataConfig)"),
 )
 def train(
     cv: ConfigValues,
@@ -173,7 +178,10 @@ def _train(cv, recipe, model, task, out, method, bf16, max_examples, text_column
     cfg = TrainConfig.from_dict(train_opts)
     spec = method_spec(method, cv, dict(recipe.get("spec") or {}))
     t = load_task_opts(task, seed=cfg.seed, text_column=text_column, label_column=label_column,
-                       max_examples=max_examples)
+                       max_examples=max_examples, checks=DataConfig(**cv.values(DataConfig)))
+    if len(t.train) < cfg.batch_size:
+        raise DataError(f"task {t.name} has {len(t.train)} training example(s), fewer than one batch "
+                        f"(batch_size {cfg.batch_size}): add data, lower batch_size or raise --max-examples")
     base = load_base(model)
     trainer = Trainer(base, method, spec, t, cfg, out_dir=out, resume=resume, force=force, log=status)
     # --force: the old run is set aside, and put back unless the new one got as far as its first checkpoint

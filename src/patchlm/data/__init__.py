@@ -2,6 +2,7 @@
 
 from patchlm.data.builtin import TASKS, BuiltinTask, list_tasks, parse_truncated_json_array, register
 from patchlm.data.cache import cache_path, patchlm_home
+from patchlm.data.config import DataConfig, DataWarning
 from patchlm.data.load import load_task
 from patchlm.data.local import SUFFIXES, load_local
 from patchlm.data.task import KINDS, SPLITS, Task, build_task, deduplicate, normalize_text, split_examples
@@ -12,6 +13,8 @@ __all__ = [
     "SUFFIXES",
     "TASKS",
     "BuiltinTask",
+    "DataConfig",
+    "DataWarning",
     "Task",
     "build_task",
     "cache_path",

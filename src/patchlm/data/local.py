@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from numbers import Number
 from pathlib import Path
 
-from patchlm.data.task import DEFAULT_RATIOS, Task, build_task, clean_text
-from patchlm.errors import DataError
+from patchlm.data.config import DataConfig
+from patchlm.data.task import DEFAULT_RATIOS, Task, build_task, clean_text, dedup_key, deduplicate
+from patchlm.errors import ConfigError, DataError
 
 SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 LOCAL_TEMPLATE = "Text: {text}\nLabel:"
@@ -86,7 +87,8 @@ def _missing(column: str, what: str, columns: Sequence[str], where: str) -> Data
 def frame_to_task(df, *, name: str, source: str, text_column: str | None, label_column: str | None,
                   seed: int = 0, split_ratios: Sequence[float] = DEFAULT_RATIOS,
                   max_examples: int | None = None,
-                  label_names: Sequence[str] | None = None, description: str = "", license: str = "") -> Task:
+                  label_names: Sequence[str] | None = None, description: str = "", license: str = "",
+                  checks: DataConfig | None = None) -> Task:
     """Turn a table into a Task: classification when it has a label column, else text (or chat/qa)."""
     import pandas as pd
 
@@ -114,14 +116,19 @@ def frame_to_task(df, *, name: str, source: str, text_column: str | None, label_
         texts = [clean_text(str(t)) for t in df[tcol] if not pd.isna(t)]
         return build_task([{"text": t} for t in texts if t], kind="text", **common, **meta)
 
+    checks = checks or DataConfig()
     pairs = [(clean_text(str(t)), _label_value(v)) for t, v in zip(df[tcol], df[lcol])
              if not pd.isna(t) and not pd.isna(v)]
     pairs = [(t, v) for t, v in pairs if t]
+    if 0 < len(pairs) < len(df):
+        checks.warn(f"{source}: {len(df) - len(pairs)} of {len(df)} rows have an empty {tcol!r} or {lcol!r} and "
+                    "are skipped")
     if label_names is not None:  # integer class ids with known names (hub ClassLabel); -1 = unlabelled
         labels = [str(n) for n in label_names]
         rows = [{"text": t, "label": int(v)} for t, v in pairs if isinstance(v, int) and 0 <= v < len(labels)]
     else:
         values = _sorted_labels({v for _, v in pairs})
+        check_labels(values, len(pairs), source, lcol, checks)
         labels = [str(v) for v in values]
         if len(set(labels)) != len(labels):
             raise DataError(f"{source}: label values {values!r} collide when written as text")
@@ -129,21 +136,50 @@ def frame_to_task(df, *, name: str, source: str, text_column: str | None, label_
         rows = [{"text": t, "label": index[v]} for t, v in pairs]
     if not rows:
         raise DataError(f"{source} has no rows with both {tcol!r} and {lcol!r} filled")
-    return build_task(rows, kind="classification", labels=labels, verbalizers=[" " + lab for lab in labels],
-                      template=LOCAL_TEMPLATE, **common, **meta)
+    unique = deduplicate(rows, "classification")
+    if len(unique) < len(rows):
+        keys = {dedup_key(r, "classification") for r in rows}
+        conflicting = len(keys) - len(unique)
+        checks.warn(f"{source}: {len(rows) - len(unique)} duplicate rows dropped (each text is kept once, so no text "
+                    "is in two splits)" + (f"; {conflicting} texts with disagreeing labels dropped entirely"
+                                           if conflicting else ""))
+    if len({r["label"] for r in unique}) < 2:
+        raise DataError(f"{source}: after dropping duplicates only one label is left; a classifier needs rows of "
+                        "at least two labels")
+    return build_task(unique, kind="classification", labels=labels, verbalizers=[" " + lab for lab in labels],
+                      template=LOCAL_TEMPLATE, deduplicated=True, **common, **meta)
+
+
+def check_labels(values: list, rows: int, source: str, column: str, checks: DataConfig) -> None:
+    """Refuse a label column that cannot be classes: one value, fractional numbers, or too many distinct values."""
+    if len(values) < 2:
+        raise DataError(f"{source}: the {column!r} column has a single value ({values[0]!r} in every row); a "
+                        "classifier needs at least two labels")
+    fractional = [v for v in values if isinstance(v, float)]
+    if fractional:
+        raise DataError(f"{source}: the {column!r} column looks continuous (values like "
+                        f"{', '.join(repr(v) for v in fractional[:3])}); classification needs a few discrete labels: "
+                        "round or bin them, or choose another --label-column")
+    if len(values) > checks.max_labels:
+        raise ConfigError(f"{source}: the {column!r} column has {len(values)} distinct values, more than "
+                          f"max_labels ({checks.max_labels}): it looks continuous or like an id; raise max_labels if "
+                          "these really are classes", field="max_labels")
+    if len(values) > max(2, rows // 2):
+        raise DataError(f"{source}: the {column!r} column has {len(values)} distinct values in {rows} rows (most "
+                        "labels would have a single example): it looks continuous or like an id column")
 
 
 def load_local(path: str | Path, *, seed: int = 0, text_column: str | None = None,
                label_column: str | None = None, split_ratios: Sequence[float] = DEFAULT_RATIOS,
-               max_examples: int | None = None) -> Task:
-    """A Task from a local table file, named after the file."""
+               max_examples: int | None = None, checks: DataConfig | None = None) -> Task:
+    """A Task from a local table file, named after the file (checked by `checks`, default DataConfig())."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"no such file: {path}")
     df = read_table(path)
     return frame_to_task(df, name=path.stem, source=str(path), text_column=text_column,
                          label_column=label_column, seed=seed, split_ratios=split_ratios,
-                         max_examples=max_examples, license="see file")
+                         max_examples=max_examples, license="see file", checks=checks)
 
 
 def looks_like_path(name: str) -> bool:
@@ -165,7 +201,7 @@ def _hub_load(name: str):
 
 def load_hub(name: str, *, builtin_names: Sequence[str] = (), seed: int = 0, text_column: str | None = None,
              label_column: str | None = None, split_ratios: Sequence[float] = DEFAULT_RATIOS,
-             max_examples: int | None = None) -> Task:
+             max_examples: int | None = None, checks: DataConfig | None = None) -> Task:
     """A Task from a hub dataset: all its splits pooled, de-duplicated and re-split with the seed."""
     import pandas as pd
 
@@ -187,4 +223,5 @@ def load_hub(name: str, *, builtin_names: Sequence[str] = (), seed: int = 0, tex
     return frame_to_task(df, name=name.rstrip("/").split("/")[-1], source=f"hub:{name}",
                          text_column=text_column,
                          label_column=label_column, seed=seed, split_ratios=split_ratios,
-                         max_examples=max_examples, label_names=label_names, license="see dataset card")
+                         max_examples=max_examples, label_names=label_names, license="see dataset card",
+                         checks=checks)

@@ -24,7 +24,7 @@ from patchlm.data.features import build_features, collate, objective_for, pad_id
 from patchlm.errors import OutputExistsError, PatchlmError
 from patchlm.models.parts import model_device
 from patchlm.patch import Patch, get_kind, provenance
-from patchlm.paths import atomic_dir
+from patchlm.paths import atomic_dir, strict_json
 from patchlm.train.checkpoint import load_state, save_state
 from patchlm.train.config import TrainConfig
 from patchlm.train.engine import StepInfo, StopRequest, autocast, causal_lm_loss, to_device, train_loop
@@ -167,9 +167,9 @@ class Trainer:
             exact = self.kind.exact_state(self.base.model)
             if exact is not None:
                 save_state(tmp, "weights", exact)
-            (tmp / "state.json").write_text(json.dumps({"step": step, "best": best, "spec": self.spec,
-                                                        "forward_passes": self._acc["forwards"],
-                                                        "request": self._requested}))
+            state = {"step": step, "best": best, "spec": self.spec, "forward_passes": self._acc["forwards"],
+                     "request": self._requested}
+            (tmp / "state.json").write_text(strict_json(state, f"{self.out}/checkpoints/last/state.json"))
 
     def _load_last(self, rule: StepRule) -> tuple[int, dict]:
         last = self.out / "checkpoints" / "last"
@@ -219,7 +219,7 @@ class Trainer:
         def emit(rec: dict) -> None:
             if self.out is not None:  # one append per record: a killed run's log ends with its last full line
                 with open(self.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                    f.write(strict_json(rec, f"{self.out / 'metrics.jsonl'}") + "\n")
 
         t_start = time.perf_counter()
         acc = {"tokens": 0, "train_time": 0.0, "loss": 0.0, "n": 0, "best_tensors": None, "best": best,
