@@ -20,6 +20,8 @@ def _commands():
 
     def walk(cmd, path):
         if isinstance(cmd, click.Group):
+            if path and _fields(cmd):  # a group whose own callback takes generated options (federate)
+                out.append((" ".join(path), cmd))
             for name, sub in cmd.commands.items():
                 walk(sub, [*path, name])
         else:

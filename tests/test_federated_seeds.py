@@ -47,9 +47,7 @@ def test_replay_equals_direct_application(scheme):
     task = load_fed_task(cfg)
     upd, m = seed_local_train(sm, cfg, 0, 1, client_examples(task, cfg, 0), task, [])
     local = sm.state()
-    # the picks the rule made, re-derived: replay the same steps directly in float64, in step order
-    from patchlm.train.zo import CandidateSeedZO  # noqa: F401  (the rule the client used)
-
+    # the same steps applied directly, one seed at a time, in float64
     g = seeds.from_pairs(upd, cfg.seeds)
     assert m["seeds_used"] == int((g != 0).sum()) >= 1
     cands = seeds.candidate_seeds(cfg.seed, cfg.seeds)
@@ -84,8 +82,13 @@ def test_local_steps_are_the_per_seed_sums():
     for k, gk in rule.picks:
         acc[k] += gk
     assert len(rule.picks) == 30 and {k for k, _ in rule.picks} == {0, 1, 2}
-    direct = seeds.replay({"param0": torch.zeros(5)}, 1, seeds.fedkseed_terms([11, 12, 13], acc, 0.1))["param0"]
-    assert torch.allclose(direct, p.detach(), atol=1e-6)
+    replayed = seeds.replay({"param0": torch.zeros(5)}, 1, seeds.fedkseed_terms([11, 12, 13], acc, 0.1))["param0"]
+    assert torch.allclose(replayed, p.detach(), atol=1e-6)  # the rule's own in-place fp32 steps
+    dirs = Directions(["param0"], [torch.zeros(5)], 1)
+    direct = torch.zeros(5, dtype=torch.float64)
+    for k, gk in rule.picks:  # step by step, in float64, rounded once: exactly the replayed fp32 model
+        direct.add_(dirs.z(0, [11, 12, 13][k], 0).double(), alpha=-0.1 * gk)
+    assert torch.equal(direct.float(), replayed)
     assert float(((p.detach() - target) ** 2).sum()) < float((target ** 2).sum())  # the steps descend
 
 
@@ -186,6 +189,35 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     code, _, err = run_cli(["federate", "rebuild", str(tmp_path / "none"), "--round", "1", "--out",
                             str(tmp_path / "p")], capsys)
     assert code == 2 and "not a federated run directory" in err and not (tmp_path / "p").exists()
+
+
+def test_rebuild_of_a_lora_run_stacks_its_global_rounds(tmp_path, capsys):
+    from patchlm.federated.config import FedConfig
+    from patchlm.federated.flower.task import init_lora_tensors, load_model, write_json
+    from patchlm.federated.rules import stack_rounds
+    from patchlm.patch import Patch
+
+    run = tmp_path / "run"
+    cfg = FedConfig(aggregation="flora", clients=2, ranks=[2], run_id="r1", out=str(run))
+    write_json(run / "federate.json", cfg.to_dict())
+    write_json(run / "state.json", {"completed_round": 2, "run_id": "r1"})
+    base = load_model(cfg)
+    rounds = []
+    for r in (1, 2):
+        t = init_lora_tensors(base.model, cfg.targets, 2, r)
+        t = {k: v + 0.01 * r if k.endswith("lora_B") else v for k, v in t.items()}
+        Patch("lora", base.ref(), {"r": 2, "alpha": 1.0, "scaling": 1.0, "dropout": 0.0,
+                                   "targets": sorted({k.rsplit(".", 1)[0] for k in t})}, t
+              ).save(run / f"round-{r}" / "global" / "patch")
+        rounds.append(t)
+    code, _, err = run_cli(["federate", "rebuild", str(run), "--round", "2", "--out", str(tmp_path / "p2")], capsys)
+    assert code == 0, err
+    got, want = Patch.load(tmp_path / "p2").tensors, stack_rounds(rounds)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    code, _, err = run_cli(["federate", "rebuild", str(run), "--round", "0", "--out", str(tmp_path / "p0")], capsys)
+    assert code == 2 and "round 0 of a LoRA run is the base" in err and not (tmp_path / "p0").exists()
+    code, _, err = run_cli(["federate", "rebuild", str(run), "--round", "2", "--out", str(tmp_path / "p2")], capsys)
+    assert code == 2 and "--force" in err
 
 
 # ---------------------------------------------------------------- over a real Flower deployment

@@ -1,6 +1,7 @@
 """Federated fine-tuning of LoRA patches: the run's typed configs (config.py: FedConfig, DPConfig), aggregation
-rules (rules.py), Flower apps (flower/), post-quantum signing of updates (signing.py) and client-side differential
-privacy on the training engine (privacy.py)."""
+rules (rules.py), seeds and scalars instead of tensors (seeds.py: FedKSeed, Ferret), Flower apps (flower/),
+post-quantum signing of updates (signing.py) and client-side differential privacy on the training engine
+(privacy.py)."""
 
 from patchlm.federated.rules import (
                                      RULES,
