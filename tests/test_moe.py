@@ -245,7 +245,9 @@ def test_mixtures_of_identical_families_give_the_base_logits(tiny):
 
 
 def test_mixture_routers_get_gradients_straight_through(tiny):
-    b = block_mixture(tiny, [TINY] * 2, PROMPTS[:2], 64)
+    # two different families: with identical ones the output does not depend on the gates (zero gradient)
+    fams = [lora_patch(tiny, s, scale=0.3) for s in (1, 2)]
+    b = block_mixture(tiny, fams, PROMPTS[:2], 64)
     ps = block_router_parameters(b)
     for p in ps:
         p.requires_grad_(True)
@@ -273,8 +275,8 @@ def test_glue_mix_ffn_writes_a_mixtral_and_says_why(tiny, tmp_path, capsys):
     assert rep["level"] == "ffn" and rep["families"] == 2 and "why" in rep and len(rep["merged"]) == 2
     assert json.loads((Path(tmp_path / "mix") / "config.json").read_text())["num_local_experts"] == 2
     code, _, err = run_cli(["glue", "-p", str(tmp_path / "a"), "-p", str(tmp_path / "b"), "-t", "rotten_tomatoes",
-                            "--heuristic", "average", "--limit", "4", "--mix", "ffn"], capsys)
-    assert code == 2 and "two families" in err
+                            "--heuristic", "average", "--limit", "4", "--threshold", "0.0", "--mix", "ffn"], capsys)
+    assert code == 2 and "two families" in err  # threshold 0: every member joins the first family
     code, _, err = run_cli(["glue", "-p", str(tmp_path / "a"), "-p", str(tmp_path / "b"), "-t", "rotten_tomatoes",
                             "--mix", "layer"], capsys)
     assert code == 2 and "unknown mix" in err and "--mix" in err

@@ -328,9 +328,10 @@ def save_mixture(model: nn.Module, report: dict, out, force: bool = False) -> No
     from patchlm.paths import atomic_dir
 
     if report["level"] == "ffn":
-        from patchlm.models.export import save_hf_checkpoint
+        from patchlm.moe.upcycle import write_mixtral
 
-        save_hf_checkpoint(model, None, out, force=force)
+        write_mixtral(model, None, out, force=force,
+                      extra={"mixture.json": json.dumps(report, indent=2, default=str) + "\n"})
         return
     routers = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if "router" in n}
     with atomic_dir(Path(out), force=force) as tmp:

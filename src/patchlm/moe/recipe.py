@@ -42,7 +42,7 @@ def load_moe_recipe(path: str | Path) -> tuple[str, list[Expert], dict]:
         raise ConfigError(f"no mergekit-moe config at {path}")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with base_model and experts")

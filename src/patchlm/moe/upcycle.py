@@ -366,15 +366,29 @@ def param_counts(model: torch.nn.Module) -> dict:
     return {"total_params": total, "active_params": total - inactive}
 
 
-def save_upcycled(up: Upcycled, out: str | Path, force: bool = False) -> Path:
-    """Write the MoE as a plain transformers checkpoint (atomically, with the tokenizer and the report)."""
-    from patchlm.models.export import save_hf_checkpoint
-    from patchlm.paths import atomic_write_text
+def write_mixtral(model: torch.nn.Module, tokenizer, out: str | Path, force: bool = False,
+                  extra: dict[str, str] | None = None) -> Path:
+    """Write a Mixtral with the fused keys of transformers 5 (its save_pretrained writes the legacy per-expert
+    w1/w2/w3 layout), its config and tokenizer, atomically; `extra` adds small text files (name -> text)."""
+    from safetensors.torch import save_file
 
-    was = up.model.training
-    up.model.eval()
-    out = save_hf_checkpoint(up.model, up.tokenizer, out, force=force)
-    up.model.train(was)
-    atomic_write_text(Path(out) / "patchlm_moe.json", json.dumps(up.report, indent=2, default=str) + "\n")
+    from patchlm.paths import atomic_dir, check_output
+
+    out = check_output(out, force)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    with atomic_dir(out, force=force) as tmp:
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
     return out
 
+
+def save_upcycled(up: Upcycled, out: str | Path, force: bool = False) -> Path:
+    """Write the MoE as a plain transformers checkpoint (fused keys), with the tokenizer and the report."""
+    return write_mixtral(up.model, up.tokenizer, out, force=force,
+                         extra={"patchlm_moe.json": json.dumps(up.report, indent=2, default=str) + "\n"})
