@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from patchlm.cli.common import print_json, print_table, status
+from patchlm.cli.common import load_patches, print_json, print_table, status
 from patchlm.cli.options import ConfigValues, Group, config_command
 from patchlm.depth.config import DropConfig, SkipConfig
 
@@ -24,9 +24,9 @@ CALIBRATION = ("calib", "samples", "seq_len", "batch_size", "bf16")  # the DropC
 def apply_patches(base, paths: list[Path] | None, force: bool = False) -> list:
     """Load and apply patches in stack order (weight patches first, then depth patches; each stage in the order
     given). Fingerprints are checked against the base's weights at load time."""
-    from patchlm.patch import Patch, stack_order
+    from patchlm.patch import stack_order
 
-    patches = [Patch.load(p) for p in (paths or [])]
+    patches = load_patches(paths)
     for p in stack_order(patches):
         p.apply(base, force=force)
     return patches
@@ -34,10 +34,8 @@ def apply_patches(base, paths: list[Path] | None, force: bool = False) -> list:
 
 def _load(model: str, patch, force: bool):
     from patchlm.models import load_base
-    from patchlm.patch import Patch
 
-    for p in patch or []:  # read patches before the model loads: a bad path fails fast
-        Patch.load(p)
+    load_patches(patch)  # read patches before the model loads: a bad path or stack fails fast
     base = load_base(model)
     apply_patches(base, patch, force)
     return base

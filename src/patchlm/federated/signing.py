@@ -155,10 +155,12 @@ class KeyPair:
         if not path.exists():
             raise ConfigError(f"no key file at {path}; create one with `patchlm federate-keygen --out {path}`")
         try:
-            d = json.loads(path.read_text())
-            return cls(_check_scheme(d["scheme"]), _unb64(d["private_key"]), _unb64(d["public_key"]))
-        except (KeyError, ValueError, json.JSONDecodeError) as e:
-            raise PatchFormatError(f"{path} is not a patchlm key file ({e})") from e
+            d = json.loads(path.read_text(), parse_constant=_no_constant)
+            kp = cls(_check_scheme(d["scheme"]), _unb64(d["private_key"]), _unb64(d["public_key"]))
+            _check_pair(kp)
+            return kp
+        except (KeyError, TypeError, AttributeError, ValueError, UnicodeDecodeError) as e:
+            raise PatchFormatError(f"{path} is not a patchlm key file ({type(e).__name__}: {e})") from e
 
     @classmethod
     def generate(cls, scheme: str = "mldsa") -> KeyPair:
@@ -166,12 +168,33 @@ class KeyPair:
         return cls(scheme, sk, pk)
 
 
+def _check_pair(kp: KeyPair) -> None:
+    """ValueError unless the private key has its scheme's size and matches the public key (when derivable)."""
+    if kp.scheme == "mldsa":
+        from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PrivateKey
+
+        if MLDSA65PrivateKey.from_seed_bytes(kp.private_key).public_key().public_bytes_raw() != kp.public_key:
+            raise ValueError("its public key does not belong to its private key")
+        return
+    from pqcrypto.sign import slh_dsa_sha2_128s as slh
+
+    if len(kp.private_key) != slh.SECRET_KEY_SIZE or len(kp.public_key) != slh.PUBLIC_KEY_SIZE:
+        raise ValueError(f"an slhdsa key pair has {slh.SECRET_KEY_SIZE}- and {slh.PUBLIC_KEY_SIZE}-byte keys")
+
+
 def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode()
 
 
 def _unb64(s: str) -> bytes:
+    if not isinstance(s, str):
+        raise TypeError(f"a key must be base64 text, got {type(s).__name__}")
     return base64.b64decode(s.encode(), validate=True)
+
+
+def _no_constant(name: str):
+    """json.loads hook: NaN and Infinity are not JSON."""
+    raise ValueError(f"{name} is not valid JSON")
 
 
 class KeyRegistry:
@@ -197,8 +220,14 @@ class KeyRegistry:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"no public-key registry at {path}")
-        d = json.loads(path.read_text())
-        return cls({k: (_check_scheme(v["scheme"]), _unb64(v["public_key"])) for k, v in d.items()})
+        try:
+            d = json.loads(path.read_text(), parse_constant=_no_constant)
+            if not isinstance(d, dict):
+                raise ValueError("expected a JSON object of identity -> {scheme, public_key}")
+            return cls({str(k): (_check_scheme(v["scheme"]), _unb64(v["public_key"])) for k, v in d.items()})
+        except (KeyError, TypeError, AttributeError, ValueError, UnicodeDecodeError) as e:
+            raise PatchFormatError(f"{path} is not a patchlm public-key registry ({type(e).__name__}: {e}); "
+                                   "make one with `patchlm federate-keygen --registry`") from e
 
 
 # ---------------------------------------------------------------- sign / verify an update

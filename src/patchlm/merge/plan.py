@@ -313,7 +313,7 @@ def load_plan(path: str | Path) -> MergePlan:
         raise ConfigError(f"merge config {p} does not exist")
     try:
         cfg = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from e
     return plan_from_config(cfg)
 
