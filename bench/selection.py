@@ -1,9 +1,9 @@
 """Data selection study (issue 17): SHED against the common selectors, on clean and noisy pools and on chat data.
 
-    python bench/select.py                         # everything (tens of CPU hours on 2 cores: rows are cached)
-    python bench/select.py --rows 'select/*'       # only the selections: subsets, noise rates, times, probes
-    python bench/select.py --rows 'train/smollm2-135m/rotten_tomatoes*'    # chosen training rows (fnmatch)
-    python bench/select.py --quick                 # smoke run on tiny-random-llama and small pools
+    python bench/selection.py                         # everything (tens of CPU hours on 2 cores: rows are cached)
+    python bench/selection.py --rows 'select/*'       # only the selections: subsets, noise rates, times, probes
+    python bench/selection.py --rows 'train/smollm2-135m/rotten_tomatoes*'    # chosen training rows (fnmatch)
+    python bench/selection.py --quick                 # smoke run on tiny-random-llama and small pools
 
 Pools: the training splits of rotten_tomatoes and tweet_sentiment, each as is and with 30% of the labels flipped
 to another label at random (the flipped positions are recorded, so every subset has a noise rate), and sharegpt.
@@ -18,26 +18,17 @@ test split.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import fnmatch
+import math
+import random
 import sys
+import time
 from pathlib import Path
 
-# This file's name is the standard library's `select` (which subprocess, selectors and joblib import): take bench/
-# off the import path before anything imports it, and load common.py by its path.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import fnmatch  # noqa: E402
-import importlib.util  # noqa: E402
-import math  # noqa: E402
-import random  # noqa: E402
-import time  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("bench_common", _HERE / "common.py")
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
-RowCache, md_table, write_results = _common.RowCache, _common.md_table, _common.write_results
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RowCache, md_table, write_results
 
 # SHED at the paper's ratio of pool to clusters (about 25 examples a cluster: QOCS then takes ~10% of the clusters,
 # not 10 big ones), with 10 removal rounds per permutation as SelectConfig's defaults have
