@@ -1,6 +1,8 @@
-"""Commands: `patchlm moe upcycle` (specialists -> a Mixtral-style MoE checkpoint; options or a mergekit-moe YAML).
+"""Commands: `patchlm moe upcycle` (specialists -> a Mixtral-style MoE checkpoint; options or a mergekit-moe YAML)
+and `patchlm moe compress` (MC-SMoE: merge experts by routing statistics, then low-rank + sparse, recovery).
 
-Its options are generated from MoeConfig (patchlm.moe.config): every default and help text lives there.
+Their options are generated from MoeConfig and CompressConfig (patchlm.moe.config): every default and help text
+lives there.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import typer
 
 from patchlm.cli.common import print_json, print_table, status
 from patchlm.cli.options import ConfigValues, Group, config_command
-from patchlm.moe.config import MoeConfig
+from patchlm.moe.config import CompressConfig, MoeConfig
 
-moe_app = typer.Typer(no_args_is_help=True, help="Mixture-of-Experts: upcycle specialists into a Mixtral MoE.")
+moe_app = typer.Typer(no_args_is_help=True,
+                      help="Mixture-of-Experts: upcycle specialists into a Mixtral MoE; compress one (MC-SMoE).")
 
 
 @moe_app.command("upcycle")
@@ -77,6 +80,42 @@ def upcycle_cmd(cv: ConfigValues,
     status(f"wrote {out}")
     print_table([up.report], ["gate_mode", "top_k", "shared", "dtype", "total_params", "active_params"],
                 f"MoE of {len(experts)} experts")
+
+
+@moe_app.command("compress")
+@config_command(Group(CompressConfig, panel="MC-SMoE (CompressConfig)"))
+def compress_cmd(cv: ConfigValues,
+                 moe_dir: Annotated[Path, typer.Argument(
+                     help="a Mixtral-style MoE checkpoint (e.g. from moe upcycle)")],
+                 task: Annotated[list[str], typer.Option(
+                     "--task", "-t", help="task data for routing statistics and recovery (repeat)")] = ...,
+                 out: Annotated[Path, typer.Option("--out", "-o", help="output checkpoint directory")] = ...,
+                 force: Annotated[bool, typer.Option("--force", help="overwrite OUT")] = False,
+                 json_out: Annotated[bool, typer.Option("--json", help="print the JSON report")] = False) -> None:
+    """Merge the experts of an MoE by routing statistics, optionally compress them (low rank + sparse) and recover
+    by distillation; writes a smaller Mixtral checkpoint that plain transformers loads.
+
+    Example: `patchlm moe compress runs/moe --task rotten_tomatoes --groups 2 --low-rank 8 --sparsity 0.9
+    --recover 50 --out runs/moe-small`.
+    """
+    from patchlm.data import load_task
+    from patchlm.moe.mcsmoe import compress, load_moe, save_compressed
+    from patchlm.paths import check_output
+
+    check_output(out, force)
+    cfg = CompressConfig(**cv.values(CompressConfig))
+    for t in task:
+        load_task(t)  # an unknown task fails here, before the model loads
+    model, tokenizer = load_moe(moe_dir)
+    result = compress(model, tokenizer, task, cfg, progress=True, log=status)
+    save_compressed(result, tokenizer, out, force=force)
+    rep = {**result.report, "out": str(out), "checkpoint_bytes": (out / "model.safetensors").stat().st_size}
+    if json_out:
+        print_json(rep)
+        return
+    status(f"wrote {out}")
+    print_table([rep], ["experts_before", "experts_after", "expert_params_before", "expert_params",
+                        "expert_memory_reduction", "checkpoint_bytes"], "MC-SMoE")
 
 
 def register(app: typer.Typer) -> None:
