@@ -182,7 +182,7 @@ def test_gates_train_load_and_refuse_another_library(tiny, lib, tmp_path):
     assert meta["experts"] == ["alpha", "beta"] and meta["library"] == lib.library_id
     m = next(iter(rt.routed_modules(tiny.model).values()))
     g = m.gates[0].detach()
-    assert g.abs().sum() > 0 and abs(float(g.mean())) < 1e-4 and abs(float(g.std(unbiased=False)) - 1) < 0.1  # LayerNorm eps 1e-5 vs tiny gates
+    assert g.abs().sum() > 0 and abs(float(g.mean())) < 1e-4 and abs(float(g.std(unbiased=False)) - 1) < 0.1
     assert not any(p.requires_grad for p in tiny.model.parameters())
     load_gates(tiny.model, lib)
     with pytest.raises(ConfigError, match="exists"):
@@ -243,3 +243,63 @@ def test_arrow_refuses_experts_of_different_rank(tiny, tmp_path):
     lib.add(make_patch(tiny, seed=2, r=2).save(tmp_path / "b"), description="b", name="b")
     with pytest.raises(ConfigError, match="expert b differs from a in its rank"):
         evaluate_router(tiny, lib, {"alpha": make_task("alpha")}, RouteConfig(router="arrow", limit=2))
+
+
+# ---------------------------------------------------------------- CLI
+def _task_file(tmp_path, name: str):
+    """A local JSONL task file with the toy task's examples."""
+    t = make_task(name)
+    f = tmp_path / f"{name}.jsonl"
+    f.write_text("".join(json.dumps({"text": e["text"], "label": ["no", "yes"][e["label"]]}) + "\n"
+                         for e in t.train + t.validation + t.test))
+    return f
+
+
+def test_cli_library_add_list_eval_and_bad_input(tiny, tmp_path, capsys):
+    from conftest import run_cli
+
+    lib = tmp_path / "lib"
+    ex = tmp_path / "ex.txt"
+    ex.write_text("the apple and the banana\nthe cherry\n")
+    for i, name in enumerate(("alpha", "beta")):
+        p = make_patch(tiny, seed=i + 1).save(tmp_path / f"p-{name}")
+        code, _, err = run_cli(["route", "library", "add", str(lib), str(p), "--description", f"task {name}",
+                                "--examples", str(ex), "--name", name, "--task", str(_task_file(tmp_path, name))],
+                               capsys)
+        assert code == 0, err
+    code, out, _ = run_cli(["route", "library", "list", str(lib), "--json"], capsys)
+    assert code == 0 and [e["name"] for e in json.loads(out)["experts"]] == ["alpha", "beta"]
+    task = str(_task_file(tmp_path, "alpha"))
+    code, out, err = run_cli(["route", "eval", str(lib), "--router", "uniform", "--task", task, "--limit", "4",
+                              "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["held_in_mean"] is not None  # alpha was added with this file as its task
+
+    def one_line_exit_2(argv, match):
+        code, _, err = run_cli(argv, capsys)
+        assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
+
+    one_line_exit_2(["route", "eval", str(lib), "--router", "uniform", "--task", task, "--top-k", "3"],
+                    "top_k 3 is larger than the library's 2 experts (option --top-k)")
+    one_line_exit_2(["route", "eval", str(tmp_path), "--router", "uniform", "--task", task], "no patch library")
+    one_line_exit_2(["route", "eval", str(lib), "--router", "phatgoose", "--task", task], "no trained gates")
+    other = make_patch(tiny, seed=5)
+    other.base = {**other.base, "fingerprint": "blake2b:feedface"}
+    other.save(tmp_path / "other")
+    one_line_exit_2(["route", "library", "add", str(lib), str(tmp_path / "other"), "--description", "x"],
+                    "blake2b:feedface")
+    p3 = make_patch(tiny, seed=6).save(tmp_path / "p3")
+    lib2 = tmp_path / "lib2"
+    assert run_cli(["route", "library", "add", str(lib2), str(p3), "--description", "x", "--name", "solo"],
+                   capsys)[0] == 0
+    one_line_exit_2(["route", "eval", str(lib2), "--router", "glider-global", "--task", task, "--top-k", "1"],
+                    "expert solo of library")
+    code, _, err = run_cli(["route", "gates", str(lib), "--gate-steps", "2", "--gate-batch-size", "4",
+                            "--gate-max-length", "32"], capsys)
+    assert code == 0, err
+    shutil.copytree(lib / "gates", lib2 / "gates")
+    one_line_exit_2(["route", "eval", str(lib2), "--router", "phatgoose", "--task", task, "--top-k", "1"],
+                    "trained for another library")
+    code, out, err = run_cli(["route", "eval", str(lib), "--router", "phatgoose", "--task", task, "--limit", "4",
+                              "--json"], capsys)
+    assert code == 0, err
