@@ -8,6 +8,7 @@ input's own expert among the top-k by routing mass, held-in inputs), tokens/s of
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,8 +183,11 @@ def evaluate_router(base, library: Library, tasks: dict, config: RouteConfig | N
                     get_kind(merged.kind).detach(base.model)
             mass = None
         elif r == "arrow":
-            with ArrowModel(base, library.names, library.patches(), cfg) as model:
-                res = score_stream(model, base.tokenizer, tasks, items, None, cfg)
+            # PEFT 0.21's Arrow scatter fails under bf16 autocast (score dtype != top-k dtype): it runs in fp32
+            acfg = dataclasses.replace(cfg, bf16=False)
+            row["bf16"] = False
+            with ArrowModel(base, library.names, library.patches(), acfg) as model:
+                res = score_stream(model, base.tokenizer, tasks, items, None, acfg)
             mass = None
         else:
             state = rt.install(base.model, library.patches(), top_k=cfg.top_k, level=cfg.level)

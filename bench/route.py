@@ -1,0 +1,341 @@
+"""Routing benchmark: a library of smollm2-135m LoRA experts (one per built-in classification task), routed
+by GLIDER (global + local, global only, local only), Phatgoose, Arrow (PEFT), and the baselines (base, merged
+library, uniform averaging, best single expert, oracle) on a mixed stream of test inputs unlabeled by task.
+
+    PATCHLM_BENCH_LOCK=/tmp/patchlm-cpu.lock python bench/route.py            # full study (rows cached)
+    python bench/route.py --quick                                            # smoke run on tiny-random-llama
+
+Held-in (in the library): rotten_tomatoes, tweet_sentiment, trec, bbc_news. Held-out: movie_sentiment (a
+related task, rotten_tomatoes' movie reviews, is in the library) and sms_spam (nothing related is).
+Experts rotten_tomatoes, trec and bbc_news are bench/foundation.py's 150-step patches (reused, read-only);
+tweet_sentiment is trained once the same way into bench/.cache/route/ (a RowCache row, resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CACHE, RowCache, md_table, write_results
+
+MODEL = "smollm2-135m"
+HELD_IN = ["rotten_tomatoes", "tweet_sentiment", "trec", "bbc_news"]
+HELD_OUT = ["movie_sentiment", "sms_spam"]
+FOUNDATION = CACHE / "foundation"
+SPEC = {"r": 8, "alpha": 16, "targets": "all-linear"}  # bench/foundation.py's LoRA
+DESCRIPTIONS = {
+    "rotten_tomatoes": "movie review sentiment: is a critic's snippet negative or positive",
+    "tweet_sentiment": "tweet sentiment: is a tweet negative, neutral or positive",
+    "trec": "question classification: what type of answer does a question ask for",
+    "bbc_news": "news topic classification: business, entertainment, politics, sport or tech",
+    "movie_sentiment": "movie review sentiment: is a review snippet negative or positive",
+    "sms_spam": "spam detection: is a text message normal or spam",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def expert_dir(task_name: str, steps: int) -> Path:
+    """The expert patch of a task: foundation's when it exists, else this study's own."""
+    found = FOUNDATION / f"patch-{task_name}-{steps}" / "checkpoints" / "best"
+    if (found / "patch.json").exists():
+        return found
+    return CACHE / "route" / f"expert-{task_name}-{steps}" / "checkpoints" / "best"
+
+
+def train_expert(task_name: str, steps: int) -> dict:
+    """Train one expert as bench/foundation.py trained its patches (LoRA r8, batch 8, lr 5e-4, bf16, 256 tokens)."""
+    from patchlm.data import load_task
+    from patchlm.models import load_base
+    from patchlm.train import TrainConfig, Trainer
+
+    out = CACHE / "route" / f"expert-{task_name}-{steps}"
+    resume = (out / "checkpoints" / "last" / "state.json").exists()
+    t0 = time.perf_counter()
+    base = load_base(MODEL)
+    cfg = TrainConfig(steps=steps, batch_size=8, lr=5e-4, bf16=True, max_length=256, eval_limit=200,
+                      save_every=50, progress=False)
+    patch = Trainer(base, "lora", dict(SPEC), load_task(task_name), cfg, out_dir=out, resume=resume,
+                    force=not resume).run()
+    return {"name": f"expert-{task_name}", "task": task_name, "steps": steps, "seconds": time.perf_counter() - t0,
+            "metrics": {k: v for k, v in patch.metrics.items() if isinstance(v, (int, float))}}
+
+
+def build_experts(cache: RowCache, steps: int) -> dict[str, Path]:
+    """task -> expert patch dir for every held-in task, training the missing ones (one row each)."""
+    out = {}
+    for t in HELD_IN:
+        d = expert_dir(t, steps)
+        if not (d / "patch.json").exists():
+            log(f"training expert {t} ({steps} steps)")
+            cache.run(f"expert-{t}-s{steps}", lambda t=t: train_expert(t, steps))
+        out[t] = expert_dir(t, steps)
+    return out
+
+
+def build_library(experts: dict[str, Path], tag: str, n_examples: int = 5) -> Path:
+    """The study's library directory: each held-in expert with its description, training prompts and task."""
+    from patchlm.data import load_task
+    from patchlm.route import Library
+
+    d = CACHE / "route" / f"library-{tag}"
+    lib = Library.open_or_create(d)
+    for t, path in experts.items():
+        if t in lib.names:
+            continue
+        task = load_task(t)
+        lib.add(path, description=DESCRIPTIONS[t], examples=[task.prompt(e) for e in task.train[:n_examples]],
+                name=t, task=t)
+    return d
+
+
+def quick_experts(tag: str) -> dict[str, Path]:
+    """--quick: random LoRA experts of tiny-random-llama (a smoke run of the code path, not a result)."""
+    import torch
+
+    from patchlm.adapters.lora import LoraKind
+    from patchlm.models import load_base
+    from patchlm.patch import Patch
+
+    base = load_base("tiny-random-llama")
+    out = {}
+    for i, t in enumerate(HELD_IN):
+        d = CACHE / "route" / f"quick-expert-{t}"
+        if not (d / "patch.json").exists():
+            kind = LoraKind()
+            spec = kind.attach(base.model, {"r": 4, "alpha": 8, "targets": "all-linear"}, None, seed=i)
+            g = torch.Generator().manual_seed(i)
+            tensors = {k: torch.randn(v.shape, generator=g) * 0.1 if k.endswith("lora_B") else v
+                       for k, v in kind.state(base.model).items()}
+            kind.detach(base.model)
+            Patch(kind="lora", base=base.ref(), spec=spec, tensors=tensors).save(d, force=True)
+        out[t] = d
+    return out
+
+
+ROWS = [  # (row name, RouteConfig overrides)
+    ("base", {"router": "base"}),
+    ("oracle", {"router": "oracle"}),
+    ("merged library (ties 0.5)", {"router": "merged"}),
+    ("uniform averaging", {"router": "uniform"}),
+    ("best single expert", {"router": "best"}),
+    ("arrow (PEFT)", {"router": "arrow"}),
+    ("phatgoose = glider local only", {"router": "phatgoose"}),
+    ("glider global only", {"router": "glider-global"}),
+    ("glider (global + local)", {"router": "glider"}),
+    ("glider (global from inputs + local)", {"router": "glider", "global_from": "input"}),
+]
+
+
+def eval_row(name: str, over: dict, lib_dir: Path, model: str, args) -> dict:
+    from patchlm.data import load_task
+    from patchlm.merge.patch_merge import merge_patches
+    from patchlm.models import load_base
+    from patchlm.route import Library, RouteConfig
+    from patchlm.route.evaluate import evaluate_router
+
+    cfg = RouteConfig(**{"limit": args.limit, "bf16": True, **over})
+    lib = Library.open(lib_dir)
+    base = load_base(model)
+    tasks = {t: load_task(t) for t in HELD_IN + HELD_OUT}
+    merged = None
+    if cfg.router == "merged":
+        merged = merge_patches(lib.patches(), cfg.merge_method, params={"density": cfg.merge_density}, seed=cfg.seed)
+    row = evaluate_router(base, lib, tasks, cfg, merged=merged, log=log)
+    return {"name": name, **{k: v for k, v in over.items() if k != "router"}, **row}
+
+
+def gates_row(lib_dir: Path, model: str, args) -> dict:
+    from patchlm.data import load_task
+    from patchlm.models import load_base
+    from patchlm.route import Library, RouteConfig, routed
+    from patchlm.route.gates import train_gates
+
+    lib = Library.open(lib_dir)
+    base = load_base(model)
+    cfg = RouteConfig(gate_steps=args.gate_steps, bf16=True)
+    routed.install(base.model, lib.patches())
+    t0 = time.perf_counter()
+    train_gates(base, lib, {e.name: load_task(e.task) for e in lib.experts}, cfg, force=True, log=log)
+    return {"name": "gates", "gate_steps": cfg.gate_steps, "seconds": time.perf_counter() - t0}
+
+
+def speed_row(lib_dir: Path, model: str, args) -> dict:
+    """tokens/s of 8 experts at top-2 (the 4 real ones twice) vs the base with one LoRA merged in, same batches."""
+    import torch
+
+    from patchlm.adapters.lora import merge_lora
+    from patchlm.data import load_task
+    from patchlm.data.features import collate, encode_prompt, pad_id
+    from patchlm.models import load_base
+    from patchlm.patch import get_kind
+    from patchlm.route import Library, routed
+
+    lib = Library.open(lib_dir)
+    base = load_base(model)
+    prompts = []
+    for t in HELD_IN + HELD_OUT:
+        task = load_task(t)
+        prompts += [encode_prompt(base.tokenizer, task, e, 256) for e in task.test[:8]]
+    batches = [collate([{"input_ids": p} for p in prompts[i:i + 16]], pad_id(base.tokenizer), labels=False)
+               for i in range(0, len(prompts), 16)]
+
+    def rate() -> float:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            base.model(**batches[0])  # warm-up
+            t0, n = time.perf_counter(), 0
+            for b in batches:
+                base.model(**b)
+                n += int(b["attention_mask"].sum())
+        return n / (time.perf_counter() - t0)
+
+    base.model.eval()
+    patches = lib.patches()
+    p0 = patches[0]
+    p0.apply(base)
+    merge_lora(base.model)
+    merged_rate = rate()
+    get_kind("lora").detach(base.model)
+    out = {"name": "speed", "merged_one_lora_tokens_per_s": merged_rate}
+    for level in ("token", "sequence"):
+        routed.install(base.model, (patches * 2)[:8], top_k=2, level=level)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in routed.routed_modules(base.model).values():
+                for v in m.gates:
+                    v.copy_(torch.nn.functional.layer_norm(torch.randn(v.shape, generator=g), v.shape))
+        out[f"routed8_top2_{level}_tokens_per_s"] = rate()
+        out[f"ratio_{level}"] = out[f"routed8_top2_{level}_tokens_per_s"] / merged_rate
+        routed.remove(base.model)
+    return out
+
+
+def fmt(v) -> str:
+    return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def write_page(rows: list[dict], speed: dict | None, gates: dict | None, args, missing: list[str]) -> None:
+    by = {r["name"]: r for r in rows}
+    acc_cols = [f"acc_{t}" for t in HELD_IN + HELD_OUT]
+    cols = ["name", *acc_cols, "held_in_mean", "held_out_mean", "routing_accuracy", "tokens_per_s", "peak_rss_mib"]
+    table = md_table(rows, cols, {c: fmt for c in cols if c != "name"})
+    oracle = by.get("oracle", {}).get("held_in_mean")
+    g = by.get("glider (global + local)", {})
+    others = [by[n]["held_in_mean"] for n in by if n.startswith(("merged", "arrow", "phatgoose"))]
+    outs = [by[n]["held_out_mean"] for n in by if n.startswith(("arrow", "phatgoose"))]
+
+    def goal(ok) -> str:
+        return "not measured" if ok is None else ("yes" if ok else "no")
+
+    gi = g.get("held_in_mean")
+    g1 = None if gi is None or oracle is None or not others else (gi >= oracle - 0.02 and gi > max(others))
+    g2 = None if g.get("held_out_mean") is None or not outs else g["held_out_mean"] >= max(outs)
+    g3 = None if g.get("routing_accuracy") is None else g["routing_accuracy"] >= 0.95
+    g4 = None if not speed else speed["ratio_token"] >= 0.7
+    goals = "\n".join([
+        "| goal | met? | numbers |", "|---|---|---|",
+        f"| GLIDER held-in within 2 points of the oracle and above every merge, Arrow, Phatgoose | {goal(g1)} | "
+        f"glider {fmt(gi)}, oracle {fmt(oracle)}, best other {fmt(max(others) if others else None)} |",
+        f"| GLIDER held-out >= best of Phatgoose and Arrow | {goal(g2)} | glider {fmt(g.get('held_out_mean'))}, "
+        f"best {fmt(max(outs) if outs else None)} |",
+        f"| GLIDER routing accuracy >= 95% (held-in) | {goal(g3)} | {fmt(g.get('routing_accuracy'))} |",
+        f"| 8 experts top-2 >= 0.7x tokens/s of base + one merged LoRA | {goal(g4)} | "
+        + (f"token {speed['ratio_token']:.2f}x, sequence {speed['ratio_sequence']:.2f}x" if speed else "-") + " |"])
+    status = ("**Partial**: rows still to run: " + ", ".join(missing) + f" (about {4 * len(missing)} minutes on "
+              "2 cores; `bench/route.py` resumes from its row cache)." if missing else "All rows measured.")
+    sp = ""
+    if speed:
+        sp = (f"\n\n## Speed\n\nForward passes over 48 mixed prompts in batches of 16, bf16: base with one LoRA merged "
+              f"{speed['merged_one_lora_tokens_per_s']:.0f} tokens/s; 8 experts at top-2, token level "
+              f"{speed['routed8_top2_token_tokens_per_s']:.0f} ({speed['ratio_token']:.2f}x), sequence level "
+              f"{speed['routed8_top2_sequence_tokens_per_s']:.0f} ({speed['ratio_sequence']:.2f}x).")
+    md = f"""{status}
+
+## Goals
+
+{goals}
+
+## Setup
+
+Library: one smollm2-135m LoRA per held-in task ({', '.join(HELD_IN)}; r=8, alpha 16, all linear modules, 150
+steps, batch 8, lr 5e-4, bf16, best of validation; three reused from bench/foundation.py, tweet_sentiment
+trained here the same way). Held-out: movie_sentiment (its sibling rotten_tomatoes is in the library, same
+prompt template) and sms_spam (nothing related). health_tweets is a text task, not classification, so it is
+not in the stream. Stream: the first {args.limit} test examples of each of the six tasks, interleaved, batches of
+16 mixed by length; every input is scored by label log-likelihood over its own task's labels, the router sees
+only the prompt. The prompts carry each task's template, which names the task's labels: this makes routing
+easier than T0/FLAN's. Routers: top-2, token level, renormalised softmax. Phatgoose gates: {gates['gate_steps'] if
+gates else '-'} AdamW steps per expert (lr 5e-3, batch 8) with the expert frozen, standardised after
+training. GLIDER: the base model (smollm2-135m itself) writes a 24-token instruction per expert (description +
+3 examples) and per query; minilm-l6 embeds them; scale 100 x cosine is added to every module's local logits.
+"global from inputs" embeds the raw prompt and the mean of the expert's example prompts instead. Merged library:
+TIES at density 0.5 (the merging study's best). Best single expert: chosen on a validation stream. Oracle: each
+held-in input to its own expert (held-out inputs get no expert, so its held-out mean is the base's).
+Routing accuracy: the input's own expert among the top-2 experts by routing mass summed over tokens and modules.
+tokens_per_s counts the evaluation forward passes only (GLIDER's instruction writing is in total_seconds).
+
+## Results
+
+{table}{sp}
+"""
+    write_results("route", rows + ([speed] if speed else []), md, extra={"partial": bool(missing),
+                                                                        "missing_rows": missing})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--gate-steps", type=int, default=30)
+    ap.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
+    ap.add_argument("--page-only", action="store_true", help="write the page from cached rows only")
+    ap.add_argument("--train-only", action="store_true", help="only train the missing experts")
+    args = ap.parse_args()
+    tag = "quick" if args.quick else "full"
+    cache = RowCache("route", tag)
+    if args.quick:
+        args.limit, args.gate_steps = 4, 2
+        experts, model = quick_experts(tag), "tiny-random-llama"
+    else:
+        experts, model = build_experts(cache, args.steps), MODEL
+    if args.train_only:
+        return
+    lib_dir = build_library(experts, tag)
+    suffix = f"l{args.limit}-g{args.gate_steps}"
+    want = [n for n, _ in ROWS if not args.rows or n in args.rows.split(",")]
+    gk = f"gates-g{args.gate_steps}"
+    gates = cache.get(gk)
+    if gates is None and not args.page_only:
+        gates = cache.run(gk, lambda: gates_row(lib_dir, model, args))
+    rows, missing = [], []
+    for name, over in ROWS:
+        key = f"row-{name}-{suffix}"
+        hit = cache.get(key)
+        if hit is None and not args.page_only and name in want:
+            log(f"row {name}")
+            hit = cache.run(key, lambda name=name, over=over: eval_row(name, over, lib_dir, model, args))
+        if hit is None:
+            missing.append(name)
+        else:
+            rows.append(hit)
+    speed = cache.get("speed")
+    if speed is None and not args.page_only:
+        speed = cache.run("speed", lambda: speed_row(lib_dir, model, args))
+    if speed is None:
+        missing.append("speed")
+    if not args.quick:
+        write_page(rows, speed, gates, args, missing)
+    else:
+        log(f"quick: {len(rows)} rows, speed {speed}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
