@@ -43,6 +43,8 @@ def command() -> str:
 class RowCache:
     """Finished rows of a study, one JSON file each, so an interrupted study resumes where it stopped."""
 
+    _held = False  # this process holds $PATCHLM_BENCH_LOCK (flock on a second descriptor would deadlock)
+
     def __init__(self, study: str, tag: str = "full"):
         self.dir = CACHE / study / tag
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -68,15 +70,17 @@ class RowCache:
         if hit is not None:
             return hit
         lock = os.environ.get("PATCHLM_BENCH_LOCK")
-        if not lock:
+        if not lock or RowCache._held:  # a row computed inside another row already holds the lock (re-entrant)
             return self.put(key, fn())
         import fcntl
 
         with open(lock, "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
+            RowCache._held = True
             try:
                 return self.put(key, fn())
             finally:
+                RowCache._held = False
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
