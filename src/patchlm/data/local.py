@@ -42,7 +42,7 @@ def read_table(path: Path):
             df = pd.read_parquet(path)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path} has no data") from None
-    except (ValueError, OSError, pd.errors.ParserError) as e:
+    except (ValueError, TypeError, OSError, pd.errors.ParserError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"cannot read {path} as {suffix[1:]}: {reason}") from e
     if len(df) == 0:
@@ -57,6 +57,16 @@ def _label_value(value):
     if hasattr(value, "item"):  # numpy scalars
         return _label_value(value.item())
     return value
+
+
+def _present(value, column: str, row: int, source: str) -> bool:
+    """Whether a text or label cell holds a value (False: empty/NaN); a list or mapping there is refused."""
+    import pandas as pd
+
+    if isinstance(value, (list, tuple, dict, set)) or getattr(value, "ndim", 0):
+        raise DataError(f"{source}: row {row + 1} has a {type(value).__name__} in the {column!r} column; each cell "
+                        "must hold one text or label value")
+    return not pd.isna(value)
 
 
 def _sorted_labels(values: set) -> list:
@@ -90,8 +100,6 @@ def frame_to_task(df, *, name: str, source: str, text_column: str | None, label_
                   label_names: Sequence[str] | None = None, description: str = "", license: str = "",
                   checks: DataConfig | None = None) -> Task:
     """Turn a table into a Task: classification when it has a label column, else text (or chat/qa)."""
-    import pandas as pd
-
     columns = [str(c) for c in df.columns]
     meta = {"source": source, "license": license, "description": description or f"user data from {source}"}
     common = {"name": name, "seed": seed, "split_ratios": split_ratios, "max_examples": max_examples}
@@ -113,12 +121,12 @@ def frame_to_task(df, *, name: str, source: str, text_column: str | None, label_
     if lcol not in columns:
         if label_column is not None:
             raise _missing(lcol, "label", columns, source)
-        texts = [clean_text(str(t)) for t in df[tcol] if not pd.isna(t)]
+        texts = [clean_text(str(t)) for i, t in enumerate(df[tcol]) if _present(t, tcol, i, source)]
         return build_task([{"text": t} for t in texts if t], kind="text", **common, **meta)
 
     checks = checks or DataConfig()
-    pairs = [(clean_text(str(t)), _label_value(v)) for t, v in zip(df[tcol], df[lcol])
-             if not pd.isna(t) and not pd.isna(v)]
+    pairs = [(clean_text(str(t)), _label_value(v)) for i, (t, v) in enumerate(zip(df[tcol], df[lcol]))
+             if _present(t, tcol, i, source) and _present(v, lcol, i, source)]
     pairs = [(t, v) for t, v in pairs if t]
     if 0 < len(pairs) < len(df):
         checks.warn(f"{source}: {len(df) - len(pairs)} of {len(df)} rows have an empty {tcol!r} or {lcol!r} and "

@@ -197,7 +197,10 @@ def _check_setting(m: MergeMethod, key: str, val: Any, where: str) -> None:
             extra = set(c) - {"filter", "value"}
             if extra or "value" not in c:
                 raise ConfigError(f"{m.name} parameter {key}{where}: a condition needs `value` (and optional "
-                                  f"`filter`), got keys {sorted(c)}")
+                                  f"`filter`), got keys {_names_of(c)}")
+            if c.get("filter") is not None and not isinstance(c["filter"], str):
+                raise ConfigError(f"{m.name} parameter {key}{where}: a condition's filter must be a tensor name "
+                                  f"substring, got {_short(c['filter'])}")
             _check_setting(m, key, c["value"], where)
         return
     if isinstance(val, list):
@@ -226,10 +229,32 @@ def _model_ref(v: Any, where: str) -> str:
     return v
 
 
+def _mapping(v: Any, where: str) -> dict:
+    """A YAML mapping of names (None: empty); anything else is refused naming where it is."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"{where} must be a mapping of name: value, got {_short(v)}")
+    bad = [k for k in v if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{where}: key {bad[0]!r} is not a name")
+    return dict(v)
+
+
+def _names_of(keys) -> str:
+    return ", ".join(sorted(map(str, keys)))
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def plan_from_config(cfg: dict) -> MergePlan:
     """A MergePlan from a parsed mergekit-format YAML mapping (refusing what patchlm does not implement)."""
     if not isinstance(cfg, dict):
         raise ConfigError("a merge config must be a YAML mapping with models, merge_method, ...")
+    cfg = _mapping(cfg, "the merge config")
     for key in cfg:
         if key in MERGEKIT_ONLY_KEYS:
             raise ConfigError(f"mergekit option {key!r} ({MERGEKIT_ONLY_KEYS[key]}) is not supported by patchlm")
@@ -237,7 +262,7 @@ def plan_from_config(cfg: dict) -> MergePlan:
             raise ConfigError(f"unsupported merge config option {key!r}; supported: {', '.join(sorted(TOP_KEYS))}")
     if "merge_method" not in cfg:
         raise ConfigError("the merge config has no merge_method")
-    params = dict(cfg.get("parameters") or {})
+    params = _mapping(cfg.get("parameters"), "parameters")
     base = cfg.get("base_model")
     base = _model_ref(base, "base_model") if base is not None else None
     models: list[ModelEntry] = []
@@ -249,24 +274,30 @@ def plan_from_config(cfg: dict) -> MergePlan:
         if not isinstance(slices, list) or len(slices) != 1:
             raise ConfigError("slices: only a single slice covering every layer is supported (layer stacking / "
                               "frankenmerges are not); use models: instead")
-        sl = slices[0]
+        sl = _mapping(slices[0], "slices[0]")
         extra = set(sl) - {"sources", "parameters", "base_model"}
         if extra:
-            raise ConfigError(f"unsupported slice option(s) {', '.join(sorted(extra))}")
-        params = {**params, **(sl.get("parameters") or {})}
+            raise ConfigError(f"unsupported slice option(s) {_names_of(extra)}")
+        params = {**params, **_mapping(sl.get("parameters"), "slices[0].parameters")}
         if sl.get("base_model"):
             base = _model_ref(sl["base_model"], "slices[0].base_model")
-        for i, src in enumerate(sl.get("sources") or []):
+        sources = sl.get("sources") or []
+        if not isinstance(sources, list):
+            raise ConfigError(f"slices[0].sources must be a list of {{model: ..., layer_range: [...]}}, got "
+                              f"{_short(sources)}")
+        for i, src in enumerate(sources):
+            src = _mapping(src, f"slices[0].sources[{i}]")
             extra = set(src) - {"model", "layer_range", "parameters"}
             if extra:
-                raise ConfigError(f"unsupported option(s) {', '.join(sorted(extra))} in slices[0].sources[{i}]")
+                raise ConfigError(f"unsupported option(s) {_names_of(extra)} in slices[0].sources[{i}]")
             ref = _model_ref(src.get("model"), f"slices[0].sources[{i}]")
             lr = src.get("layer_range")
-            if not (isinstance(lr, list) and len(lr) == 2 and lr[0] == 0 and isinstance(lr[1], int)):
+            if not (isinstance(lr, list) and len(lr) == 2 and lr[0] == 0 and isinstance(lr[1], int)
+                    and not isinstance(lr[1], bool)):
                 raise ConfigError(f"slices[0].sources[{i}] layer_range {lr!r}: only full ranges [0, num_layers] "
                                   "are supported")
             layer_ranges[ref] = list(lr)
-            models.append(ModelEntry(ref, dict(src.get("parameters") or {})))
+            models.append(ModelEntry(ref, _mapping(src.get("parameters"), f"slices[0].sources[{i}].parameters")))
     else:
         raw = cfg.get("models") or []
         if not isinstance(raw, list):
@@ -276,11 +307,18 @@ def plan_from_config(cfg: dict) -> MergePlan:
                 e = {"model": e}
             if not isinstance(e, dict):
                 raise ConfigError(f"models[{i}] must be a mapping with `model`")
+            e = _mapping(e, f"models[{i}]")
             extra = set(e) - {"model", "parameters"}
             if extra:
-                raise ConfigError(f"unsupported option(s) {', '.join(sorted(extra))} in models[{i}]")
-            models.append(ModelEntry(_model_ref(e.get("model"), f"models[{i}]"), dict(e.get("parameters") or {})))
-    method = str(cfg["merge_method"])
+                raise ConfigError(f"unsupported option(s) {_names_of(extra)} in models[{i}]")
+            models.append(ModelEntry(_model_ref(e.get("model"), f"models[{i}]"),
+                                     _mapping(e.get("parameters"), f"models[{i}].parameters")))
+    method = cfg["merge_method"]
+    if not isinstance(method, str):
+        raise ConfigError(f"merge_method must be a method name, got {_short(method)}")
+    for key in ("dtype", "out_dtype", "tokenizer_source"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            raise ConfigError(f"{key} must be a name, got {_short(cfg[key])}", field=key)
     if method not in METHODS:
         raise UnknownNameError(f"merge_method {method!r} is not implemented by patchlm; "
                                f"{did_you_mean(method, METHODS)}")

@@ -133,14 +133,46 @@ def reply_history_rounds(content: RecordDict) -> int:
         return 0
 
 
+def _whole(value, key: str) -> int:
+    """An integer field of a record (ValueError for inf/NaN or a fraction, TypeError for bytes or a bool)."""
+    if isinstance(value, (bool, bytes)):
+        raise TypeError(f"reply field {key!r} is a {type(value).__name__}, not an integer")
+    try:
+        whole = int(value)
+    except OverflowError:
+        raise ValueError(f"reply field {key!r} is not finite") from None
+    if isinstance(value, float) and whole != value:
+        raise ValueError(f"reply field {key!r} is not an integer: {value}")
+    return whole
+
+
+def record_bytes(rec) -> int:
+    """rec.count_bytes(), with flwr's IndexError on an empty list value turned into the malformed-record ValueError."""
+    try:
+        return rec.count_bytes()
+    except IndexError:
+        raise ValueError("a record holds an empty list value") from None
+
+
 def read_reply(content: RecordDict) -> tuple[Reply, int]:
     """(the reply, its uplink size in bytes); KeyError / ValueError / TypeError on a malformed one."""
     meta = content["meta"]
     arrays = content["arrays"]
+    lists = [k for k, v in meta.items() if isinstance(v, list)]
+    if lists:
+        raise TypeError(f"reply field {lists[0]!r} holds a list where one value belongs")
     sig = meta.get("signature")
+    if sig is not None and not isinstance(sig, bytes):
+        raise TypeError(f"reply signature is a {type(sig).__name__}, not bytes")
+    if not isinstance(meta.get("scheme", ""), str):
+        raise TypeError("reply scheme is not a name")
+    metrics = json.loads(str(meta["metrics-json"]))
+    if not isinstance(metrics, dict):
+        raise TypeError("reply metrics-json is not a JSON object")
     reply = Reply(client_id=str(meta["client-id"]), run_id=str(meta.get("run-id", "")),
-                  round=int(meta.get("round", -1)), num_samples=int(meta.get("num-samples", 0)),
+                  round=_whole(meta.get("round", -1), "round"), num_samples=_whole(meta.get("num-samples", 0),
+                                                                                   "num-samples"),
                   alpha=float(meta.get("alpha", 0.0)), tensors=arrays.to_torch_state_dict(),
-                  metrics=json.loads(str(meta["metrics-json"])), history_rounds=reply_history_rounds(content),
+                  metrics=metrics, history_rounds=reply_history_rounds(content),
                   signature=bytes(sig) if sig else None, scheme=meta.get("scheme"))
-    return reply, arrays.count_bytes() + meta.count_bytes()
+    return reply, record_bytes(arrays) + record_bytes(meta)
