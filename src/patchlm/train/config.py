@@ -14,7 +14,8 @@ class TrainConfig:
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     optimizer: str = field(default="adamw", metadata={
-        "help": "step rule: adamw | sgd | zo-sgd | zo-sgd-sign | zo-sgd-mmt | zo-sgd-cons | zo-adam | forward-grad"})
+        "help": "step rule: adamw | sgd | zo-sgd | zo-sgd-sign | zo-sgd-mmt | zo-sgd-cons | zo-adam | forward-grad | "
+                "newton"})
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay (decoupled for AdamW)"})
     momentum: float = field(default=0.0, metadata={"help": "SGD momentum"})
@@ -38,6 +39,39 @@ class TrainConfig:
     zo_distribution: str = field(default="gaussian", metadata={
         "help": "zeroth order: direction entries, gaussian (N(0,1), ZO-Bench) | rademacher (+-1, about 4x cheaper "
                 "to draw on a CPU)"})
+    newton_matrix: str = field(default="fisher", metadata={
+        "help": "newton: the matrix per block, fisher (empirical Fisher, mean of per-example gradient outer "
+                "products) | hessian (exact, torch.func; small blocks)"})
+    newton_block: str = field(default="tensor", metadata={
+        "help": "newton: the blocks solved separately, tensor | row (each row of a matrix) | module | all"})
+    newton_max_block: int = field(default=4096, metadata={
+        "help": "newton: largest block (parameters) given a Newton step; larger ones fall back to first order"})
+    newton_fallback: bool = field(default=True, metadata={
+        "help": "newton: blocks above newton_max_block take SGD steps (off: refuse to train)"})
+    newton_fallback_lr: float | None = field(default=None, metadata={
+        "help": "newton: learning rate of the first-order fallback [lr]"})
+    newton_lambda: float = field(default=5e-3, metadata={
+        "help": "newton: regularisation H + lambda max|H| I (Q-Newton's, lowers the condition number)"})
+    newton_sparsity: int = field(default=0, metadata={
+        "help": "newton: d, entries kept per row of each matrix, symmetric (the quantum oracle's sparsity; 0: dense)"})
+    newton_solver: str = field(default="classical", metadata={
+        "help": "newton: classical (every solve by LU here) | qnewton (Q-Newton: each solve routed to the cheaper of "
+                "LU and a modelled quantum linear solver)"})
+    newton_gate_time: str = field(default="today", metadata={
+        "help": "qnewton: seconds per quantum gate, a number or a preset: today (a superconducting two-qubit gate), "
+                "nanosecond, picosecond, femtosecond, paper (attosecond gates, the paper's optimistic future)"})
+    newton_epsilon: float = field(default=1e-2, metadata={
+        "help": "qnewton: error tolerance epsilon of the quantum solver, in (0, 1)"})
+    newton_classical: str = field(default="measured", metadata={
+        "help": "qnewton: classical cost of a solve, measured (timed here) | modelled (N^3 at a rate timed once)"})
+    newton_kappa_exact: int = field(default=1024, metadata={
+        "help": "qnewton: blocks up to this size get the exact condition number (eigenvalues), larger ones the "
+                "published upper bound (slogdet, clamped by Gershgorin's); a dense Fisher of fewer examples than "
+                "parameters gets it exactly from the examples' Gram matrix at any size"})
+    newton_kappa_every: int = field(default=1, metadata={
+        "help": "qnewton: estimate each block's condition number every k steps (reused in between)"})
+    newton_kappa_limit: float = field(default=1e12, metadata={
+        "help": "newton: a regularised matrix with a condition number above this is singular: training stops"})
     max_length: int = field(default=256, metadata={"help": "max tokens per example"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
     eval_every: int = field(default=0, metadata={"help": "validate every N steps (0 = only at the end)"})
@@ -70,6 +104,9 @@ class TrainConfig:
         from patchlm.train.zo import check_options
 
         check_options(self)
+        from patchlm.train.newton import check_options as check_newton
+
+        check_newton(self)
         if not (0 <= self.momentum < 1 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError("momentum, beta1 and beta2 must be in [0, 1)")
         if self.objective not in ("auto", "classification", "lm", "chat"):

@@ -159,7 +159,7 @@ def make_closure(model, micro: Sequence[Batch], loss_fn: LossFn, bf16: bool,
             if backward:
                 (loss * w / total).backward()
             tot += float(loss.detach()) * w
-        closure.forwards += len(micro)
+        _count_forwards(closure, len(micro))
         return tot / total if total else math.nan
 
     def functional(params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -172,12 +172,47 @@ def make_closure(model, micro: Sequence[Batch], loss_fn: LossFn, bf16: bool,
             with autocast(device, bf16):
                 loss = functional_call(holder, {f"model.{k}": v for k, v in params.items()}, (b,), strict=False)
             out = loss * (w / total) if out is None else out + loss * (w / total)
-        closure.forwards += len(micro)
+        _count_forwards(closure, len(micro))
         return out
+
+    def examples() -> list:
+        """One closure per example of the step's micro-batches, each over a batch of that one example (same loss,
+        autocast and count): per-example gradients for a Newton rule's empirical Fisher. Their forward passes
+        count towards this closure's."""
+        out = []
+        for b in micro:
+            for i in range(len(next(iter(b.values())))):
+                sub = make_closure(model, [{k: v[i:i + 1] for k, v in b.items()}], loss_fn, bf16, count)
+                sub.parent = closure
+                out.append(sub)
+        return out
+
+    def example_loss(params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        """loss_fn of `batch` (one example, tensors with a leading dimension of 1) as a function of the named
+        parameters: per-example gradients as torch.func.vmap(grad(...)) over a micro-batch of closure.micro, for
+        losses that vmap can trace. Each call counts one forward pass (one per micro-batch under vmap)."""
+        from torch.func import functional_call
+
+        with autocast(device, bf16):
+            loss = functional_call(_LossHolder(model, loss_fn), {f"model.{k}": v for k, v in params.items()},
+                                   (batch,), strict=False)
+        _count_forwards(closure, 1)
+        return loss
 
     closure.forwards = 0
     closure.functional = functional
+    closure.examples = examples
+    closure.example_loss = example_loss
+    closure.micro = list(micro)
+    closure.parent = None
     return closure
+
+
+def _count_forwards(closure, n: int) -> None:
+    """Count n forward passes on a closure and on the closure it was split from (closure.examples())."""
+    while closure is not None:
+        closure.forwards += n
+        closure = closure.parent
 
 
 class _LossHolder(torch.nn.Module):

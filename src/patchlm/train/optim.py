@@ -48,6 +48,10 @@ class StepRule:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def metrics(self) -> dict:
+        """Rule-specific figures for the training log (e.g. Newton's solve counts and times); JSON scalars."""
+        return {}
+
 
 class TorchStepRule(StepRule):
     """A first-order rule around a torch.optim optimizer: backward, clip (config.max_grad_norm), step."""

@@ -239,7 +239,8 @@ class Trainer:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 emit({"step": step, "loss": acc["loss"] / max(1, acc["n"]), "lr": lr_at(step - 1, cfg),
                       "tokens_per_s": acc["tokens"] / max(acc["train_time"], 1e-9),
-                      "forward_passes": acc["forwards"], "elapsed_s": time.perf_counter() - t_start})
+                      "forward_passes": acc["forwards"], "elapsed_s": time.perf_counter() - t_start,
+                      **rule.metrics()})
                 acc["loss"], acc["n"] = 0.0, 0
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 m = self.validate()
@@ -274,7 +275,7 @@ class Trainer:
         tokens_total, train_time = acc["tokens"], acc["train_time"]
         model.eval()
         metrics = {"steps": step, "train_tokens_per_s": tokens_total / max(train_time, 1e-9),
-                   "train_seconds": train_time, "forward_passes": acc["forwards"]}
+                   "train_seconds": train_time, "forward_passes": acc["forwards"], **rule.metrics()}
         if best:
             metrics.update({k: v for k, v in best.items() if k != "score"})
             metrics["best_step"] = best["step"]
