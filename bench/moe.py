@@ -49,27 +49,21 @@ def train_specialist(task_name: str, args) -> dict:
     resume = (out / "checkpoints" / "last" / "state.json").exists()
     log(f"training specialist {task_name} ({args.steps} steps on {args.model})" + (" [resume]" if resume else ""))
     t0 = time.perf_counter()
-    cfg = TrainConfig(steps=args.steps, batch_size=8, lr=5e-4, bf16=True, max_length=256, eval_limit=100,
+    lm = task_name == NEWS  # text: blocks of 128 tokens (news_ppl's block size), half the cost of 256
+    cfg = TrainConfig(steps=args.steps, batch_size=8, lr=5e-4, bf16=True, max_length=128 if lm else 256, eval_limit=100,
                       save_every=25, progress=False)
     Trainer(load_base(args.model), "lora", dict(zoo.SPEC), zoo.load(task_name), cfg, out_dir=out, resume=resume,
             force=not resume).run()
     return {"patch": str(out / "patch"), "train_seconds": time.perf_counter() - t0}
 
 
-def specialists(args, cache: RowCache) -> dict[str, Path]:
-    """task -> patch dir: the three task patches of bench/foundation.py (smollm2-135m, 150 steps; the merging
-    study's recipe) and a news_corpus LM patch trained once here (a cached row). --quick trains all four."""
-    out = {}
-    for t in [*zoo.TASKS, NEWS]:
-        shared = FOUNDATION / f"patch-{t}-{args.steps}" / "checkpoints" / "best"
-        if not args.quick and (shared / "patch.json").exists():
-            out[t] = shared
-        elif args.page:  # page only: nothing is computed, a member not trained yet leaves its rows pending
-            hit = cache.get(f"train-{t}-{args.steps}")
-            out[t] = Path(hit["patch"]) if hit else Path("<not trained>")
-        else:
-            out[t] = Path(cache.run(f"train-{t}-{args.steps}", lambda t=t: train_specialist(t, args))["patch"])
-    return out
+def specialist(t: str, args, cache: RowCache) -> Path:
+    """A specialist's patch dir: bench/foundation.py's task patches (smollm2-135m, 150 steps; the merging study's
+    recipe) where they exist, else trained once here as a cached row of its own (news_corpus; all of --quick)."""
+    shared = FOUNDATION / f"patch-{t}-{args.steps}" / "checkpoints" / "best"
+    if not args.quick and (shared / "patch.json").exists():
+        return shared
+    return Path(cache.run(f"train-{t}-{args.steps}", lambda: train_specialist(t, args))["patch"])
 
 
 # ---------------------------------------------------------------- measurements
@@ -177,14 +171,19 @@ def run(args) -> list[dict]:
     from patchlm.patch import Patch, get_kind
 
     cache = RowCache("moe", args.tag)
-    members = specialists(args, cache)
+    names = [*zoo.TASKS, NEWS]
+    members: dict[str, Path] = {}
     tasks = {t: zoo.load(t) for t in zoo.TASKS}
     state: dict = {}
     pending: list[str] = args.pending
 
-    def row(key, fn):
-        """Compute (or read) a row when --rows selects it; otherwise only read it from the cache."""
+    def row(key, fn, needs=()):
+        """Compute (or read) a row when --rows selects it; otherwise only read it from the cache. The specialists
+        it needs are trained first, each as its own row (its own turn of the lock), only when the row computes."""
         if not args.page and (not args.rows or any(fnmatch.fnmatch(key, pat) for pat in args.rows)):
+            if cache.get(key) is None:
+                for t in needs:
+                    members.setdefault(t, specialist(t, args, cache))
             log(key)
             return cache.run(key, fn)
         hit = cache.get(key)
@@ -224,16 +223,16 @@ def run(args) -> list[dict]:
                 "max_abs_logit_diff": diff}
 
     rows.append(row("function-preservation", preservation))
-    for t, path in members.items():
-        def one(t=t, path=path):
-            p = Patch.load(path)
+    for t in names:
+        def one(t=t):
+            p = Patch.load(members[t])
             p.apply(base())
             try:
                 return measure(f"specialist {t}", base().model, {"kind": "specialist"}, speed_too=False)
             finally:
                 get_kind(p.kind).detach(base().model)
 
-        rows.append(row(f"specialist-{t}", one))
+        rows.append(row(f"specialist-{t}", one, needs=[t]))
 
     def merge_row():
         m = merge_patches([Patch.load(members[t]) for t in zoo.TASKS], "ties",
@@ -245,25 +244,24 @@ def run(args) -> list[dict]:
         finally:
             get_kind(m.kind).detach(base().model)
 
-    rows.append(row("merge-ties", merge_row))
-    experts = [Expert(str(members[t])) for t in members]
+    rows.append(row("merge-ties", merge_row, needs=zoo.TASKS))
     for mode in GATES:
         for trained in (False, True):
             def moe_row(mode=mode, trained=trained):
                 cfg = MoeConfig(gate_mode=mode, top_k=args.top_k, router_steps=args.router_steps,
                                 batch_size=args.batch_size, max_length=args.max_length, bf16=True, dtype="float32")
-                up = upcycle(args.model, experts, cfg, base=base())
+                up = upcycle(args.model, [Expert(str(members[t])) for t in names], cfg, base=base())
                 extra = {"kind": "moe", "gate_mode": mode, "router_trained": trained,
                          "total_params": up.report["total_params"], "active_params": up.report["active_params"]}
                 if trained:
                     extra["router_training"] = train_routers(up.model, up.tokenizer, up.report["expert_tasks"], cfg)
                 return measure(f"MoE {mode}" + (" + router training" if trained else ""), up.model, extra)
 
-            rows.append(row(f"moe-{mode}-{'trained' if trained else 'init'}-k{args.top_k}", moe_row))
+            rows.append(row(f"moe-{mode}-{'trained' if trained else 'init'}-k{args.top_k}", moe_row, needs=names))
     for level in LEVELS:
         def mix_row(level=level):
-            fams = [Patch.load(members[t]) for t in members]
-            model, rep = mix(base(), fams, [[t] for t in members], level,
+            fams = [Patch.load(members[t]) for t in names]
+            model, rep = mix(base(), fams, [[t] for t in names], level,
                              config=MoeConfig(top_k=args.top_k, max_length=args.max_length, batch_size=args.batch_size,
                                               bf16=True, dtype="float32"),
                              prefix_layers=args.mix_layers, router_steps=args.router_steps)
@@ -273,7 +271,7 @@ def run(args) -> list[dict]:
                      "active_params": rep["active_params"], "router_training": rep.get("router_training")}
             return measure(f"Model-GLUE {level}-level mixture", model, extra)
 
-        rows.append(row(f"glue-{level}-k{args.top_k}", mix_row))
+        rows.append(row(f"glue-{level}-k{args.top_k}", mix_row, needs=names))
     rows = [r for r in rows if r is not None]
     spec = {r["name"].removeprefix("specialist "): r for r in rows if r.get("kind") == "specialist"}
     if all(t in spec for t in [*zoo.TASKS, NEWS]):
@@ -353,8 +351,8 @@ def page(rows: list[dict], args) -> str:
 
 Model {args.model}; specialists: LoRA patches (r 8, alpha 16, all linear layers, batch 8, lr 5e-4, bf16) of
 rotten_tomatoes, trec and bbc_news ({"trained here" if args.quick else "bench/foundation.py's"}) and a
-news_corpus LM patch trained here the same way, {args.steps} steps each. Best merge: TIES (density 0.5,
-weight 1) of the three task patches, the merging study's best plain merge.
+news_corpus LM patch trained here the same way (blocks of 128 tokens), {args.steps} steps each. Best merge:
+TIES (density 0.5, weight 1) of the three task patches, the merging study's best plain merge.
 Accuracy on the first {args.limit} test examples of each task;
 news perplexity on {args.news_tokens} tokens of news_corpus test articles. MoE rows: 4 experts (one per
 specialist, MLPs materialized from the patches), attention/norms/embeddings from the base, top-{args.top_k}
