@@ -204,6 +204,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few-minute smoke run on the tiny model")
     ap.add_argument("--only", default="", help="comma-separated run names (the others are reported as pending)")
+    ap.add_argument("--rounds", type=int, help="fewer rounds than bench/federated.py's (rows cached apart)")
+    ap.add_argument("--clients", type=int, help="fewer clients than bench/federated.py's (rows cached apart)")
     args = ap.parse_args()
     import torch
 
@@ -211,6 +213,7 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     base = settings(args.quick)
+    base.update({k: v for k, v in (("rounds", args.rounds), ("clients", args.clients)) if v})
     tag = ("quick" if args.quick else "full") + "-" + \
         hashlib.sha1(json.dumps([base, runs(args.quick)], sort_keys=True).encode()).hexdigest()[:8]
     cache = RowCache("federated-seeds", tag)
