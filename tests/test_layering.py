@@ -16,12 +16,13 @@ LAYERS = {
     "inputs": ["models", "data"],
     "engine": ["train", "evaluate"],
     "methods": ["adapters", "merge", "depth", "federated", "moe", "quant", "route", "select", "qnewton", "report"],
-    "cli": ["cli"],
+    "cli": ["cli", "__main__"],  # `python -m patchlm` (torchrun) runs the CLI
 }
 ORDER = list(LAYERS)
 PART_LAYER = {part: layer for layer, parts in LAYERS.items() for part in parts}
 # method -> methods whose public API it may use (a merge or a federated round works on adapter patches)
-METHOD_USES = {"merge": {"adapters"}, "federated": {"adapters"}, "depth": set(), "adapters": set()}
+METHOD_USES = {"merge": {"adapters"}, "federated": {"adapters"}, "route": {"adapters"}, "depth": set(),
+               "adapters": set()}
 
 
 def _module_name(path: Path) -> str:
