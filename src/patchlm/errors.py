@@ -35,6 +35,10 @@ class OutputExistsError(PatchlmError):
     """An output path exists and --force was not given."""
 
 
+class OutputError(PatchlmError):
+    """An output path cannot be written (under a file, read-only, disk full)."""
+
+
 def did_you_mean(name: str, choices) -> str:
     """A short hint listing the closest valid names."""
     import difflib

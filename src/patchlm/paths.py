@@ -11,7 +11,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from patchlm.errors import OutputExistsError, PatchlmError
+from patchlm.errors import OutputError, OutputExistsError, PatchlmError
 
 
 def home(create: bool = True) -> Path:
@@ -24,11 +24,24 @@ def home(create: bool = True) -> Path:
 
 
 def check_output(path: str | Path, force: bool = False) -> Path:
-    """Refuse an existing output path unless force; return it as a Path."""
+    """Refuse an existing output path unless force, and one that cannot be created; return it as a Path."""
     path = Path(path)
     if path.exists() and not force:
         raise OutputExistsError(f"output {path} already exists; pass --force to overwrite it")
+    check_writable(path)
     return path
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse an output path whose nearest existing ancestor is a file or not writable (before any work)."""
+    path = Path(path).absolute()
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {path}: {parent} is a file, not a directory; choose another output path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: {parent} is not writable; choose another output path")
 
 
 @contextmanager

@@ -229,8 +229,14 @@ def skip_stats(model: Annotated[str, typer.Option("--model", "-m", help="built-i
     """
     from patchlm.data import load_task
     from patchlm.depth.skip import reset_stats, route_stats
+    from patchlm.errors import ConfigError
     from patchlm.evaluate import evaluate
 
+    if limit <= 0:
+        raise ConfigError(f"--limit must be positive, got {limit}")
+    if not any(p.kind == "router" for p in load_patches(patch)):
+        raise ConfigError(f"skip stats needs a router patch (from patchlm skip train) among --patch; got "
+                          f"{', '.join(str(p) for p in patch)}")
     base = _load(model, patch, force)
     reset_stats(base.model)
     t = load_task(task)

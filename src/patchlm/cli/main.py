@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import pkgutil
@@ -11,12 +12,36 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="patchlm: train, merge, port, federate and slim LLM patches. "
-                       "Add --debug anywhere to see tracebacks.")
+                       "Add --debug anywhere (or set PATCHLM_DEBUG=1) to see tracebacks.")
+
+# OS errors that come from the paths and machine the user chose (not from patchlm): exit 2 like other bad input.
+INPUT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOSPC, errno.EROFS,
+                errno.EDQUOT, errno.ENAMETOOLONG, errno.ENOENT}
+BUG_REPORT = ("this is a bug in patchlm, not your input: please report it with the command line and the traceback "
+              "printed under PATCHLM_DEBUG=1")
+
+
+def input_error(e: BaseException) -> str | None:
+    """The one line for an exception caused by the user's paths or machine (a file, memory), None for a bug."""
+    if isinstance(e, OSError) and e.errno in INPUT_ERRNOS:
+        where = f" {e.filename}" if e.filename else ""
+        return f"cannot use{where}: {e.strerror or e}"
+    text = str(e)
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+            isinstance(e, RuntimeError) and ("can't allocate memory" in text or "DefaultCPUAllocator" in text)):
+        first = text.splitlines()[0] if text else type(e).__name__
+        return (f"not enough memory ({first[:160]}); lower the rank, batch size, max length or number of "
+                "examples")
+    return None
 
 
 def _register_all() -> None:
+    """Add every command module's commands to the app, once (main() runs many times in one test process)."""
     import patchlm.cli as pkg
 
+    if getattr(app, "_patchlm_registered", False):
+        return
+    app._patchlm_registered = True
     for mod in sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)):
         if mod in ("main", "common", "options"):
             continue
@@ -62,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     from patchlm.errors import PatchlmError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+    debug = "--debug" in argv or os.environ.get("PATCHLM_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     _quiet()
     _one_line_warnings()
@@ -106,8 +131,12 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         if debug:
             raise
+        line = input_error(e)
+        if line:
+            print(f"error: {line}", file=sys.stderr)
+            sys.exit(2)
         msg = str(e).splitlines()[0] if str(e) else ""
-        print(f"error: {type(e).__name__}: {msg} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {msg[:200]}; {BUG_REPORT}", file=sys.stderr)
         sys.exit(1)
 
 

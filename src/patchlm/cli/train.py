@@ -29,7 +29,7 @@ from patchlm.cli.common import load_task_opts, print_json, status
 from patchlm.cli.options import ConfigValues, Group, config_command
 from patchlm.data.config import DataConfig
 from patchlm.errors import ConfigError, DataError, UnknownNameError, did_you_mean
-from patchlm.paths import set_aside
+from patchlm.paths import check_writable, set_aside
 from patchlm.train.config import TrainConfig
 
 SHARED = ("alpha", "dropout", "targets")  # LoraConfig's flags that every method with such a field takes
@@ -93,11 +93,17 @@ def _load_recipe(path: Path | None) -> dict:
         raise ConfigError(f"recipe {path} must be a YAML mapping")
     unknown = set(d) - set(RECIPE_KEYS)
     if unknown:
-        raise ConfigError(f"recipe {path} has unknown key(s) {', '.join(sorted(unknown))}; "
+        raise ConfigError(f"recipe {path} has unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
                           f"allowed: {', '.join(RECIPE_KEYS)}")
+    for key in ("model", "task", "method"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise ConfigError(f"recipe {path}: {key} must be a name, got {d[key]!r}")
     for key in ("spec", "train"):
         if not isinstance(d.get(key) or {}, dict):
             raise ConfigError(f"recipe {path}: {key} must be a mapping of {key} fields")
+        bad = [k for k in d.get(key) or {} if not isinstance(k, str)]
+        if bad:
+            raise ConfigError(f"recipe {path}: {key} key {bad[0]!r} is not a field name")
     return d
 
 
@@ -145,7 +151,7 @@ def train(
     the linear weights: `--method full`. Zeroth order: `--optimizer zo-sgd --lr 1e-4` (see --zo-* options).
     """
     recipe = _load_recipe(config)
-    method = method or recipe.get("method", "lora")
+    method = method or recipe.get("method") or "lora"
     try:
         _train(cv, recipe, model, task, out, method, bf16, max_examples, text_column, label_column, resume, force,
                quiet, json_out)
@@ -176,6 +182,10 @@ def _train(cv, recipe, model, task, out, method, bf16, max_examples, text_column
         train_opts["bf16"] = bf16
     train_opts["progress"] = not quiet
     cfg = TrainConfig.from_dict(train_opts)
+    for name in ("save_every", "log_every"):  # the trainer takes step % N: 0 would fail after the first step
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}", field=name)
+    check_writable(out)
     spec = method_spec(method, cv, dict(recipe.get("spec") or {}))
     t = load_task_opts(task, seed=cfg.seed, text_column=text_column, label_column=label_column,
                        max_examples=max_examples, checks=DataConfig(**cv.values(DataConfig)))

@@ -214,6 +214,17 @@ def _fingerprint_cached(path: Path, model) -> str:
     return fp
 
 
+def refuse_pickled_weights(path: Path | None) -> None:
+    """Refuse a checkpoint directory whose weights exist only as pickles (pytorch_model*.bin): never unpickled."""
+    if path is None or any(path.glob("*.safetensors")):
+        return
+    pickled = sorted(f.name for f in path.glob("*.bin")) + sorted(f.name for f in path.glob("*.pt"))
+    if pickled:
+        raise PatchlmError(f"{path} holds its weights only as {pickled[0]} (a pickle, which can run code when "
+                           "loaded; patchlm never loads one): convert the checkpoint to safetensors "
+                           "(save_pretrained writes model.safetensors) and try again")
+
+
 def load_base(name_or_path: str, dtype: str | torch.dtype = "float32", device: str = "cpu") -> Base:
     """Load a base model and tokenizer by built-in name, local dir, .gguf file or (cached) hub id."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -245,6 +256,9 @@ def load_base(name_or_path: str, dtype: str | torch.dtype = "float32", device: s
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    else:  # weights only from safetensors: a pytorch_model.bin is a pickle, and a pickle can run code when loaded
+        kwargs["use_safetensors"] = True
+        refuse_pickled_weights(p if source == "local" else None)
     try:
         cls = AutoModel if encoder else AutoModelForCausalLM
         model = cls.from_pretrained(path, **kwargs)

@@ -55,6 +55,8 @@ def load_moe(path: str | Path):
     """(model, tokenizer) of a Mixtral checkpoint directory, in float32 (merging and SVD need it)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from patchlm.models.base import refuse_pickled_weights
+
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path} is not a checkpoint directory (no config.json)")
@@ -63,7 +65,8 @@ def load_moe(path: str | Path):
         arch = (getattr(cfg, "architectures", None) or [cfg.model_type])[0]
         raise ConfigError(f"{path} ({arch}) has no experts: MC-SMoE compresses a Mixtral-style MoE (num_local_experts"
                           " in config.json), e.g. one written by `patchlm moe upcycle`")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    refuse_pickled_weights(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)  # no pickle
     model.eval()
     moe_layers(model, str(path))
     return model, AutoTokenizer.from_pretrained(path)
