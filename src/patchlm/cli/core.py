@@ -29,13 +29,16 @@ def models(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] 
         print_table(rows, ["name", "params", "kind", "installed", "cached", "description"], "built-in models")
 
 
-def data(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+def data(ctx: typer.Context,
+         json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
          sizes: Annotated[bool, typer.Option("--sizes", help="load each dataset to count its splits (slower)")] = False
          ) -> None:
-    """List the built-in datasets (tasks).
+    """List the built-in datasets (tasks); `patchlm data export-harness` writes them as lm-eval tasks.
 
     Example: `patchlm data --json`
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from patchlm.data import list_tasks, load_task
 
     rows = list_tasks()
@@ -150,7 +153,12 @@ def export(patch: Annotated[Path, typer.Argument(help="patch directory")],
 
 def register(app: typer.Typer) -> None:
     app.command("models")(models)
-    app.command("data")(data)
+    from patchlm.cli.harness import export_harness
+
+    data_app = typer.Typer(invoke_without_command=True, no_args_is_help=False, rich_markup_mode="markdown")
+    data_app.callback()(data)
+    data_app.command("export-harness")(export_harness)
+    app.add_typer(data_app, name="data")
     app.command("info")(info)
     app.command("eval")(eval_cmd)
     app.command("export")(export)

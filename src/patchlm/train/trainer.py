@@ -27,6 +27,7 @@ from patchlm.patch import Patch, get_kind, provenance
 from patchlm.paths import atomic_dir, strict_json
 from patchlm.train.checkpoint import load_state, save_state
 from patchlm.train.config import TrainConfig
+from patchlm.train.distributed import DataParallel
 from patchlm.train.engine import StepInfo, StopRequest, autocast, causal_lm_loss, to_device, train_loop
 from patchlm.train.optim import StepRule, make_optimizer
 
@@ -76,7 +77,12 @@ class Trainer:
                 self.resume = False  # nothing to resume: a fresh run
             if self.resume:
                 self._check_resumable(json.loads((last / "state.json").read_text()))
+        self.dp = DataParallel()  # torchrun / accelerate launch: shard batches, all-reduce, rank 0 writes
+        self.dp.place(base.model)  # each rank on its own GPU (LOCAL_RANK); nothing moves on CPU
         self.device = model_device(base.model)
+        self.writes = self.out is not None and self.dp.main
+        if not self.dp.main:
+            self.log = lambda msg: None  # one process speaks for the run
 
     def _request(self) -> dict:
         """What this run was asked to train: resuming must ask for the same (checked before anything is written)."""
@@ -191,6 +197,7 @@ class Trainer:
     def run(self) -> Patch:
         cfg, model = self.cfg, self.base.model
         self._requested = self._request()  # before attach resolves the spec
+        self.dp.barrier()  # every rank has checked the output dir before rank 0 touches it
         torch.manual_seed(cfg.seed)
         resume_tensors = None
         if self.resume:
@@ -198,7 +205,7 @@ class Trainer:
             saved = json.loads((resume_dir / "state.json").read_text())
             self.spec = saved.get("spec", self.spec)
             resume_tensors = Patch.load(resume_dir / "patch").tensors
-        elif self.out is not None and self.out.exists() and self.force:
+        elif self.writes and self.out.exists() and self.force:
             import shutil
 
             shutil.rmtree(self.out)
@@ -208,16 +215,16 @@ class Trainer:
         self.params = self.kind.trainable_parameters(model)
         if not self.params:
             raise PatchlmError(f"a {self.kind_name} patch has no trainable parameters")
-        rule = make_optimizer(cfg.optimizer, self.params, cfg, model=model)
+        rule = self.dp.rule(make_optimizer(cfg.optimizer, self.params, cfg, model=model))
         self._resumed_forwards = 0
         step, best = 0, {}
-        if self.out is not None:
+        if self.writes:
             self.out.mkdir(parents=True, exist_ok=True)
         if self.resume:
             step, best = self._load_last(rule)
             self.log(f"resuming from step {step}")
         def emit(rec: dict) -> None:
-            if self.out is not None:  # one append per record: a killed run's log ends with its last full line
+            if self.writes:  # one append per record: a killed run's log ends with its last full line
                 with open(self.out / "metrics.jsonl", "a") as f:
                     f.write(strict_json(rec, f"{self.out / 'metrics.jsonl'}") + "\n")
 
@@ -227,10 +234,13 @@ class Trainer:
         self._acc = acc
 
         def batches(step: int) -> list[dict]:
-            return [collate(self._batch(step * cfg.grad_accum + j), self.pad_id) for j in range(cfg.grad_accum)]
+            return self.dp.shard([collate(self._batch(step * cfg.grad_accum + j), self.pad_id)
+                                  for j in range(cfg.grad_accum)])
 
         def on_step(info: StepInfo) -> None:
             step = info.step
+            if self.dp.enabled:  # the whole global batch's counts, not this rank's share
+                info.labels, info.tokens = self.dp.step_labels, self.dp.step_tokens
             acc["loss"] += info.loss * info.labels
             acc["n"] += info.labels
             acc["tokens"] += info.tokens
@@ -249,25 +259,26 @@ class Trainer:
                     sc = self._score(m)
                     if not acc["best"] or sc > acc["best"]["score"]:
                         acc["best"] = {"score": sc, "step": step, **m}
-                        if self.out is not None:
+                        if self.writes:
                             self._patch({**m, "step": step}).save(self.out / "checkpoints" / "best", force=True)
                         else:
                             # a copy: a kind's state() may hand out the live parameters themselves
                             acc["best_tensors"] = {k: v.clone() for k, v in self.kind.state(model).items()}
                     model.train()
-            if self.out is not None and (step % cfg.save_every == 0 or step == cfg.steps):
+            if self.writes and (step % cfg.save_every == 0 or step == cfg.steps):
                 self._save_last(step, rule, acc["best"])
 
         with StopRequest() as stop:
             step = train_loop(model, rule, batches, cfg.steps, start=step, loss_fn=causal_lm_loss, bf16=cfg.bf16,
-                              lr_at=lambda s: lr_at(s, cfg), on_step=on_step, progress=cfg.progress,
+                              lr_at=lambda s: lr_at(s, cfg), on_step=on_step, progress=cfg.progress and self.dp.main,
                               desc=f"train {self.kind_name}", stop=stop)
         if step < cfg.steps:  # stopped by Ctrl-C / SIGTERM at a step boundary: checkpoint, then say how to resume
             from patchlm.errors import TrainingInterrupted
 
             where = "nothing was written (no --out)"
             if self.out is not None:
-                self._save_last(step, rule, acc["best"])
+                if self.writes:
+                    self._save_last(step, rule, acc["best"])
                 where = (f"checkpoint at step {step} of {cfg.steps} in {self.out}; the same command with --resume "
                          "continues")
             raise TrainingInterrupted(f"training interrupted: {where}", exit_code=stop.exit_code)
@@ -279,13 +290,14 @@ class Trainer:
         if best:
             metrics.update({k: v for k, v in best.items() if k != "score"})
             metrics["best_step"] = best["step"]
-            tensors = Patch.load(self.out / "checkpoints" / "best").tensors if self.out is not None else best_tensors
+            tensors = Patch.load(self.out / "checkpoints" / "best").tensors if self.writes else best_tensors
             if best["step"] != step:  # load the best weights back into the live model
                 self.kind.detach(model)
                 self.kind.attach(model, self.spec, tensors, seed=self.spec["seed"])
         patch = self._patch(metrics)
-        if self.out is not None:
+        if self.writes:
             patch.save(self.out / "patch", force=True)
+        self.dp.barrier()  # the other ranks return once rank 0 has written the patch
         return patch
 
 
