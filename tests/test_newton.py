@@ -55,6 +55,19 @@ def test_newton_with_the_exact_hessian_minimises_a_quadratic_in_one_step():
     assert rule.metrics()["newton_solves"] == 1
 
 
+def test_max_step_caps_the_norm_of_each_block_step_and_is_counted():
+    q = _Quad()
+    start = q.theta.detach().clone()
+    full = torch.linalg.solve(q.A, q.b) - start
+    cap = 0.25 * float(full.norm())
+    rule = make_optimizer("newton", [q.theta], _cfg(newton_matrix="hessian", newton_max_step=cap), model=q)
+    _step(q, rule, {"x": torch.zeros(1)})
+    moved = q.theta.detach() - start
+    assert abs(float(moved.norm()) - cap) < 1e-9  # capped to the trust region
+    assert torch.allclose(moved / moved.norm(), full / full.norm(), atol=1e-10)  # along the Newton direction
+    assert rule.metrics()["newton_capped_blocks"] == 1
+
+
 def test_empirical_fisher_is_the_mean_of_per_example_gradient_outer_products():
     torch.manual_seed(0)
     lin = torch.nn.Linear(3, 2)
@@ -191,7 +204,8 @@ def test_sparsity_larger_than_every_block_is_refused():
     ({"newton_epsilon": 1.0}, "newton_epsilon"), ({"newton_sparsity": -1}, "newton_sparsity"),
     ({"newton_lambda": -0.1}, "newton_lambda"), ({"newton_matrix": "gauss"}, "newton_matrix"),
     ({"newton_block": "layer"}, "newton_block"), ({"newton_classical": "guess"}, "newton_classical"),
-    ({"newton_kappa_every": 0}, "newton_kappa_every"),
+    ({"newton_kappa_every": 0}, "newton_kappa_every"), ({"newton_max_step": -1.0}, "newton_max_step"),
+    ({"newton_max_step": float("nan")}, "newton_max_step"),
 ])
 def test_bad_newton_options_name_their_field(kw, field):
     with pytest.raises(ConfigError) as e:

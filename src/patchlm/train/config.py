@@ -52,6 +52,9 @@ class TrainConfig:
         "help": "newton: learning rate of the first-order fallback [lr]"})
     newton_lambda: float = field(default=5e-3, metadata={
         "help": "newton: regularisation H + lambda max|H| I (Q-Newton's, lowers the condition number)"})
+    newton_max_step: float = field(default=0.0, metadata={
+        "help": "newton: largest norm of one block's step lr * x, a trust region (relative damping makes |x| grow as "
+                "1/|g| where gradients vanish; 0: off)"})
     newton_sparsity: int = field(default=0, metadata={
         "help": "newton: d, entries kept per row of each matrix, symmetric (the quantum oracle's sparsity; 0: dense)"})
     newton_solver: str = field(default="classical", metadata={

@@ -77,6 +77,8 @@ def check_options(cfg) -> None:
                           field="newton_sparsity")
     if float(cfg.newton_lambda) < 0:
         raise ConfigError(f"newton_lambda must not be negative, got {cfg.newton_lambda}", field="newton_lambda")
+    if not float(cfg.newton_max_step) >= 0 or not math.isfinite(float(cfg.newton_max_step)):
+        raise ConfigError(f"newton_max_step is a norm (0: off), got {cfg.newton_max_step}", field="newton_max_step")
     eps = float(cfg.newton_epsilon)
     if not 0 < eps < 1:
         raise ConfigError(f"newton_epsilon is the quantum solver's error tolerance, in (0, 1); got {eps}",
@@ -310,6 +312,7 @@ class Newton(StepRule):
                               "the largest Newton block: d is at most N", field="newton_sparsity")
         self.fallback_lr = float(cfg.newton_fallback_lr or cfg.lr)
         self.lam = float(cfg.newton_lambda)
+        self.max_step = float(cfg.newton_max_step)
         self.mu, self.wd = float(cfg.momentum), float(cfg.weight_decay)
         self.clip = float(cfg.max_grad_norm or 0.0)
         self.solver = solver_class(cfg.newton_solver)(cfg)
@@ -317,7 +320,7 @@ class Newton(StepRule):
         self.vmap: bool | None = None  # per-example gradients by vmap: untried, works, fails
         self.t = 0
         self.totals = {"steps": 0, "solves": 0, "quantum_solves": 0, "measured_s": 0.0, "modelled_s": 0.0,
-                       "solve_s": 0.0, "zero_gradient_blocks": 0}
+                       "solve_s": 0.0, "zero_gradient_blocks": 0, "capped_blocks": 0}
         self.last: dict = {}
         self.records: list[dict] = []
 
@@ -452,6 +455,11 @@ class Newton(StepRule):
                     buf = self.buf.get(b.name)
                     x = x if buf is None else buf.mul_(self.mu).add_(x)
                     self.buf[b.name] = x
+                if self.max_step:
+                    norm = float(x.norm()) * self.lr
+                    if norm > self.max_step:
+                        x = x * (self.max_step / norm)
+                        self.totals["capped_blocks"] += 1
                 self._apply(b, x, self.lr)
             for b in self.fallback:
                 self._apply(b, gather(grads, b).double(), self.fallback_lr)
@@ -492,7 +500,8 @@ class Newton(StepRule):
         tot = self.totals
         out = {"newton_solves": tot["solves"], "newton_quantum_fraction": tot["quantum_solves"] / max(1, tot["solves"]),
                "newton_measured_s": tot["measured_s"], "newton_modelled_s": tot["modelled_s"],
-               "newton_solve_s": tot["solve_s"], "newton_zero_gradient_blocks": tot["zero_gradient_blocks"]}
+               "newton_solve_s": tot["solve_s"], "newton_zero_gradient_blocks": tot["zero_gradient_blocks"],
+               "newton_capped_blocks": tot["capped_blocks"]}
         for k in ("kappa_before", "kappa_after"):
             v = self.last.get(k)
             out[f"newton_{k}"] = v if v is not None and math.isfinite(v) else None
@@ -505,6 +514,6 @@ class Newton(StepRule):
 
     def load_state_dict(self, state: dict) -> None:
         self.t = int(state["t"])
-        self.totals = {k: type(v)(state["totals"][k]) for k, v in self.totals.items()}
+        self.totals = {k: type(v)(state["totals"].get(k, v)) for k, v in self.totals.items()}
         self.buf = {k: v.double() for k, v in state.get("buf", {}).items()}
         self.solver.load_state_dict(state.get("solver", {}))
