@@ -169,6 +169,51 @@ def reset_stats(model) -> None:
         r.stats = {"calls": 0, "kept": 0, "seen": 0}
 
 
+# ---------------------------------------------------------------- the speed bound
+def prefill_flops(config, seq_len: int, batch: int = 1, logits_to_keep: int | None = 1) -> dict[str, float]:
+    """Matrix-product FLOPs (2 per multiply-add) of one prefill of `batch` x `seq_len` tokens, by part.
+
+    attention (per layer): the q, k, v, o projections plus the causal score and value products
+    (sum over query positions t of t keys, per head); mlp (per layer): gate, up and down projections;
+    head: the output projection for `logits_to_keep` positions per sequence (None: every position).
+    Norms, rotary embeddings, softmax and the embedding lookup are not counted (small next to these)."""
+    h, inter = int(config.hidden_size), int(config.intermediate_size)
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    hd = int(getattr(config, "head_dim", None) or h // heads)
+    n, tok = int(config.num_hidden_layers), batch * seq_len
+    proj = h * heads * hd * 2 + h * kv * hd * 2             # q and o; k and v
+    scores = 2 * heads * hd * seq_len * (seq_len + 1) / 2    # q.k and p.v over the causal triangle, per sequence
+    attn = 2 * (tok * proj + batch * scores)
+    mlp = 2 * tok * 3 * h * inter
+    kept = seq_len if logits_to_keep is None else min(int(logits_to_keep), seq_len)
+    head = 2 * batch * kept * h * int(config.vocab_size)
+    return {"attention_per_layer": float(attn), "mlp_per_layer": float(mlp), "head": float(head),
+            "layers": float(n), "total": float(n * (attn + mlp) + head)}
+
+
+def speed_bound(config, layers, seq_len: int, batch: int = 1, logits_to_keep: int | None = 1) -> dict[str, float]:
+    """The analytic prefill speedup if the attention of every layer in `layers` were skipped for every sequence:
+    total FLOPs / (total - skipped attention FLOPs), with the shares it comes from (see `prefill_flops`).
+    No router can beat it at these shapes; a wall-clock bound on a given machine is measured, not computed."""
+    f = prefill_flops(config, seq_len, batch, logits_to_keep)
+    n = int(f["layers"])
+    idx = check_indices(list(layers), n, "routed")
+    skipped = len(idx) * f["attention_per_layer"]
+    layer = f["attention_per_layer"] + f["mlp_per_layer"]
+    return {"routed_layers": float(len(idx)), "attention_share_of_layer": f["attention_per_layer"] / layer,
+            "head_share": f["head"] / f["total"], "skipped_share": skipped / f["total"],
+            "bound": f["total"] / (f["total"] - skipped), **{f"flops_{k}": v for k, v in f.items() if k != "layers"}}
+
+
+def speedup_at(bound: float, executed: float) -> float:
+    """The speedup a router reaches when a fraction `executed` of the routed attentions still runs, if the
+    time saved is proportional to the attentions skipped: 1 / (1 - (1 - executed) * (1 - 1 / bound))."""
+    if not 0.0 <= executed <= 1.0:
+        raise ConfigError(f"executed fraction must be in [0, 1], got {executed}")
+    return 1.0 / (1.0 - (1.0 - executed) * (1.0 - 1.0 / bound))
+
+
 # ---------------------------------------------------------------- training
 CHECKPOINT = "state"  # a router checkpoint directory holds state.safetensors + state.json (patchlm.train.checkpoint)
 
