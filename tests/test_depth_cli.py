@@ -101,6 +101,13 @@ def test_skip_train_and_stats(tmp_path, capsys):
     assert code == 0, err
     st = json.loads(out)
     assert set(st["executed_fraction"]) == {"1", "2"} and 0.0 <= st["mean_executed"] <= 1.0
+    from patchlm.depth.skip import speed_bound, speedup_at
+    from patchlm.models import load_base
+
+    sb = st["prefill_speed_bound"]
+    want = speed_bound(load_base("tiny-random-llama").model.config, [1, 2], sb["seq_len"])["bound"]
+    assert sb["seq_len"] > 1 and sb["bound"] == pytest.approx(want) and sb["bound"] > 1.0
+    assert sb["at_mean_executed"] == pytest.approx(speedup_at(want, st["mean_executed"]))
     code, _, err = run_cli(["skip", "train", "-m", "tiny-random-llama", "--layers", "0-2",
                             "--out", str(tmp_path / "bad"), "--samples", "4", "--quiet"], capsys)
     assert code == 2 and "first remaining attention layer" in err and not (tmp_path / "bad").exists()

@@ -223,14 +223,19 @@ def skip_stats(model: Annotated[str, typer.Option("--model", "-m", help="built-i
                bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast")] = False,
                force: Annotated[bool, typer.Option("--force", help="apply patches made for another base")] = False,
                json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
-    """Fraction of sequences that run each routed attention layer on a task's prompts.
+    """Fraction of sequences that run each routed attention layer on a task's prompts, and the prefill speed bound.
+
+    The bound is analytic (FLOPs of the matrix products, one prompt of the examples' mean length, logits for the
+    last position): the speedup if every routed attention were skipped, and the speedup this executed fraction
+    gives if time saved is proportional to attentions skipped.
 
     Example: `patchlm skip stats --model smollm2-135m --patch runs/skip --task rotten_tomatoes --json`
     """
     from patchlm.data import load_task
-    from patchlm.depth.skip import reset_stats, route_stats
+    from patchlm.data.features import example_text
+    from patchlm.depth.skip import reset_stats, route_stats, speed_bound, speedup_at
     from patchlm.errors import ConfigError
-    from patchlm.evaluate import evaluate
+    from patchlm.evaluate import EvalConfig, evaluate
 
     if limit <= 0:
         raise ConfigError(f"--limit must be positive, got {limit}")
@@ -242,13 +247,25 @@ def skip_stats(model: Annotated[str, typer.Option("--model", "-m", help="built-i
     t = load_task(task)
     res = evaluate(base.model, base.tokenizer, t, split="test", limit=limit, bf16=bf16)
     st = route_stats(base.model)
+    mean_executed = sum(st.values()) / max(1, len(st))
+    lengths = [min(len(base.tokenizer(example_text(t, e, base.tokenizer), add_special_tokens=False)["input_ids"]),
+                   EvalConfig.max_length) for e in t.split("test")[:limit]]
+    seq_len = max(1, round(sum(lengths) / max(1, len(lengths))))
+    bound = speed_bound(base.model.config, st, seq_len)
     out = {"executed_fraction": {str(k): v for k, v in st.items()},
-           "mean_executed": sum(st.values()) / max(1, len(st)),
+           "mean_executed": mean_executed,
+           "prefill_speed_bound": {"seq_len": seq_len, "bound": bound["bound"],
+                                   "at_mean_executed": speedup_at(bound["bound"], mean_executed),
+                                   "attention_share_of_layer": bound["attention_share_of_layer"],
+                                   "head_share": bound["head_share"]},
            **{k: res[k] for k in ("accuracy", "perplexity") if k in res}}
     if json_out:
         print_json(out)
     else:
         print_table([{"layer": k, "executed": v} for k, v in st.items()], ["layer", "executed"], "MindSkip routing")
+        status(f"prefill speed bound (FLOPs, {seq_len} tokens): {bound['bound']:.3f}x with every routed attention "
+               f"skipped, {out['prefill_speed_bound']['at_mean_executed']:.3f}x at the mean executed fraction "
+               f"{mean_executed:.2f}")
 
 
 def register(app: typer.Typer) -> None:
