@@ -496,3 +496,22 @@ def test_a_checkpoint_with_only_pickled_weights_is_refused_unread(other_base, tm
         assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, (argv, err)
         assert "pytorch_model.bin" in err and "pickle" in err, (argv, err)
     assert snapshot(tmp_path) == before
+
+
+def test_a_hub_model_without_safetensors_says_only_safetensors_are_loaded(monkeypatch):
+    """A hub id whose repository has only pickled weights: transformers (use_safetensors=True) raises; the error
+    says why instead of the generic 'offline?'."""
+    import transformers
+
+    from patchlm.errors import PatchlmError
+    from patchlm.models.base import load_base
+
+    def no_safetensors(path, **kw):
+        assert kw.get("use_safetensors") is True
+        raise OSError(f"{path} does not appear to have a file named model.safetensors")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_safetensors)
+    with pytest.raises(PatchlmError) as e:
+        load_base("someone/pickled-only-model")
+    msg = str(e.value)
+    assert "only from safetensors" in msg and "offline?" not in msg and "\n" not in msg

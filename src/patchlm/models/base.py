@@ -265,6 +265,10 @@ def load_base(name_or_path: str, dtype: str | torch.dtype = "float32", device: s
         tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as e:
         if source == "hub":
+            if not gguf_file and "safetensors" in str(e).lower():
+                raise PatchlmError(f"could not load model {name!r}: patchlm loads weights only from safetensors "
+                                   "(a pytorch_model.bin is a pickle) and none was found in the hub or its cache: "
+                                   f"{str(e).splitlines()[0]}") from e
             raise PatchlmError(f"could not load model {name!r} from the hub or its cache (offline?): "
                                f"{str(e).splitlines()[0]}") from e
         raise PatchlmError(f"could not load model from {path}: {str(e).splitlines()[0]}") from e
