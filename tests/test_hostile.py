@@ -37,11 +37,13 @@ class _CaptureNothing:
         return _R()
 
 
-def test_force_with_a_bad_option_keeps_the_old_run(trained_run, capsys):
+@pytest.mark.parametrize("bad, needle", [(["--targets", "foo_proj"], "foo_proj"),
+                                         (["-m", "no-such-model-name"], "no-such-model-name")])
+def test_force_with_a_bad_option_keeps_the_old_run(trained_run, capsys, bad, needle):
     before = snapshot(trained_run)
-    code, _, err = run_cli([*TRAIN, "--out", str(trained_run), "--force", "--targets", "foo_proj"], capsys)
+    code, _, err = run_cli([*TRAIN, "--out", str(trained_run), "--force", *bad], capsys)
     assert code == 2, err
-    assert "foo_proj" in err and "Traceback" not in err
+    assert needle in err and "Traceback" not in err
     assert snapshot(trained_run) == before
     assert not [p for p in trained_run.parent.iterdir() if p.name.startswith(".")]  # no set-aside copy left
 
