@@ -475,7 +475,7 @@ def main(argv=None):
         if unknown:
             ap.error(f"unknown rows {unknown}; choices: {', '.join(ROWS)}")
     key_tag = f"{tag}-s{scale['steps']}-t{scale['test_limit']}"
-    cache = RowCache("adapters", key_tag)
+    cache = RowCache("adapters", key_tag, committed=True)
     shown = list(ROWS) if not args.quick else rows
 
     def seeds_for(name):

@@ -14,7 +14,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks"
-CACHE = ROOT / "bench" / ".cache"
+CACHE = ROOT / "bench" / ".cache"  # large intermediates (trained patches, embeddings): this machine only
+# Finished rows are results: they are committed (bench/rows/), so a study resumes in the next session's fresh
+# checkout instead of starting over (bench/.cache is ignored and does not travel).
+ROWS = ROOT / "bench" / "rows"
 
 
 def machine() -> str:
@@ -45,20 +48,28 @@ class RowCache:
 
     _held = False  # this process holds $PATCHLM_BENCH_LOCK (flock on a second descriptor would deadlock)
 
-    def __init__(self, study: str, tag: str = "full"):
-        self.dir = CACHE / study / tag
+    def __init__(self, study: str, tag: str = "full", committed: bool = False):
+        """committed: the rows are pure results (nothing of this machine's bench/.cache is needed to use a cached
+        row), kept under bench/rows/ and committed; a study whose rows stand for artifacts in bench/.cache (a
+        trained patch, a built model) keeps them there, so a fresh checkout rebuilds the artifact. Quick runs
+        are never committed."""
+        committed = committed and tag != "quick"
+        self.dir = (ROWS if committed else CACHE) / study / tag
+        self.old = CACHE / study / tag  # where committed rows lived before bench/rows/: read, then moved over
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def _f(self, key: str) -> Path:
-        return self.dir / (key.replace("/", "_") + ".json")
+    def _f(self, key: str, where: Path | None = None) -> Path:
+        return (where or self.dir) / (key.replace("/", "_") + ".json")
 
     def get(self, key: str) -> dict | None:
         f = self._f(key)
+        if not f.exists() and self.old != self.dir and self._f(key, self.old).exists():
+            return self.put(key, json.loads(self._f(key, self.old).read_text()))
         return json.loads(f.read_text()) if f.exists() else None
 
     def put(self, key: str, row: dict) -> dict:
         tmp = self._f(key).with_suffix(".tmp")
-        tmp.write_text(json.dumps(row, indent=1))
+        tmp.write_text(json.dumps(row, separators=(",", ":"), default=str) + "\n")
         os.replace(tmp, self._f(key))
         return row
 

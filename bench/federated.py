@@ -254,7 +254,7 @@ def main() -> None:
     import hashlib
 
     tag += "-" + hashlib.sha1(json.dumps(base, sort_keys=True).encode()).hexdigest()[:8]  # new settings, new cache
-    cache = RowCache("federated", tag)
+    cache = RowCache("federated", tag, committed=True)
     workdir = CACHE / "federated" / tag / "runs"
     rows = []
     for spec in runs(args.quick):

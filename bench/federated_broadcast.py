@@ -69,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     base = settings(args.quick)
     tag = "quick" if args.quick else "full"
-    cache = RowCache("federated-broadcast", tag)
+    cache = RowCache("federated-broadcast", tag, committed=True)
     workdir = CACHE / "federated-broadcast" / tag / "runs"
     rows = []
     for setting, ranks in (("homogeneous", HOMO), ("heterogeneous", HETERO)):

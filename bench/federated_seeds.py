@@ -216,7 +216,7 @@ def main() -> None:
     base.update({k: v for k, v in (("rounds", args.rounds), ("clients", args.clients)) if v})
     tag = ("quick" if args.quick else "full") + "-" + \
         hashlib.sha1(json.dumps([base, runs(args.quick)], sort_keys=True).encode()).hexdigest()[:8]
-    cache = RowCache("federated-seeds", tag)
+    cache = RowCache("federated-seeds", tag, committed=True)
     workdir = CACHE / "federated-seeds" / tag / "runs"
     tp = gen_throughput()
     print(f"generator throughput {tp / 1e6:.0f} M draws/s", flush=True)

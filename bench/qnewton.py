@@ -349,7 +349,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(2)
     sc = scale(a.quick)
-    cache = RowCache("qnewton", "quick" if a.quick else "full")
+    cache = RowCache("qnewton", "quick" if a.quick else "full", committed=True)
     rows = []
     for kind, tasks, opts in (("linear", sc["tasks"], HEAD_OPTS), ("mlp", sc["mlp_tasks"], MLP_OPTS)):
         for task in tasks:

@@ -211,7 +211,7 @@ def main() -> None:
                     "(three more quantizations per row; cached apart, as acc/<row>)")
     args = ap.parse_args()
     p, tag = (QUICK, "quick") if args.quick else (FULL, "full")
-    cache = RowCache("quant", tag)
+    cache = RowCache("quant", tag, committed=True)
     pats = [s.strip() for s in args.rows.split(",") if s.strip()]
     rows, missing = [], []
     for name, fields in rows_plan(p):

@@ -365,7 +365,7 @@ def main() -> None:
     ap.add_argument("--page", action="store_true", help="only rewrite the page from the cached rows")
     a = ap.parse_args()
     sc = QUICK_SCALE if a.quick else FULL_SCALE
-    cache = RowCache("select", "quick" if a.quick else "full")
+    cache = RowCache("select", "quick" if a.quick else "full", committed=True)
     patterns = [p for p in a.rows.split(",") if p]
     todo = [] if a.page else [j for j in jobs(sc) if not patterns or any(fnmatch.fnmatch(key(j), p)
                                                                           for p in patterns)]

@@ -304,7 +304,7 @@ def main() -> None:
         print(json.dumps(memory_worker(kw["model"], kw["opt"], kw["scheme"], kw["steps"])))
         return
     sc = scale(a.quick)
-    cache = RowCache("zo", "quick" if a.quick else "full")
+    cache = RowCache("zo", "quick" if a.quick else "full", committed=True)
     names = [f"{o}/{s}" for s in SCHEMES for o in OPTIMIZERS] + list(ENHANCEMENTS)
     wanted = [n for n in a.rows.split(",") if n] or names
     mem = memory_rows(cache, sc) if a.phase in ("all", "memory", "page") else []
