@@ -223,6 +223,18 @@ def run(args) -> list[dict]:
                 "max_abs_logit_diff": diff}
 
     rows.append(row("function-preservation", preservation))
+
+    def dispatch(copies=4):
+        """Routing and dispatch cost alone: an MoE of `copies` copies of the base (random gate, the study's top-k),
+        speed only. Its shapes, and so its speed, are those of the specialists' MoE: only the values differ."""
+        b = base()
+        up = upcycle(args.model, [Expert(str(b.path)) for _ in range(copies)],
+                     MoeConfig(gate_mode="random", top_k=args.top_k, dtype="float32"), base=b)
+        out = {"name": f"dispatch: MoE of {copies} base copies, top-{args.top_k}", "kind": "dispatch",
+               "total_params": up.report["total_params"], "active_params": up.report["active_params"]}
+        return with_ratios(out, up.model, b.model, b.model.config.vocab_size, args)
+
+    rows.append(row(f"dispatch-copies-k{args.top_k}", dispatch))
     for t in names:
         def one(t=t):
             p = Patch.load(members[t])
@@ -306,7 +318,7 @@ def page(rows: list[dict], args) -> str:
     mixes = [r for r in rows if r.get("kind") in ("moe", "glue-mix")]
     best_mix = max(mixes, key=lambda r: r["mean_accuracy"]) if mixes else None
     oracle = next((r for r in rows if r.get("kind") == "oracle"), None)
-    moe = [r for r in rows if r.get("kind") == "moe" and r.get("dispatch_efficiency") is not None]
+    moe = [r for r in rows if r.get("kind") in ("moe", "dispatch") and r.get("dispatch_efficiency") is not None]
     worst = min(moe, key=lambda r: r["dispatch_efficiency"]) if moe else None
     part = " (partial: rows pending)" if args.pending else ""
     if best_mix and best_single and merge:

@@ -95,26 +95,27 @@ def build_library(experts: dict[str, Path], tag: str, n_examples: int = 5) -> Pa
     return d
 
 
-def quick_experts(tag: str) -> dict[str, Path]:
-    """--quick: random LoRA experts of tiny-random-llama (a smoke run of the code path, not a result)."""
+def quick_experts(tag: str, model: str = "tiny-random-llama", spec: dict | None = None) -> dict[str, Path]:
+    """Random-valued LoRA experts: of tiny-random-llama for --quick (a smoke run of the code path, not a result),
+    or of the study's model and shape for --speed-only (speed does not depend on the values)."""
     import torch
 
     from patchlm.adapters.lora import LoraKind
     from patchlm.models import load_base
     from patchlm.patch import Patch
 
-    base = load_base("tiny-random-llama")
+    base = load_base(model)
     out = {}
     for i, t in enumerate(HELD_IN):
-        d = CACHE / "route" / f"quick-expert-{t}"
+        d = CACHE / "route" / (f"quick-expert-{t}" if spec is None else f"random-expert-{model}-{t}")
         if not (d / "patch.json").exists():
             kind = LoraKind()
-            spec = kind.attach(base.model, {"r": 4, "alpha": 8, "targets": "all-linear"}, None, seed=i)
+            spec_i = kind.attach(base.model, spec or {"r": 4, "alpha": 8, "targets": "all-linear"}, None, seed=i)
             g = torch.Generator().manual_seed(i)
             tensors = {k: torch.randn(v.shape, generator=g) * 0.1 if k.endswith("lora_B") else v
                        for k, v in kind.state(base.model).items()}
             kind.detach(base.model)
-            Patch(kind="lora", base=base.ref(), spec=spec, tensors=tensors).save(d, force=True)
+            Patch(kind="lora", base=base.ref(), spec=spec_i, tensors=tensors).save(d, force=True)
         out[t] = d
     return out
 
@@ -297,17 +298,27 @@ def main() -> None:
     ap.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
     ap.add_argument("--page-only", action="store_true", help="write the page from cached rows only")
     ap.add_argument("--train-only", action="store_true", help="only train the missing experts")
+    ap.add_argument("--speed-only", action="store_true", help="only the speed row, with random-valued experts of "
+                    "the study's model and shape (no training; the page is rewritten from the cached rows)")
     args = ap.parse_args()
     tag = "quick" if args.quick else "full"
     cache = RowCache("route", tag)
+    if args.speed_only and not args.quick:
+        if cache.get("speed") is None:
+            lib_dir = build_library(quick_experts(tag, MODEL, dict(SPEC)), "speed")
+            cache.run("speed", lambda: {**speed_row(lib_dir, MODEL, args),
+                                        "experts": "random-valued LoRAs of the study's shape (r 8, all-linear)"})
+        args.page_only = True
     if args.quick:
         args.limit, args.gate_steps = 4, 2
         experts, model = quick_experts(tag), "tiny-random-llama"
+    elif args.page_only:  # nothing computes: no expert is trained, no library built
+        experts, model = {}, MODEL
     else:
         experts, model = build_experts(cache, args.steps), MODEL
     if args.train_only:
         return
-    lib_dir = build_library(experts, tag)
+    lib_dir = build_library(experts, tag) if experts else None
     suffix = f"l{args.limit}-g{args.gate_steps}"
     want = [n for n, _ in ROWS if not args.rows or n in args.rows.split(",")]
     gk = f"gates-g{args.gate_steps}"
