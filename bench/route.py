@@ -205,15 +205,21 @@ def speed_row(lib_dir: Path, model: str, args) -> dict:
     get_kind("lora").detach(base.model)
     out = {"name": "speed", "merged_one_lora_tokens_per_s": merged_rate}
     for level in ("token", "sequence"):
-        routed.install(base.model, (patches * 2)[:8], top_k=2, level=level)
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for m in routed.routed_modules(base.model).values():
-                for v in m.gates:
-                    v.copy_(torch.nn.functional.layer_norm(torch.randn(v.shape, generator=g), v.shape))
-        out[f"routed8_top2_{level}_tokens_per_s"] = rate()
-        out[f"ratio_{level}"] = out[f"routed8_top2_{level}_tokens_per_s"] / merged_rate
-        routed.remove(base.model)
+        for dispatch in ("split", "auto"):
+            routed.install(base.model, (patches * 2)[:8], top_k=2, level=level, dispatch=dispatch)
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for m in routed.routed_modules(base.model).values():
+                    for v in m.gates:
+                        v.copy_(torch.nn.functional.layer_norm(torch.randn(v.shape, generator=g), v.shape))
+            mods = routed.routed_modules(base.model).values()
+            tag = "" if dispatch == "auto" else "_split"
+            if dispatch == "auto":
+                out["dense_modules"] = sum(m.dense_ok for m in mods)
+                out["routed_modules"] = len(mods)
+            out[f"routed8_top2_{level}{tag}_tokens_per_s"] = rate()
+            out[f"ratio_{level}{tag}"] = out[f"routed8_top2_{level}{tag}_tokens_per_s"] / merged_rate
+            routed.remove(base.model)
     return out
 
 
@@ -255,7 +261,12 @@ def write_page(rows: list[dict], speed: dict | None, gates: dict | None, args, m
         sp = (f"\n\n## Speed\n\nForward passes over 48 mixed prompts in batches of 16, bf16: base with one LoRA merged "
               f"{speed['merged_one_lora_tokens_per_s']:.0f} tokens/s; 8 experts at top-2, token level "
               f"{speed['routed8_top2_token_tokens_per_s']:.0f} ({speed['ratio_token']:.2f}x), sequence level "
-              f"{speed['routed8_top2_sequence_tokens_per_s']:.0f} ({speed['ratio_sequence']:.2f}x).")
+              f"{speed['routed8_top2_sequence_tokens_per_s']:.0f} ({speed['ratio_sequence']:.2f}x)"
+              + (f"; dispatch auto ({speed['dense_modules']} of {speed['routed_modules']} modules dense). The split "
+                 f"dispatch (each expert gathers its own tokens) in the same run: token "
+                 f"{speed['ratio_token_split']:.2f}x, sequence {speed['ratio_sequence_split']:.2f}x"
+                 if "ratio_token_split" in speed else "") + "."
+              + (f" Experts: {speed['experts']}." if speed.get("experts") else ""))
     md = f"""{status}
 
 ## Goals

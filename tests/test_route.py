@@ -157,6 +157,47 @@ def test_token_level_gates_match_a_dense_reference(tiny):
     rt.remove(tiny.model)
 
 
+@pytest.mark.parametrize("level, fixed", [("token", False), ("sequence", False), ("token", True)])
+def test_dense_dispatch_equals_split_dispatch(tiny, level, fixed):
+    """The stacked dense dispatch computes the split dispatch's sum (experts adapting different modules, so some
+    modules lack an expert), and counts the same routed rows."""
+    patches = [make_patch(tiny, seed=1), make_patch(tiny, seed=2, targets="all-linear"), make_patch(tiny, seed=3)]
+    ids = sample_ids()
+    out, calls = {}, {}
+    for dispatch in ("split", "dense"):
+        state = rt.install(tiny.model, patches, top_k=2, level=level, dispatch=dispatch)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in rt.routed_modules(tiny.model).values():
+                for p in m.gates:
+                    p.copy_(torch.randn(p.shape, generator=g))
+            if fixed:
+                state.weights = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.5, 0.5]])
+            out[dispatch] = tiny.model(input_ids=ids).logits
+        calls[dispatch] = list(state.calls)
+        rt.remove(tiny.model)
+    assert torch.allclose(out["split"], out["dense"], atol=1e-5)
+    assert calls["split"] == calls["dense"] and sum(calls["dense"]) > 0
+    with torch.no_grad():
+        plain = tiny.model(input_ids=ids).logits
+    assert not torch.allclose(plain, out["dense"], atol=1e-3)  # the experts did change the output
+
+
+def test_auto_dispatch_is_dense_only_where_the_stacked_rank_is_small(tiny):
+    patches = [make_patch(tiny, seed=s, r=1) for s in (1, 2)]
+    rt.install(tiny.model, patches)
+    mods = rt.routed_modules(tiny.model)
+    for m in mods.values():
+        d_in, d_out = m.base.in_features, m.base.out_features
+        assert m.dense_ok == (d_in * d_out >= 2 * (d_in + d_out))
+    rt.remove(tiny.model)
+    from patchlm.errors import PatchlmError
+
+    for make in (lambda: rt.install(tiny.model, patches, dispatch="fast"), lambda: RouteConfig(dispatch="fast")):
+        with pytest.raises(PatchlmError, match="dispatch"):
+            make()
+
+
 def test_sequence_level_routes_whole_sequences(tiny):
     patches = [make_patch(tiny, seed=s) for s in (1, 2, 3)]
     state = rt.install(tiny.model, patches, top_k=2, level="sequence")

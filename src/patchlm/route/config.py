@@ -15,6 +15,7 @@ ROUTERS = ("glider", "glider-global", "glider-local", "phatgoose", "arrow", "mer
            "base")
 LEVELS = ("token", "sequence")
 GLOBAL_FROM = ("instruction", "input")
+DISPATCHES = ("auto", "split", "dense")
 
 
 @dataclass
@@ -26,6 +27,10 @@ class RouteConfig:
     top_k: int = field(default=2, metadata={"help": "experts per token (or sequence), weights renormalised"})
     level: str = field(default="token", metadata={
         "help": "token (a choice per token and module) | sequence (one choice per sequence and module)"})
+    dispatch: str = field(default="auto", metadata={
+        "help": "routed modules: split (each expert runs on its own tokens only) | dense (every expert's stacked "
+                "factors on every token, weighted: two matmuls, no gather) | auto (dense when the stacked factors "
+                "cost at most the base matmul)"})
     global_scale: float = field(default=100.0, metadata={
         "help": "GLIDER: scale x cosine(query instruction, expert instruction) added to the local logits"})
     global_from: str = field(default="instruction", metadata={
@@ -52,7 +57,8 @@ class RouteConfig:
 
     def __post_init__(self):
         check_fields(self)
-        for name, choices in (("router", ROUTERS), ("level", LEVELS), ("global_from", GLOBAL_FROM)):
+        for name, choices in (("router", ROUTERS), ("level", LEVELS), ("global_from", GLOBAL_FROM),
+                              ("dispatch", DISPATCHES)):
             value = getattr(self, name)
             if value not in choices:
                 raise UnknownNameError(f"unknown {name} {value!r}; {did_you_mean(value, choices)}")

@@ -190,7 +190,8 @@ def evaluate_router(base, library: Library, tasks: dict, config: RouteConfig | N
                 res = score_stream(model, base.tokenizer, tasks, items, None, acfg)
             mass = None
         else:
-            state = rt.install(base.model, library.patches(), top_k=cfg.top_k, level=cfg.level)
+            state = rt.install(base.model, library.patches(), top_k=cfg.top_k, level=cfg.level,
+                               dispatch=cfg.dispatch)
             try:
                 prepare = _prepare(r, base, library, tasks, cfg, state, right, expert, gates_path, row, log)
                 res = score_stream(base.model, base.tokenizer, tasks, items, prepare, cfg, state=state)

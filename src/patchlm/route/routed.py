@@ -3,8 +3,14 @@
 y = W x + sum_{e in top-k} w_e s_e B_e A_e x. The weights come either fixed per sequence (the global router, the
 oracle, uniform averaging, one expert) or from the local gates: logits = LayerNorm(x) . g_e / sqrt(d), plus the
 global bias per sequence (GLIDER), top-k per token or per sequence (token logits averaged over the sequence's
-real tokens), softmax over the chosen k. Dispatch splits the flattened tokens by expert: an expert that no
-token of a sequence chose does no work for it (`RouteState.calls` counts the rows each expert ran on).
+real tokens), softmax over the chosen k. Two dispatches compute the same sum: `split` gathers the flattened
+tokens of each expert and runs that expert on them alone (an expert no token chose does no work), `dense` runs
+every expert's A on every token as one stacked matrix [sum r_e, d_in], weights each rank column by its expert's
+routing weight (zero for an expert not chosen) and sums through one stacked B [d_out, sum r_e]: two matmuls instead
+of a gather, a scatter and 2E small matmuls per module. `auto` takes dense when the stacked factors cost at most
+what the base matmul costs (sum r_e x (d_in + d_out) <= d_in x d_out): the work wasted on unchosen experts is
+then bounded by the base's and far below the split's per-expert Python loop on a CPU. `RouteState.calls` counts
+the rows routed to each expert (weight > 0) under either dispatch.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from torch import nn
 from patchlm.adapters.inject import replace_modules, unwrap_modules, wrapped_modules
 from patchlm.adapters.lora import lora_modules_from_tensors, module_scaling
 from patchlm.errors import ConfigError, PatchFormatError
+from patchlm.route.config import DISPATCHES
 
 
 @dataclass
@@ -28,6 +35,7 @@ class RouteState:
     num_experts: int
     top_k: int = 2
     level: str = "token"
+    dispatch: str = "auto"                # auto | split | dense (see the module docstring)
     enabled: bool = True
     weights: torch.Tensor | None = None   # [B, E] fixed per-sequence weights (rows sum to 1 or 0)
     bias: torch.Tensor | None = None      # [B, E] added to the local gate logits (GLIDER's global part)
@@ -68,6 +76,15 @@ class RoutedLinear(nn.Module):
                 self.register_buffer(f"B{i}", e[1].to(dev, torch.float32).contiguous(), persistent=False)
         self.gates = nn.ParameterList([nn.Parameter(torch.zeros(base.in_features, device=dev),
                                                     requires_grad=False) for _ in experts])
+        present = [i for i, e in enumerate(experts) if e is not None]
+        if present:  # the dense dispatch's stacked factors, the scaling folded into B
+            self.register_buffer("A_all", torch.cat([getattr(self, f"A{i}") for i in present]), persistent=False)
+            self.register_buffer("B_all", torch.cat([getattr(self, f"B{i}") * self.scalings[i] for i in present],
+                                                    1).contiguous(), persistent=False)
+            self.register_buffer("col_expert", torch.cat([torch.full((getattr(self, f"A{i}").shape[0],), i)
+                                                          for i in present]).to(dev), persistent=False)
+        rank = sum(getattr(self, f"A{i}").shape[0] for i in present)
+        self.dense_ok = rank * (base.in_features + base.out_features) <= base.in_features * base.out_features
 
     def expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
         a, b = getattr(self, f"A{i}"), getattr(self, f"B{i}")
@@ -108,6 +125,17 @@ class RoutedLinear(nn.Module):
             else:
                 w = topk_weights(logits, st.top_k)
         self._tally(w, bsz, t, x.device)
+        if not any(self.has):
+            return y
+        if st.dispatch == "dense" or (st.dispatch == "auto" and self.dense_ok):
+            routed = (w > 0).sum(0).tolist()
+            for e in range(len(self.has)):
+                if self.has[e]:
+                    st.calls[e] += int(routed[e])
+            a, b = self.A_all, self.B_all
+            xa = xf if torch.is_autocast_enabled(x.device.type) or xf.dtype == a.dtype else xf.to(a.dtype)
+            h = F.linear(xa, a) * w[:, self.col_expert]
+            return y + F.linear(h, b).to(y.dtype).view(*y.shape)
         out = torch.zeros(n, y.shape[-1], device=x.device, dtype=torch.float32)
         for e in range(len(self.has)):
             rows = (w[:, e] > 0).nonzero().squeeze(1)
@@ -155,14 +183,16 @@ def _capture_mask(state: RouteState):
     return hook
 
 
-def install(model: nn.Module, patches, top_k: int = 2, level: str = "token") -> RouteState:
+def install(model: nn.Module, patches, top_k: int = 2, level: str = "token", dispatch: str = "auto") -> RouteState:
     """Replace every module any expert adapts by a RoutedLinear over all experts; freeze the model."""
+    if dispatch not in DISPATCHES:
+        raise ConfigError(f"unknown dispatch {dispatch!r}; choices: {', '.join(DISPATCHES)}", field="dispatch")
     if not patches:
         raise ConfigError("a routed model needs at least one expert", field="library")
     if top_k > len(patches):
         raise ConfigError(f"top_k {top_k} is larger than the library's {len(patches)} experts", field="top_k")
     remove(model)
-    state = RouteState(num_experts=len(patches), top_k=top_k, level=level)
+    state = RouteState(num_experts=len(patches), top_k=top_k, level=level, dispatch=dispatch)
     factors = expert_factors(patches)
     for n in factors:
         try:
