@@ -1,6 +1,6 @@
 """Diagnostics for issue 19: cheap, decisive checks behind the headline claims that do not hold at our scale.
 
-    python bench/diagnose.py            # every check (rows cached under bench/.cache/diagnose/; resumes)
+    python bench/diagnose.py            # every check (rows committed under bench/rows/diagnose/; resumes)
     python bench/diagnose.py --page     # rewrite the page from the cached rows only
     python bench/diagnose.py --rows mindskip-speed,mos-init   # only these rows
 
@@ -641,7 +641,7 @@ def main() -> None:
     ap.add_argument("--page", action="store_true", help="rewrite the page from the cached rows only")
     ap.add_argument("--rows", default=None, help="comma-separated rows to compute (others from the cache)")
     args = ap.parse_args()
-    cache = RowCache("diagnose")
+    cache = RowCache("diagnose", committed=True)  # pure results: committed under bench/rows/
     keys = ["mindskip-speed", "mos-init", *[f"mos-short-{r[0]}" for r in SHORT_RUNS], "flora-scale"]
     want = set(args.rows.split(",")) if args.rows else set(keys)
     unknown = want - set(keys)
