@@ -170,6 +170,22 @@ def page(rows: list[dict], p: dict, missing: list[str]) -> str:
         closer = 1 - g / r if r > 0 else 0.0
         notes.append(f"- 3 bits: GPTQ is {100 * closer:.0f}% closer to fp32 perplexity than RTN (goal >= 30%: "
                      f"{'met' if closer >= 0.3 else 'not met'}).")
+    for b in p["budgets"]:
+        uni = by.get(f"uniform-3@{b:g}" if b == 3 else f"uniform-2@{b:g}")
+        plans = [by[f"{h}@{b:g}"] for h in p["heuristics"] if h != "random" and f"{h}@{b:g}" in by]
+        rnd = by.get(f"random@{b:g}")
+        if uni and (plans or rnd):
+            best = min(plans, key=lambda r: r["perplexity"]) if plans else None
+            notes.append(
+                f"- {b:g} bits on average, perplexity: uniform {uni['perplexity']:.1f}"
+                + (f"; best structure-aware plan so far {best['name']} {best['perplexity']:.1f} (beats uniform: "
+                   f"{'yes' if best['perplexity'] < uni['perplexity'] else 'no'})" if best else "")
+                + (f"; random allocation {rnd['perplexity']:.1f}" if rnd else "")
+                + ("; scorer/heuristic rows vs random: " + ", ".join(
+                    f"{r['name']} {'better' if r['perplexity'] < rnd['perplexity'] else 'worse'}" for r in plans)
+                   if rnd and plans else "")
+                + f" ({len(plans)} of {len([h for h in p['heuristics'] if h != 'random'])} plans measured; "
+                "accuracy rows need --acc).")
     status = ("complete" if not missing else
               f"**partial**: {len(missing)} rows not measured yet ({', '.join(missing)}); rerun to add them")
     return "\n".join([
