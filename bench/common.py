@@ -104,6 +104,8 @@ def write_results(study: str, rows: list[dict], markdown: str, extra: dict | Non
                   suffix: str = "", cmd: str | None = None) -> tuple[Path, Path]:
     """Write docs/benchmarks/<study><suffix>.json and .md (the md gets a header with machine/command/date).
     `cmd` names the measuring command when the page is rewritten from cached rows by another one."""
+    if not rows:  # DESIGN.md's benchmark JSON holds measured rows: a study with none has no page yet
+        raise ValueError(f"{study}: no measured row, no page written (run the study first)")
     DOCS.mkdir(parents=True, exist_ok=True)
     meta = {"study": study, "command": cmd or command(), "machine": machine(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

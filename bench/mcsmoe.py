@@ -269,7 +269,7 @@ def write_page(cache: RowCache, sc: dict, write: bool = True) -> str:
     rows = [r for n in ROWS if (r := cache.get(f"row-{n}")) is not None]
     missing = [n for n in ROWS if cache.get(f"row-{n}") is None]
     text = page(rows, missing, sc, cache.get("moe"))
-    if write:
+    if write and rows:  # no page before the first measured row
         write_results("mcsmoe", rows, text, extra={"partial": bool(missing), "missing_rows": missing})
     return text
 

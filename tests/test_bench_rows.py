@@ -46,3 +46,12 @@ def test_a_row_cached_before_the_move_is_read_and_moved(roots):
     c = common.RowCache("study", "full", committed=True)
     assert c.run("k", lambda: pytest.fail("recomputed a cached row")) == {"v": 3}
     assert json.loads((roots / "rows" / "study" / "full" / "k.json").read_text()) == {"v": 3}
+
+
+def test_a_study_without_measured_rows_writes_no_page(roots, monkeypatch):
+    monkeypatch.setattr(common, "DOCS", roots / "docs")
+    with pytest.raises(ValueError, match="no measured row"):
+        common.write_results("study", [], "text")
+    assert not (roots / "docs").exists()
+    jf, mf = common.write_results("study", [{"name": "a", "x": 1}], "text")
+    assert json.loads(jf.read_text())["rows"] == [{"name": "a", "x": 1}] and "- plots:" in mf.read_text()

@@ -376,16 +376,14 @@ def compressed_expert_params(model: torch.nn.Module, cfg: CompressConfig) -> int
 
 def one_shot_importance(model, batches: Sequence[dict], bf16: bool) -> None:
     """Accumulate |S x grad| from calibration gradients (no recovery: the importance of one-shot pruning)."""
-    from patchlm.models.parts import autocast, model_device
-    from patchlm.train.engine import causal_lm_loss, to_device
+    from patchlm.models.parts import model_device
+    from patchlm.train.engine import causal_lm_loss, make_closure, to_device
 
     dev = model_device(model)
     model.train()
     try:
-        for b in batches:
-            with autocast(dev, bf16):
-                loss, _ = causal_lm_loss(model, to_device(b, dev))
-            loss.backward()
+        for b in batches:  # the engine's closure: its backward feeds the importance hooks; nothing steps
+            make_closure(model, [to_device(b, dev)], causal_lm_loss, bf16)(backward=True)
             model.zero_grad(set_to_none=True)
     finally:
         model.eval()
