@@ -5,6 +5,7 @@ Every study writes docs/benchmarks/<study>.json ({"study","command","machine","d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -80,19 +81,29 @@ class RowCache:
         hit = self.get(key)
         if hit is not None:
             return hit
-        lock = os.environ.get("PATCHLM_BENCH_LOCK")
-        if not lock or RowCache._held:  # a row computed inside another row already holds the lock (re-entrant)
+        with bench_lock():
             return self.put(key, fn())
-        import fcntl
 
-        with open(lock, "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            RowCache._held = True
-            try:
-                return self.put(key, fn())
-            finally:
-                RowCache._held = False
-                fcntl.flock(f, fcntl.LOCK_UN)
+
+@contextlib.contextmanager
+def bench_lock():
+    """Hold $PATCHLM_BENCH_LOCK (when set) for the block, so heavy work shares the machine with other heavy jobs
+    that take the same lock (e.g. `flock FILE pytest ...`) instead of running beside them. Re-entrant within a
+    process (flock on a second descriptor of the same file would deadlock)."""
+    lock = os.environ.get("PATCHLM_BENCH_LOCK")
+    if not lock or RowCache._held:
+        yield
+        return
+    import fcntl
+
+    with open(lock, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        RowCache._held = True
+        try:
+            yield
+        finally:
+            RowCache._held = False
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # every page links the plots of all studies (`make report` writes them; the HTML is generated, not committed)

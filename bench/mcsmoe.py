@@ -4,9 +4,9 @@
     python bench/mcsmoe.py --rows full-moe,m-smoe-g2    # chosen rows only
     python bench/mcsmoe.py --quick            # smoke run on tiny-random-llama (numbers mean nothing)
 
-The MoE: four experts, three smollm2-135m LoRA specialists (rotten_tomatoes, trec, bbc_news from
-bench/foundation.py, 150 steps) and the base model itself as a generalist expert, upcycled into a top-2 Mixtral (gate
-mode hidden, then router-only training), built once and cached. Every row loads it, runs
+The MoE: four experts, three smollm2-135m LoRA specialists (rotten_tomatoes, trec, bbc_news:
+bench/zoo.py's shared specialists, 150 steps) and the base model itself as a generalist expert, upcycled into a
+top-2 Mixtral (gate mode hidden, then router-only training), built once and cached. Every row loads it, runs
 `patchlm.moe.mcsmoe.compress` with the row's CompressConfig (routing statistics on the tasks' first training
 examples), writes the checkpoint to measure
 its bytes, and evaluates accuracy on the first test examples of each task, perplexity on news_corpus test text,
@@ -29,7 +29,6 @@ import zoo
 from common import CACHE, RowCache, md_table, write_results
 
 TASKS = ["rotten_tomatoes", "trec", "bbc_news"]  # one specialist each; the base is the fourth expert
-FOUNDATION = CACHE / "foundation"
 # name -> CompressConfig overrides (in the order they run: the most informative first)
 ROWS: dict[str, dict] = {
     "full-moe": {},
@@ -64,32 +63,16 @@ def scale(quick: bool) -> dict:
 
 
 # ---------------------------------------------------------------- the MoE
-def specialist(task: str, sc: dict, cache: RowCache) -> Path:
-    """A task's LoRA patch: bench/foundation.py's (read-only) or one trained once here (zoo's recipe)."""
-    shared = FOUNDATION / f"patch-{task}-{sc['steps']}" / "checkpoints" / "best"
-    if sc["tag"] == "full" and (shared / "patch.json").exists():
-        return shared
-
-    def train():
-        from patchlm.models import load_base
-        from patchlm.train import Trainer
-
-        out = CACHE / "mcsmoe" / sc["tag"] / f"patch-{task}-{sc['steps']}"
-        resume = (out / "checkpoints" / "last" / "state.json").exists()
-        log(f"training specialist {task} ({sc['steps']} steps on {sc['model']})")
-        t0 = time.perf_counter()
-        Trainer(load_base(sc["model"]), "lora", dict(zoo.SPEC), zoo.load(task), zoo.config(sc["steps"], task),
-                out_dir=out, resume=resume, force=not resume).run()
-        return {"patch": str(out / "patch"), "train_seconds": time.perf_counter() - t0}
-
-    return Path(cache.run(f"train-{task}-{sc['steps']}", train)["patch"])
+def specialist(task: str, sc: dict) -> Path:
+    """A task's LoRA patch: the zoo's shared specialist (trained once when missing)."""
+    return zoo.specialist(task, sc["steps"], sc["model"], tag="quick" if sc["tag"] == "quick" else None, log=log)
 
 
 def build_moe(sc: dict, cache: RowCache) -> Path:
     """The upcycled 4-expert top-2 MoE (3 specialists + the base; gate mode hidden, router-only training), written
     once."""
     out = CACHE / "mcsmoe" / sc["tag"] / "moe"
-    patches = [specialist(t, sc, cache) for t in TASKS]  # rows of their own (a row's lock is not re-entrant)
+    patches = [specialist(t, sc) for t in TASKS]
 
     def build():
         from patchlm.moe import Expert, MoeConfig, save_upcycled, upcycle

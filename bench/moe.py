@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import zoo
-from common import CACHE, RowCache, md_table, write_results
+from common import RowCache, md_table, write_results
 
 NEWS = "news_corpus"
 GATES = ("hidden", "cheap_embed", "random", "uniform_random")
@@ -37,33 +37,10 @@ def mean(xs) -> float:
 
 
 # ---------------------------------------------------------------- the zoo
-FOUNDATION = CACHE / "foundation"  # smollm2-135m task patches of bench/foundation.py (read-only here)
-
-
-def train_specialist(task_name: str, args) -> dict:
-    """Train one LoRA specialist (foundation's recipe) into bench/.cache/moe/<tag>/patch-<task>; resumes."""
-    from patchlm.models import load_base
-    from patchlm.train import TrainConfig, Trainer
-
-    out = CACHE / "moe" / args.tag / f"patch-{task_name}-{args.steps}"
-    resume = (out / "checkpoints" / "last" / "state.json").exists()
-    log(f"training specialist {task_name} ({args.steps} steps on {args.model})" + (" [resume]" if resume else ""))
-    t0 = time.perf_counter()
-    lm = task_name == NEWS  # text: blocks of 128 tokens (news_ppl's block size), half the cost of 256
-    cfg = TrainConfig(steps=args.steps, batch_size=8, lr=5e-4, bf16=True, max_length=128 if lm else 256, eval_limit=100,
-                      save_every=25, progress=False)
-    Trainer(load_base(args.model), "lora", dict(zoo.SPEC), zoo.load(task_name), cfg, out_dir=out, resume=resume,
-            force=not resume).run()
-    return {"patch": str(out / "patch"), "train_seconds": time.perf_counter() - t0}
-
-
-def specialist(t: str, args, cache: RowCache) -> Path:
-    """A specialist's patch dir: bench/foundation.py's task patches (smollm2-135m, 150 steps; the merging study's
-    recipe) where they exist, else trained once here as a cached row of its own (news_corpus; all of --quick)."""
-    shared = FOUNDATION / f"patch-{t}-{args.steps}" / "checkpoints" / "best"
-    if not args.quick and (shared / "patch.json").exists():
-        return shared
-    return Path(cache.run(f"train-{t}-{args.steps}", lambda: train_specialist(t, args))["patch"])
+def specialist(t: str, args) -> Path:
+    """A specialist's patch dir: the zoo's shared LoRA specialist of the task (the merging study's recipe; news_corpus
+    as blocks of 128 tokens), trained once when missing."""
+    return zoo.specialist(t, args.steps, args.model, tag="quick" if args.quick else None, log=log)
 
 
 # ---------------------------------------------------------------- measurements
@@ -187,7 +164,7 @@ def run(args) -> list[dict]:
         if not args.page and (not args.rows or any(fnmatch.fnmatch(key, pat) for pat in args.rows)):
             if cache.get(key) is None:
                 for t in needs:
-                    members.setdefault(t, specialist(t, args, cache))
+                    members.setdefault(t, specialist(t, args))
             log(key)
             return cache.run(key, fn)
         hit = cache.get(key)
@@ -379,8 +356,8 @@ def page(rows: list[dict], args) -> str:
 ## Rows
 
 Model {args.model}; specialists: LoRA patches (r 8, alpha 16, all linear layers, batch 8, lr 5e-4, bf16) of
-rotten_tomatoes, trec and bbc_news ({"trained here" if args.quick else "bench/foundation.py's"}) and a
-news_corpus LM patch trained here the same way (blocks of 128 tokens), {args.steps} steps each. Best merge:
+rotten_tomatoes, trec and bbc_news and a news_corpus LM patch, {args.steps} steps each: bench/zoo.py's shared
+specialists (the merging study's recipe: 192 tokens, bbc_news and news_corpus 128, best of validation). Best merge:
 TIES (density 0.5, weight 1) of the three task patches, the merging study's best plain merge.
 Accuracy on the first {args.limit} test examples of each task;
 news perplexity on {args.news_tokens} tokens of news_corpus test articles. MoE rows: 4 experts (one per

@@ -7,8 +7,8 @@ library, uniform averaging, best single expert, oracle) on a mixed stream of tes
 
 Held-in (in the library): rotten_tomatoes, tweet_sentiment, trec, bbc_news. Held-out: movie_sentiment (a
 related task, rotten_tomatoes' movie reviews, is in the library) and sms_spam (nothing related is).
-Experts rotten_tomatoes, trec and bbc_news are bench/foundation.py's 150-step patches (reused, read-only);
-tweet_sentiment is trained once the same way into bench/.cache/route/ (a RowCache row, resumable).
+Experts: bench/zoo.py's shared 150-step LoRA specialists (the merging study's recipe; trained once into
+bench/.cache/zoo/ when missing, resumable, and reused by bench/moe.py, bench/mcsmoe.py, bench/merging.py).
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import zoo
 from common import CACHE, RowCache, md_table, write_results
 
 MODEL = "smollm2-135m"
 HELD_IN = ["rotten_tomatoes", "tweet_sentiment", "trec", "bbc_news"]
 HELD_OUT = ["movie_sentiment", "sms_spam"]
-FOUNDATION = CACHE / "foundation"
-SPEC = {"r": 8, "alpha": 16, "targets": "all-linear"}  # bench/foundation.py's LoRA
 DESCRIPTIONS = {
     "rotten_tomatoes": "movie review sentiment: is a critic's snippet negative or positive",
     "tweet_sentiment": "tweet sentiment: is a tweet negative, neutral or positive",
@@ -41,42 +40,9 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def expert_dir(task_name: str, steps: int) -> Path:
-    """The expert patch of a task: foundation's when it exists, else this study's own."""
-    found = FOUNDATION / f"patch-{task_name}-{steps}" / "checkpoints" / "best"
-    if (found / "patch.json").exists():
-        return found
-    return CACHE / "route" / f"expert-{task_name}-{steps}" / "checkpoints" / "best"
-
-
-def train_expert(task_name: str, steps: int) -> dict:
-    """Train one expert as bench/foundation.py trained its patches (LoRA r8, batch 8, lr 5e-4, bf16, 256 tokens)."""
-    from patchlm.data import load_task
-    from patchlm.models import load_base
-    from patchlm.train import TrainConfig, Trainer
-
-    out = CACHE / "route" / f"expert-{task_name}-{steps}"
-    resume = (out / "checkpoints" / "last" / "state.json").exists()
-    t0 = time.perf_counter()
-    base = load_base(MODEL)
-    cfg = TrainConfig(steps=steps, batch_size=8, lr=5e-4, bf16=True, max_length=256, eval_limit=200,
-                      save_every=50, progress=False)
-    patch = Trainer(base, "lora", dict(SPEC), load_task(task_name), cfg, out_dir=out, resume=resume,
-                    force=not resume).run()
-    return {"name": f"expert-{task_name}", "task": task_name, "steps": steps, "seconds": time.perf_counter() - t0,
-            "metrics": {k: v for k, v in patch.metrics.items() if isinstance(v, (int, float))}}
-
-
-def build_experts(cache: RowCache, steps: int) -> dict[str, Path]:
-    """task -> expert patch dir for every held-in task, training the missing ones (one row each)."""
-    out = {}
-    for t in HELD_IN:
-        d = expert_dir(t, steps)
-        if not (d / "patch.json").exists():
-            log(f"training expert {t} ({steps} steps)")
-            cache.run(f"expert-{t}-s{steps}", lambda t=t: train_expert(t, steps))
-        out[t] = expert_dir(t, steps)
-    return out
+def build_experts(steps: int) -> dict[str, Path]:
+    """task -> expert patch dir for every held-in task: the zoo's shared specialists (trained once when missing)."""
+    return {t: zoo.specialist(t, steps, MODEL, log=log) for t in HELD_IN}
 
 
 def build_library(experts: dict[str, Path], tag: str, n_examples: int = 5) -> Path:
@@ -276,8 +242,8 @@ def write_page(rows: list[dict], speed: dict | None, gates: dict | None, args, m
 ## Setup
 
 Library: one smollm2-135m LoRA per held-in task ({', '.join(HELD_IN)}; r=8, alpha 16, all linear modules, 150
-steps, batch 8, lr 5e-4, bf16, best of validation; three reused from bench/foundation.py, tweet_sentiment
-trained here the same way). Held-out: movie_sentiment (its sibling rotten_tomatoes is in the library, same
+steps, batch 8, lr 5e-4, bf16, 192 tokens (bbc_news 128), best of validation: bench/zoo.py's shared specialists,
+the merging study's recipe). Held-out: movie_sentiment (its sibling rotten_tomatoes is in the library, same
 prompt template) and sms_spam (nothing related). health_tweets is a text task, not classification, so it is
 not in the stream. Stream: the first {args.limit} test examples of each of the six tasks, interleaved, batches of
 16 mixed by length; every input is scored by label log-likelihood over its own task's labels, the router sees
@@ -316,7 +282,7 @@ def main() -> None:
     cache = RowCache("route", tag)
     if args.speed_only and not args.quick:
         if cache.get("speed") is None:
-            lib_dir = build_library(quick_experts(tag, MODEL, dict(SPEC)), "speed")
+            lib_dir = build_library(quick_experts(tag, MODEL, dict(zoo.SPEC)), "speed")
             cache.run("speed", lambda: {**speed_row(lib_dir, MODEL, args),
                                         "experts": "random-valued LoRAs of the study's shape (r 8, all-linear)"})
         args.page_only = True
@@ -326,7 +292,7 @@ def main() -> None:
     elif args.page_only:  # nothing computes: no expert is trained, no library built
         experts, model = {}, MODEL
     else:
-        experts, model = build_experts(cache, args.steps), MODEL
+        experts, model = build_experts(args.steps), MODEL
     if args.train_only:
         return
     lib_dir = build_library(experts, tag) if experts else None

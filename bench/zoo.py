@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE
+from common import CACHE, bench_lock
 
 MODEL = "smollm2-135m"
 TASKS = ["rotten_tomatoes", "trec", "bbc_news"]
 # bbc_news articles are long: 128 tokens (the prompt is cut from the left, the question at the end stays)
-MAX_LENGTH = {"bbc_news": 128}
+MAX_LENGTH = {"bbc_news": 128, "news_corpus": 128}
 DEFAULT_MAX_LENGTH = 192
 SPEC = {"r": 8, "alpha": 16, "targets": "all-linear"}
 GOOD = {t: (t, False) for t in TASKS}
@@ -70,6 +70,15 @@ def train_member(name: str, task_name: str, shuffled: bool, steps: int, tag: str
             resume=resume, force=not resume).run()
     log(f"zoo: {name} done in {time.perf_counter() - t0:.0f} s")
     return patch_dir
+
+
+def specialist(task_name: str, steps: int, base_ref: str = MODEL, tag: str | None = None, log=print) -> Path:
+    """The one LoRA specialist of a task that every study combining task patches uses (merging, port, moe, mcsmoe,
+    route): the zoo's recipe (SPEC, config()), trained once under bench/.cache/zoo/<tag>/<task>/patch while holding
+    $PATCHLM_BENCH_LOCK. The tag is s<steps> on smollm2-135m (the merging study's members), else <base>-s<steps>."""
+    tag = tag or (f"s{steps}" if base_ref == MODEL else f"{base_ref}-s{steps}")
+    with bench_lock():
+        return train_member(task_name, task_name, False, steps, tag, base_ref=base_ref, log=log)
 
 
 def build(steps: int, tag: str, harmful: bool = True, log=print) -> dict[str, Path]:
