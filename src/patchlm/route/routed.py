@@ -70,27 +70,32 @@ class RoutedLinear(nn.Module):
         dev = base.weight.device
         self.scalings = [0.0 if e is None else float(e[2]) for e in experts]
         self.has = [e is not None for e in experts]
-        for i, e in enumerate(experts):
-            if e is not None:
-                self.register_buffer(f"A{i}", e[0].to(dev, torch.float32).contiguous(), persistent=False)
-                self.register_buffer(f"B{i}", e[1].to(dev, torch.float32).contiguous(), persistent=False)
         self.gates = nn.ParameterList([nn.Parameter(torch.zeros(base.in_features, device=dev),
                                                     requires_grad=False) for _ in experts])
+        # the experts' factors stacked once (the dense dispatch multiplies all of them at once; the split one and
+        # expert() take expert i's slice [off_i, off_i + r_i)), each scaling folded into its columns of B
         present = [i for i, e in enumerate(experts) if e is not None]
-        if present:  # the dense dispatch's stacked factors, the scaling folded into B
-            self.register_buffer("A_all", torch.cat([getattr(self, f"A{i}") for i in present]), persistent=False)
-            self.register_buffer("B_all", torch.cat([getattr(self, f"B{i}") * self.scalings[i] for i in present],
-                                                    1).contiguous(), persistent=False)
-            self.register_buffer("col_expert", torch.cat([torch.full((getattr(self, f"A{i}").shape[0],), i)
-                                                          for i in present]).to(dev), persistent=False)
-        rank = sum(getattr(self, f"A{i}").shape[0] for i in present)
-        self.dense_ok = rank * (base.in_features + base.out_features) <= base.in_features * base.out_features
+        ranks = [0 if e is None else int(e[0].shape[0]) for e in experts]
+        self.offsets = [sum(ranks[:i]) for i in range(len(experts) + 1)]
+        if present:
+            self.register_buffer("A_all", torch.cat([experts[i][0].to(dev, torch.float32) for i in present])
+                                 .contiguous(), persistent=False)
+            self.register_buffer("B_all", torch.cat([experts[i][1].to(dev, torch.float32) * self.scalings[i]
+                                                     for i in present], 1).contiguous(), persistent=False)
+            self.register_buffer("col_expert", torch.cat([torch.full((ranks[i],), i) for i in present]).to(dev),
+                                 persistent=False)
+        self.dense_ok = sum(ranks) * (base.in_features + base.out_features) <= base.in_features * base.out_features
+
+    def factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert i's (A [r, in], B [out, r] with its scaling folded in): views into the stacked factors."""
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return self.A_all[lo:hi], self.B_all[:, lo:hi]
 
     def expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        a, b = getattr(self, f"A{i}"), getattr(self, f"B{i}")
+        a, b = self.factors(i)
         if not torch.is_autocast_enabled(x.device.type) and x.dtype != a.dtype:
             x = x.to(a.dtype)
-        return F.linear(F.linear(x, a), b) * self.scalings[i]
+        return F.linear(F.linear(x, a), b)
 
     def gate_matrix(self) -> torch.Tensor:
         return torch.stack([g for g in self.gates])
