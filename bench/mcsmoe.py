@@ -231,7 +231,8 @@ def main() -> None:
     ap.add_argument("--page-only", action="store_true", help="rewrite the page from the cached rows")
     a = ap.parse_args()
     sc = scale(a.quick)
-    cache = RowCache("mcsmoe", sc["tag"])
+    # committed rows; the "moe" row describes the built checkpoint, which build_moe rebuilds where it is missing
+    cache = RowCache("mcsmoe", sc["tag"], committed=True)
     names = [n for n in a.rows.split(",") if n] or list(ROWS)
     for n in names:
         if n not in ROWS:

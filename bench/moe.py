@@ -151,7 +151,7 @@ def run(args) -> list[dict]:
     from patchlm.moe.train import train_routers
     from patchlm.patch import Patch, get_kind
 
-    cache = RowCache("moe", args.tag)
+    cache = RowCache("moe", args.tag, committed=True)  # pure results (the specialists live in the zoo)
     names = [*zoo.TASKS, NEWS]
     members: dict[str, Path] = {}
     tasks = {t: zoo.load(t) for t in zoo.TASKS}
