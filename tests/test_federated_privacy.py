@@ -194,3 +194,51 @@ def test_ffa_clients_share_a_across_ranks(tiny):
             assert torch.equal(v, a8[k][:2])
         else:
             assert not v.any()
+
+
+def test_dp_flat_parts_are_canonical_and_bad_ones_name_the_field():
+    from patchlm.federated.config import FedConfig
+    from patchlm.federated.privacy import DPConfig
+
+    assert DPConfig(flat=True, flat_parts="distill, minmax").flat_parts == "minmax,distill"
+    assert DPConfig(flat=True, flat_parts="layers").has("layers") and not DPConfig(flat_parts="layers").has("layers")
+    with pytest.raises(ConfigError, match="flat_parts must be") as e:
+        DPConfig(flat_parts="minmax,sam")
+    assert e.value.field == "flat_parts"
+    with pytest.raises(ConfigError, match=r"^dp_flat_parts must be") as e:
+        FedConfig(dp=True, dp_flat=True, dp_flat_parts="")
+    assert e.value.field == "dp_flat_parts"
+
+
+def _dp_run(tiny, toy_task, parts, **kw):
+    from patchlm.federated.privacy import DPConfig, dp_train
+
+    params, mods = attach_lora(tiny)
+    feats = toy_features(tiny, toy_task)
+    torch.manual_seed(0)
+    dp = DPConfig(noise_multiplier=1.0, flat=parts is not None, flat_parts=parts or "minmax", flat_keep=0.5,
+                  teacher_steps=2, flat_warm=1.0, **kw)
+    rec = dp_train(tiny.model, params, feats, tiny.tokenizer.pad_token_id, steps=4, batch_size=8, lr=1e-2, dp=dp,
+                   seed=0, lora_modules=mods, public_feats=feats[:8] if parts and parts != "minmax" else None)
+    from patchlm.adapters.lora import LoraKind
+
+    weights = [p.detach().clone() for p in params]
+    LoraKind().detach(tiny.model)  # the next run attaches a fresh adapter to the same base
+    return rec, weights
+
+
+def test_each_dp_flat_part_runs_alone_and_changes_the_training_but_not_the_privacy_cost(tiny, toy_task):
+    plain, w_plain = _dp_run(tiny, toy_task, None)
+    minmax, w_minmax = _dp_run(tiny, toy_task, "minmax")  # no public data needed: no teacher, no layer choice
+    assert "kept_layers" not in minmax and minmax["flat_parts"] == "minmax"
+    assert any(not torch.equal(a, b) for a, b in zip(w_plain, w_minmax, strict=True))
+    layers, w_layers = _dp_run(tiny, toy_task, "layers")
+    assert len(layers["kept_layers"]) == 2 and layers["num_layers"] == 4
+    both, w_both = _dp_run(tiny, toy_task, "layers,distill", flat_lambda=10.0)
+    assert both["kept_layers"] == layers["kept_layers"]  # the same teacher and the same choice
+    assert any(not torch.equal(a, b) for a, b in zip(w_layers, w_both, strict=True))  # distillation acts
+    distill, _ = _dp_run(tiny, toy_task, "distill")
+    assert len(distill["kept_layers"]) == 4  # distillation alone keeps every layer
+    # every part post-processes privatised gradients or uses public data: the same (noise, q, steps), same epsilon
+    for rec in (minmax, layers, both, distill):
+        assert rec["epsilon"] == pytest.approx(plain["epsilon"], rel=1e-12)

@@ -23,6 +23,9 @@ PROTOCOLS = ("merge", "continue")
 RUN_TIMEOUT = 7200.0  # seconds a local `patchlm federate` deployment may run in all (not a FedConfig field)
 
 
+FLAT_PARTS = ("minmax", "layers", "distill")  # DP-Flat's three parts (federated/privacy.py's docstring)
+
+
 @dataclass
 class DPConfig:
     """Client-side DP-SGD (Opacus) and DP-Flat's knobs. Every validation message starts with the field's name."""
@@ -40,9 +43,18 @@ class DPConfig:
     flat_lambda: float = field(default=0.01, metadata={
         "help": "DP-Flat: distillation weight toward the public teacher"})
     teacher_steps: int = field(default=10, metadata={"help": "DP-Flat: non-private teacher steps on public data"})
+    flat_parts: str = field(default="minmax,layers,distill", metadata={
+        "help": "DP-Flat: which parts run, comma-separated: minmax (perturbation-aware step), layers "
+                "(flatness-guided layer choice), distill (toward the public teacher)"})
 
     def __post_init__(self):
         check_fields(self)
+        parts = [x for x in str(self.flat_parts).replace(" ", "").split(",") if x]
+        bad = [x for x in parts if x not in FLAT_PARTS]
+        if bad or not parts:
+            raise ConfigError(f"flat_parts must be a comma-separated subset of {','.join(FLAT_PARTS)}, "
+                              f"got {self.flat_parts!r}", field="flat_parts")
+        self.flat_parts = ",".join(x for x in FLAT_PARTS if x in parts)  # canonical order
         if self.noise_multiplier < 0:
             raise ConfigError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}", field="noise_multiplier")
         if self.max_grad_norm <= 0:
@@ -59,9 +71,14 @@ class DPConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def has(self, part: str) -> bool:
+        """DP-Flat is on and runs `part` (one of FLAT_PARTS)."""
+        return self.flat and part in self.flat_parts.split(",")
+
 
 # FedConfig field -> the DPConfig field it sets (its default and help come from there)
-DP_FIELDS = {"dp_noise": "noise_multiplier", "dp_clip": "max_grad_norm", "dp_delta": "delta", "dp_flat": "flat"}
+DP_FIELDS = {"dp_noise": "noise_multiplier", "dp_clip": "max_grad_norm", "dp_delta": "delta", "dp_flat": "flat",
+             "dp_flat_parts": "flat_parts"}
 
 
 def _from_dp(name: str):
@@ -125,6 +142,7 @@ class FedConfig:
     dp_clip: float = _from_dp("max_grad_norm")
     dp_delta: float | None = _from_dp("delta")
     dp_flat: bool = _from_dp("flat")
+    dp_flat_parts: str = _from_dp("flat_parts")
     seeds: int = field(default=4096, metadata={
         "help": "fedkseed: K candidate seeds drawn once per run (replay costs K x d draws: see README)"})
     seed_probability: str = field(default="uniform", metadata={

@@ -121,9 +121,10 @@ class DPAdamW(StepRule):
 
     The model must be wrapped in opacus.GradSampleModule, so that the closure's backward leaves per-example
     gradients. An empty Poisson batch (the closure back-propagates nothing) still takes the step: pure noise.
-    With `teacher` (DP-Flat) the distillation gradient 2 lambda (w - w_teacher) is added after privatisation, and
-    for the first `warm_steps` steps the closure runs at the min-max point w + gamma |w| g/|g| (g: the previous
-    privatised gradient, so the perturbation is post-processing) while the step moves the unperturbed weights.
+    With `teacher` (DP-Flat part 3) the distillation gradient 2 lambda (w - w_teacher) is added after
+    privatisation, and with `warm_steps` (part 1) for the first `warm_steps` steps the closure runs at the
+    min-max point w + gamma |w| g/|g| (g: the previous privatised gradient, so the perturbation is
+    post-processing) while the step moves the unperturbed weights.
     Not registered by name: it needs the GradSampleModule and the sample rate, which only dp_train knows.
     """
 
@@ -157,7 +158,7 @@ class DPAdamW(StepRule):
         self.accountant = RDPAccountant()
         self.opt.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
         self.gamma = dp.flat_gamma
-        self.flat = teacher is not None
+        self.flat = warm_steps > 0  # the min-max step (DP-Flat part 1) keeps the previous privatised gradient
         self.warm_steps = warm_steps
         self.steps_done = 0
         self.prev_grad: list[torch.Tensor] | None = None
@@ -186,7 +187,7 @@ class DPAdamW(StepRule):
                 for p, e in zip(self.params, moves, strict=True):
                     p.sub_(e)
         self.opt.step()
-        if self.flat:
+        if self.flat and self.steps_done + 1 < self.warm_steps:
             self.prev_grad = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
                               for p in self.params]
         self.opt.zero_grad(set_to_none=True)
@@ -252,13 +253,18 @@ def dp_train(model, params: list[torch.nn.Parameter], feats: list[dict], pad_id:
                     "delta": delta}
     teacher = None
     if dp.flat:
+        record.update({"flat": True, "flat_parts": dp.flat_parts})
+    if dp.has("layers") or dp.has("distill"):  # the parts that need the teacher trained on public data
         if not public_feats or not lora_modules:
-            raise ConfigError("DP-Flat needs public data (public_feats) and the LoRA modules", field="dp_flat")
+            raise ConfigError("DP-Flat's layers and distill parts need public data (public_feats) and the LoRA "
+                              "modules", field="dp_flat")
         teacher_state = _train_teacher(model, params, public_feats, pad_id, dp.teacher_steps, batch_size, lr,
                                        seed, bf16)
-        pub_batch = to_device(collate(public_feats[:batch_size], pad_id), device)
-        kept = flatness_layer_choice(model, lora_modules, pub_batch, dp.flat_keep, seed,
-                                     lambda: autocast(device, bf16))
+        kept = sorted({_layer_of(x) for x in lora_modules})
+        if dp.has("layers"):
+            pub_batch = to_device(collate(public_feats[:batch_size], pad_id), device)
+            kept = flatness_layer_choice(model, lora_modules, pub_batch, dp.flat_keep, seed,
+                                         lambda: autocast(device, bf16))
         # reset the adapter to its initial state; freeze dropped layers (B stays 0, no noise spent on them)
         with torch.no_grad():
             for p, (init, _) in zip(params, teacher_state, strict=True):
@@ -268,13 +274,14 @@ def dp_train(model, params: list[torch.nn.Parameter], feats: list[dict], pad_id:
         for p in params:
             if id(p) in dropped:
                 p.requires_grad_(False)
-        teacher = {id(p): t for p, (_, t) in zip(params, teacher_state, strict=True) if id(p) not in dropped}
+        if dp.has("distill"):
+            teacher = {id(p): t for p, (_, t) in zip(params, teacher_state, strict=True) if id(p) not in dropped}
         params = [p for p in params if id(p) not in dropped]
-        record.update({"flat": True, "kept_layers": kept, "num_layers": len({_layer_of(x) for x in lora_modules})})
+        record.update({"kept_layers": kept, "num_layers": len({_layer_of(x) for x in lora_modules})})
 
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     rule = DPAdamW(params, step_config(lr), dp, expected_batch_size=batch_size, sample_rate=q, teacher=teacher,
-                   warm_steps=int(dp.flat_warm * steps) if dp.flat else 0)
+                   warm_steps=int(dp.flat_warm * steps) if dp.has("minmax") else 0)
     losses: list[float] = []
 
     def on_step(info: StepInfo) -> None:

@@ -200,11 +200,11 @@ def local_train(base, cfg: FedConfig, k: int, round_: int, examples: list[dict],
     metrics: dict = {"num_samples": len(examples), "rank": r, "alpha": alpha}
     tcfg = client_train_config(cfg)
     if cfg.dp:
-        public = None
-        if cfg.dp_flat:  # the task's validation split stands in for public data (never a client's train data)
+        public, dpc = None, cfg.dp_config()
+        if dpc.has("layers") or dpc.has("distill"):  # the task's validation split stands in for public data
             public = build_features(task, "validation", base.tokenizer, objective, cfg.max_length, limit=256)
         rec = dp_train(model, params, feats, pad, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                       dp=cfg.dp_config(), seed=seed * 131 + k, bf16=cfg.bf16, lora_modules=mods,
+                       dp=dpc, seed=seed * 131 + k, bf16=cfg.bf16, lora_modules=mods,
                        public_feats=public, log=log)
         metrics.update({"train_loss": rec.pop("train_loss"), "dp": rec})
     else:
