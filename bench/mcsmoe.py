@@ -170,7 +170,8 @@ def measure(name: str, sc: dict, moe_dir: Path) -> dict:
             "expert_memory_reduction": rep["expert_memory_reduction"], "checkpoint_bytes": nbytes,
             "flops_per_token": flops_per_token(c, macs), **speed(m, sc), "compress_seconds": seconds,
             "group_counts": (rep.get("plan") or {}).get("counts"), "recovery": rep.get("recovery"),
-            "config": {k: v for k, v in ROWS[name].items()}, "test_examples": sc["limit"]}
+            "alignment": rep.get("alignment"), "config": {k: v for k, v in ROWS[name].items()},
+            "test_examples": sc["limit"]}
 
 
 # ---------------------------------------------------------------- the page

@@ -167,6 +167,16 @@ def test_identical_experts_merge_into_one_without_changing_the_model(tiny):
     r = compress(up.model, up.tokenizer, TASKS, cfg(groups=1))
     assert r.model.config.num_local_experts == 1 and r.model.config.num_experts_per_tok == 1
     assert (logits(r.model) - logits(tiny.model)).abs().max() < 1e-5
+    # copies of one expert are aligned already: the weight matching moves no neuron
+    assert r.report["alignment"]["moved"] == 0 and r.report["alignment"]["neurons"] > 0
+
+
+def test_rebuild_reports_how_many_neurons_the_alignment_moved(moe):
+    plan = Plan(groups=[[[0, 1, 2, 3]]] * 4, weights=[[1.0] * 4] * 4)
+    a: dict = {}
+    rebuild(moe.model, plan, cfg(groups=1), alignment=a)
+    f = moe_layers(moe.model)[0].experts.down_proj.shape[-1]
+    assert a["neurons"] == 4 * 3 * f and 0 < a["moved"] <= a["neurons"]  # distinct specialists get permuted
 
 
 def test_merged_checkpoint_is_smaller_and_loads_in_plain_transformers(moe, tmp_path):

@@ -282,9 +282,12 @@ def plan_merge(model: torch.nn.Module, stats: RoutingStats, cfg: CompressConfig,
 
 
 @torch.no_grad()
-def rebuild(model: torch.nn.Module, plan: Plan, cfg: CompressConfig) -> torch.nn.Module:
+def rebuild(model: torch.nn.Module, plan: Plan, cfg: CompressConfig, alignment: dict | None = None
+            ) -> torch.nn.Module:
     """A new Mixtral with one expert per group (merged or, method=prune, the dominant alone) and the router rows
-    remapped; layers with fewer groups than the largest layer (adaptive counts) repeat their most used group."""
+    remapped; layers with fewer groups than the largest layer (adaptive counts) repeat their most used group.
+    `alignment`, when given, receives how many neurons the alignment permutations moved ("neurons" aligned,
+    "moved" off their own position): experts upcycled from one base are often aligned already."""
     from patchlm.moe.upcycle import build_mixtral
 
     blocks = moe_layers(model)
@@ -300,7 +303,14 @@ def rebuild(model: torch.nn.Module, plan: Plan, cfg: CompressConfig) -> torch.nn
             ex = [ref]
             for e in members[1:]:
                 other = expert_weights(b, e)
-                ex.append(permute_expert(*other, align_permutation(ref, other)) if cfg.align else other)
+                if cfg.align:
+                    perm = align_permutation(ref, other)
+                    if alignment is not None:
+                        alignment["neurons"] = alignment.get("neurons", 0) + perm.numel()
+                        alignment["moved"] = alignment.get("moved", 0) + int((perm != torch.arange(perm.numel()))
+                                                                             .sum())
+                    other = permute_expert(*other, perm)
+                ex.append(other)
             gu, d = merge_experts(ex, [w[e] for e in members])
             ups.append(gu)
             downs.append(d)
@@ -471,7 +481,10 @@ def compress(model: torch.nn.Module, tokenizer, tasks: Sequence[str], cfg: Compr
         log(f"routing statistics on {sum(len(b['input_ids']) for b in batches)} examples")
         stats = routing_stats(model, batches)
         plan = plan_merge(model, stats, cfg, log=log)
-        student = rebuild(model, plan, cfg)
+        aligned: dict = {}
+        student = rebuild(model, plan, cfg, alignment=aligned)
+        if aligned:
+            report["alignment"] = {**aligned, "moved_fraction": aligned["moved"] / max(1, aligned["neurons"])}
         report["routing"] = stats.to_json()
         report["plan"] = plan.to_json()
     else:
