@@ -255,7 +255,8 @@ def write_page(cache: RowCache, sc: dict, write: bool = True) -> str:
     missing = [n for n in ROWS if cache.get(f"row-{n}") is None]
     text = page(rows, missing, sc, cache.get("moe"))
     if write and rows:  # no page before the first measured row
-        write_results("mcsmoe", rows, text, extra={"partial": bool(missing), "missing_rows": missing})
+        write_results("mcsmoe", rows, text, extra={"partial": bool(missing), "missing_rows": missing},
+                      cmd="python bench/mcsmoe.py")  # also when --page-only or --rows rewrites it
     return text
 
 
