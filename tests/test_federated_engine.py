@@ -298,4 +298,6 @@ def test_dp_flat_on_the_engine_matches_the_old_loop(toy_task):
     new, new_rec = _dp_run(dp_train, toy_task, dp, steps=5, batch_size=6, flat=True)
     for a, b in zip(old, new, strict=True):
         assert torch.equal(a, b)
+    # the record now also names the parts that ran (all three, the old loop's only mode)
+    assert new_rec.pop("flat_parts") == "minmax,layers,distill"
     assert new_rec == old_rec and new_rec["flat"]
