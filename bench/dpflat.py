@@ -220,11 +220,12 @@ def main() -> None:
                 rows.append(chosen(runs))
             else:
                 missing.append(run_key(task, method, eps, seed, 0, 0).rsplit("/", 1)[0])
-    text = page(summarise(rows), rows, missing, sc) if rows else ""
+    summary = summarise(rows)
+    text = page(summary, rows, missing, sc) if rows else ""
     if a.quick:
         print(text)
     elif rows:
-        write_results("dpflat", rows, text, extra={"summary": summarise(rows), "partial": bool(missing),
+        write_results("dpflat", rows, text, extra={"summary": summary, "partial": bool(missing),
                                                     "missing_rows": missing, "scale": sc})
     else:
         log("no row measured yet: no page written")

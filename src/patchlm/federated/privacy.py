@@ -260,7 +260,8 @@ def dp_train(model, params: list[torch.nn.Parameter], feats: list[dict], pad_id:
                               "modules", field="dp_flat")
         teacher_state = _train_teacher(model, params, public_feats, pad_id, dp.teacher_steps, batch_size, lr,
                                        seed, bf16)
-        kept = sorted({_layer_of(x) for x in lora_modules})
+        layers = sorted({_layer_of(x) for x in lora_modules})
+        kept = layers
         if dp.has("layers"):
             pub_batch = to_device(collate(public_feats[:batch_size], pad_id), device)
             kept = flatness_layer_choice(model, lora_modules, pub_batch, dp.flat_keep, seed,
@@ -277,7 +278,7 @@ def dp_train(model, params: list[torch.nn.Parameter], feats: list[dict], pad_id:
         if dp.has("distill"):
             teacher = {id(p): t for p, (_, t) in zip(params, teacher_state, strict=True) if id(p) not in dropped}
         params = [p for p in params if id(p) not in dropped]
-        record.update({"kept_layers": kept, "num_layers": len({_layer_of(x) for x in lora_modules})})
+        record.update({"kept_layers": kept, "num_layers": len(layers)})
 
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     rule = DPAdamW(params, step_config(lr), dp, expected_batch_size=batch_size, sample_rate=q, teacher=teacher,
