@@ -190,13 +190,18 @@ def run(args) -> list[dict]:
 
     rows = [row("base", lambda: measure("base", base().model))]
 
+    def base_copies(copies, mode="random"):
+        """An fp32 MoE of `copies` identical experts: the base's own checkpoint, the study's top-k."""
+        b = base()
+        return upcycle(args.model, [Expert(str(b.path)) for _ in range(copies)],
+                       MoeConfig(gate_mode=mode, top_k=args.top_k, dtype="float32"), base=b)
+
     def preservation(copies=4, mode="random"):
         """An MoE of `copies` identical experts (the base's own checkpoint) against the base, fp32 logits."""
         import torch
 
         b = base()
-        up = upcycle(args.model, [Expert(str(b.path)) for _ in range(copies)],
-                     MoeConfig(gate_mode=mode, top_k=args.top_k, dtype="float32"), base=b)
+        up = base_copies(copies, mode)
         ids = torch.randint(5, b.model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             ref = b.model(input_ids=ids).logits
@@ -219,8 +224,7 @@ def run(args) -> list[dict]:
         """Routing and dispatch cost alone: an MoE of `copies` copies of the base (random gate, the study's top-k),
         speed only. Its shapes, and so its speed, are those of the specialists' MoE: only the values differ."""
         b = base()
-        up = upcycle(args.model, [Expert(str(b.path)) for _ in range(copies)],
-                     MoeConfig(gate_mode="random", top_k=args.top_k, dtype="float32"), base=b)
+        up = base_copies(copies)
         out = {"name": f"dispatch: MoE of {copies} base copies, top-{args.top_k}", "kind": "dispatch",
                "total_params": up.report["total_params"], "active_params": up.report["active_params"]}
         return with_ratios(out, up.model, b.model, b.model.config.vocab_size, args)
