@@ -252,19 +252,28 @@ def run(args) -> list[dict]:
             get_kind(m.kind).detach(base().model)
 
     rows.append(row("merge-ties", merge_row, needs=zoo.TASKS))
+    def moe_row(mode, trained, shared="base"):
+        cfg = MoeConfig(gate_mode=mode, top_k=args.top_k, router_steps=args.router_steps, shared=shared,
+                        batch_size=args.batch_size, max_length=args.max_length, bf16=True, dtype="float32")
+        up = upcycle(args.model, [Expert(str(members[t])) for t in names], cfg, base=base())
+        extra = {"kind": "moe", "gate_mode": mode, "router_trained": trained, "shared": shared,
+                 "total_params": up.report["total_params"], "active_params": up.report["active_params"]}
+        if trained:
+            extra["router_training"] = train_routers(up.model, up.tokenizer, up.report["expert_tasks"], cfg)
+        name = f"MoE {mode}" + (" + router training" if trained else "") + \
+            (f", shared={shared}" if shared != "base" else "")
+        # shared=average has the same shapes, so the same speed as its shared=base row
+        return measure(name, up.model, extra, speed_too=shared == "base")
+
     for mode in GATES:
         for trained in (False, True):
-            def moe_row(mode=mode, trained=trained):
-                cfg = MoeConfig(gate_mode=mode, top_k=args.top_k, router_steps=args.router_steps,
-                                batch_size=args.batch_size, max_length=args.max_length, bf16=True, dtype="float32")
-                up = upcycle(args.model, [Expert(str(members[t])) for t in names], cfg, base=base())
-                extra = {"kind": "moe", "gate_mode": mode, "router_trained": trained,
-                         "total_params": up.report["total_params"], "active_params": up.report["active_params"]}
-                if trained:
-                    extra["router_training"] = train_routers(up.model, up.tokenizer, up.report["expert_tasks"], cfg)
-                return measure(f"MoE {mode}" + (" + router training" if trained else ""), up.model, extra)
+            rows.append(row(f"moe-{mode}-{'trained' if trained else 'init'}-k{args.top_k}",
+                            lambda mode=mode, trained=trained: moe_row(mode, trained), needs=names))
+    # attention, norms and embeddings averaged over the specialists instead of the base's: whether the attention
+    # LoRA deltas that shared=base drops explain the gap to the specialists
+    rows.append(row(f"moe-hidden-trained-average-k{args.top_k}", lambda: moe_row("hidden", True, "average"),
+                    needs=names))
 
-            rows.append(row(f"moe-{mode}-{'trained' if trained else 'init'}-k{args.top_k}", moe_row, needs=names))
     for level in LEVELS:
         def mix_row(level=level):
             fams = [Patch.load(members[t]) for t in names]

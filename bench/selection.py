@@ -304,6 +304,16 @@ def goals(rows: list[dict]) -> list[str]:
             ok = r["noise_rate"] <= r["pool_noise_rate"] / 2
             out.append(f"- noise, {pool}, {s}: subset noise {r['noise_rate']:.3f} vs pool {r['pool_noise_rate']:.3f}"
                        f" -> goal (at most half) {'met' if ok else 'NOT met'}")
+    shed_noise = [(p, r["noise_rate"]) for (p, s), r in sel.items() if s.startswith("shed") and r["noise_rate"]]
+    if shed_noise:
+        knn = [f"{p} {r['noise_rate']:.3f}" for (p, s), r in sel.items() if s == "knn-shapley" and r["noise_rate"]]
+        out.append("- Why SHED's subsets keep the pool's noise: QOCS and QWCS take or leave whole clusters and take a "
+                   "cluster's members without looking at their labels, while the noisy pools flip labels "
+                   "independently of the text; so every cluster holds about the pool's share of flipped labels, and "
+                   "so does any union of clusters (SHED "
+                   + ", ".join(f"{p} {x:.3f}" for p, x in shed_noise) + "). A proxy's value can only say whether "
+                   "its cluster helps. Filtering label noise that is independent of the text needs a per-example "
+                   "score" + (f" (knn-shapley values each example: {', '.join(knn)})" if knn else "") + ".")
     tr = {(r["model"], r["pool"], r["selector"], r["budget"]): r for r in rows if r["kind"] == "training"
           and r["done"]}
     for model in dict.fromkeys(r["model"] for r in rows if r["kind"] == "training"):
