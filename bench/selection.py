@@ -259,17 +259,30 @@ def minutes(job: tuple) -> float:
     return MINUTES[f"train/{kind}"] * scale
 
 
+def majority_share(pool: str, sc: dict, indices: list[int]) -> float | None:
+    """The share of the subset's most common label (as given, flips included): a selector that skews toward one
+    class shows here (the pools' own share is in the `full` row)."""
+    task, _ = pool_task(pool, sc)
+    if task.kind != "classification" or not indices:
+        return None
+    counts: dict = {}
+    for i in indices:
+        counts[task.train[i]["label"]] = counts.get(task.train[i]["label"], 0) + 1
+    return max(counts.values()) / len(indices)
+
+
 def table_rows(cache: RowCache, sc: dict) -> list[dict]:
     """One row per (model, pool, selector, budget) and per selection, from whatever is cached."""
     rows = []
     for pool in POOLS:
         for s in selectors_for(pool):
             sel = cache.get(f"select/{pool}/{s}") or {}
+            share = majority_share(pool, sc, sel["indices"]) if sel else None
             rows.append({"name": f"select/{pool}/{s}", "kind": "selection", "pool": pool, "selector": s,
                          "model": sc["model"] if s in ("perplexity", "shed-lora") else "minilm-l6",
                          "n": sel.get("n"), "accuracy": None, "perplexity": None,
                          "probe_accuracy": sel.get("probe_accuracy"), "noise_rate": sel.get("noise_rate"),
-                         "pool_noise_rate": sel.get("pool_noise_rate"),
+                         "pool_noise_rate": sel.get("pool_noise_rate"), "majority_share": share,
                          "selection_seconds": sel.get("selection_seconds"), "utility_evaluations":
                          sel.get("evaluations"), "done": bool(sel)})
     for job in jobs(sc):
@@ -359,8 +372,9 @@ def page(rows: list[dict], sc: dict, pending: list[tuple]) -> str:
               "## Selections (no LM training)", "",
               "`noise_rate`: the share of flipped labels in the subset (the noisy pools hold 30%); `probe_accuracy`: "
               "test accuracy of a logistic regression on the subset's embeddings, a cheap stand-in for the LoRA "
-              "rows; `utility_evaluations`: SHED's utility calls.", "",
-              md_table(sel_rows, ["name", "n", "noise_rate", "probe_accuracy", "selection_seconds",
+              "rows; `majority_share`: the share of the subset's most common label (the `full` row: the pool's own); "
+              "`utility_evaluations`: SHED's utility calls.", "",
+              md_table(sel_rows, ["name", "n", "noise_rate", "majority_share", "probe_accuracy", "selection_seconds",
                                   "utility_evaluations"]), "",
               "## Training on the subsets", "",
               md_table(tr_rows, ["name", "n", "steps", "accuracy", "perplexity", "noise_rate", "selection_seconds",
