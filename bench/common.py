@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import sys
@@ -111,6 +112,19 @@ PLOTS_LINE = ("- plots: [`report.html`](report.html), every study's rows as plot
               "(`patchlm report docs/benchmarks/ --out docs/benchmarks/report.html --force`)")
 
 
+def json_safe(obj):
+    """obj with every non-finite float (inf, nan) as None: the page's JSON is strict JSON (`Infinity` is Python's
+    extension, which jq, browsers and most parsers refuse). The markdown table keeps `inf` where it means something,
+    e.g. a non-private row's epsilon."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_results(study: str, rows: list[dict], markdown: str, extra: dict | None = None,
                   suffix: str = "", cmd: str | None = None) -> tuple[Path, Path]:
     """Write docs/benchmarks/<study><suffix>.json and .md (the md gets a header with machine/command/date).
@@ -122,7 +136,7 @@ def write_results(study: str, rows: list[dict], markdown: str, extra: dict | Non
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     data = {**meta, **(extra or {}), "rows": rows}
     jf, mf = DOCS / f"{study}{suffix}.json", DOCS / f"{study}{suffix}.md"
-    jf.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    jf.write_text(json.dumps(json_safe(data), indent=2, default=str, allow_nan=False) + "\n")
     head = (f"# Benchmark: {study}\n\n- machine: {meta['machine']}\n- command: `{meta['command']}`\n"
             f"- date: {meta['date']}\n- raw rows: [`{jf.name}`]({jf.name})\n{PLOTS_LINE}\n\n")
     mf.write_text(head + markdown.strip() + "\n")

@@ -55,3 +55,13 @@ def test_a_study_without_measured_rows_writes_no_page(roots, monkeypatch):
     assert not (roots / "docs").exists()
     jf, mf = common.write_results("study", [{"name": "a", "x": 1}], "text")
     assert json.loads(jf.read_text())["rows"] == [{"name": "a", "x": 1}] and "- plots:" in mf.read_text()
+
+
+def test_the_page_json_is_strict_json(roots, monkeypatch):
+    """A non-private row's epsilon is inf: the JSON page says null (Python's `Infinity` is not JSON)."""
+    monkeypatch.setattr(common, "DOCS", roots / "docs")
+    jf, _ = common.write_results("study", [{"name": "a", "epsilon": float("inf"), "x": [1.0, float("nan")]}], "t")
+    text = jf.read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    row = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))["rows"][0]
+    assert row == {"name": "a", "epsilon": None, "x": [1.0, None]}
