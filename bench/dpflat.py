@@ -115,11 +115,45 @@ def train_run(task_name: str, method: str, eps: float | None, seed: int, lr: flo
         out.update({k: rec[k] for k in ("epsilon", "noise_multiplier", "train_loss") if k in rec})
         out.update({k: rec[k] for k in ("kept_layers", "num_layers") if k in rec})
     out["train_seconds"] = time.perf_counter() - t0
+    out["trainable_params"] = sum(p.numel() for p in params)
     base.model.eval()
     d = evaluate_classification(base.model, tok, task, examples=dev, bf16=True)
     t = evaluate_classification(base.model, tok, task, split="test", limit=sc["test"], bf16=True)
     out.update({"dev_accuracy": d["accuracy"], "test_accuracy": t["accuracy"], "test_macro_f1": t["macro_f1"],
                 "test_examples": t["n"]})
+    return out
+
+
+def lora_size(sc: dict) -> int:
+    """d, the number of trainable LoRA parameters of the study's recipe (q and v projections), from the model's
+    config: what the noise of a privatised gradient spreads over."""
+    import json
+
+    from patchlm.models.checkpoint import resolve_checkpoint
+
+    assert sc["lora"]["targets"] == "qv", sc["lora"]["targets"]
+    c = json.loads((resolve_checkpoint(sc["model"]) / "config.json").read_text())
+    h, heads = c["hidden_size"], c["num_attention_heads"]
+    hd = c.get("head_dim") or h // heads
+    q_out, v_out = heads * hd, c.get("num_key_value_heads", heads) * hd
+    return c["num_hidden_layers"] * sc["lora"]["r"] * ((h + q_out) + (h + v_out))
+
+
+def noise_ratios(sc: dict, n: int, eps: float, scales=(1, 4, 16, 64)) -> list[dict]:
+    """The accountant's noise multiplier sigma for the study's steps at each expected batch B, and sigma sqrt(d) / B:
+    the privatised mean gradient's noise norm over the largest norm its signal can have (C, the clipping norm).
+    Above 1, every step is mostly noise, whatever the optimizer does with it."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from patchlm.federated.privacy import default_delta
+
+    d = lora_size(sc)
+    out = []
+    for b in (sc["batch"] * k for k in scales):
+        sigma = get_noise_multiplier(target_epsilon=eps, target_delta=default_delta(n), sample_rate=min(1.0, b / n),
+                                     steps=sc["steps"], accountant="rdp")
+        out.append({"batch": b, "epsilon": eps, "noise_multiplier": sigma, "noise_to_signal": sigma * d ** 0.5 / b,
+                    "epochs": sc["steps"] * b / n})
     return out
 
 
@@ -184,6 +218,25 @@ def page(summary: list[dict], rows: list[dict], missing: list[str], sc: dict) ->
             "per run, as papers report it; the search's cost is that bound.", "",
             f"Test: the first {sc['test']} test examples (accuracy and macro-F1; sms_spam is 87% ham, so its "
             "macro-F1 says more).", ""]
+    sizes = {r["task"]: r["train_examples"] for r in rows}
+    if sizes:
+        d = lora_size(sc)
+        out += ["## How much of a step is noise", "",
+                f"A privatised step averages the clipped per-example gradients (each of norm at most C) and adds "
+                f"Gaussian noise of std sigma C per coordinate, over d = {d:,} LoRA parameters: the noise's norm is "
+                f"about sigma C sqrt(d) / B against at most C for the signal. The accountant's sigma for the study's "
+                f"{sc['steps']} steps at epsilon 3, by expected batch B (the study runs B = {sc['batch']}):", ""]
+        for task, n in sizes.items():
+            ratios = noise_ratios(sc, n, 3.0)
+            out += [f"{task} (n = {n:,}):", "",
+                    md_table(ratios, ["batch", "epochs", "noise_multiplier", "noise_to_signal"]), ""]
+            r0, best = ratios[0]["noise_to_signal"], min(ratios, key=lambda r: r["noise_to_signal"])
+            if r0 > 2:
+                out += [f"At the study's B = {sc['batch']} the noise is {r0:.1f} times the largest signal, so "
+                        "every step is mostly noise; DP-Flat's parts change where the model sits and what it learns "
+                        f"from public data, not this ratio. B = {best['batch']} would bring it to {best['noise_to_signal']:.1f} at "
+                        f"{best['batch'] // sc['batch']} times the compute per step (sigma grows more slowly than B "
+                        "at these sampling rates).", ""]
     out += ["## Chosen runs", "",
             md_table(rows, ["task", "method", "epsilon_target", "seed", "lr", "clip", "noise_multiplier",
                             "epsilon", "dev_accuracy", "test_accuracy", "train_seconds"]), ""]

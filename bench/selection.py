@@ -333,19 +333,24 @@ def goals(rows: list[dict]) -> list[str]:
         for pool in POOLS:
             metric = "perplexity" if pool == "sharegpt" else "accuracy"
             for budget in ("epochs", "steps"):
-                shed, rnd = tr.get((model, pool, "shed-lora", budget)), tr.get((model, pool, "random", budget))
-                full = tr.get((model, pool, "full", "epochs"))
-                if not (shed and rnd and full):
-                    out.append(f"- SHED vs random/full, {model}, {pool}, equal {budget}: pending")
-                    continue
-                a, b, f = shed[metric], rnd[metric], full[metric]
-                if metric == "accuracy":
-                    out.append(f"- {model}, {pool}, equal {budget}: SHED {a:.3f}, random {b:.3f}, full {f:.3f}: "
-                               f"beats random by 2 points {'yes' if a - b >= 0.02 else 'NO'}, matches full "
-                               f"{'yes' if a >= f else 'NO'}")
-                else:
-                    out.append(f"- {model}, {pool}, equal {budget}: perplexity SHED {a:.2f}, random {b:.2f}, full "
-                               f"{f:.2f}")
+                rnd, full = tr.get((model, pool, "random", budget)), tr.get((model, pool, "full", "epochs"))
+                for s in ("shed-lora", "shed-probe", "shed-coverage"):
+                    if s not in selectors_for(pool):
+                        continue
+                    shed = tr.get((model, pool, s, budget))
+                    if not (shed and rnd):
+                        out.append(f"- {s} vs random/full, {model}, {pool}, equal {budget}: pending")
+                        continue
+                    a, b = shed[metric], rnd[metric]
+                    f = full[metric] if full else None
+                    if metric == "accuracy":
+                        out.append(f"- {model}, {pool}, equal {budget}: {s} {a:.3f}, random {b:.3f}, full "
+                                   + (f"{f:.3f}" if full else "pending") + f": beats random by 2 points "
+                                   f"{'yes' if a - b >= 0.02 else 'NO'} ({100 * (a - b):+.1f}), matches full "
+                                   + (("yes" if a >= f else "NO") if full else "pending"))
+                    else:
+                        out.append(f"- {model}, {pool}, equal {budget}: perplexity {s} {a:.2f}, random {b:.2f}, "
+                                   "full " + (f"{f:.2f}" if full else "pending"))
     return out
 
 
