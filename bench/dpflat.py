@@ -233,8 +233,10 @@ def page(summary: list[dict], rows: list[dict], missing: list[str], sc: dict) ->
             r0, best = ratios[0]["noise_to_signal"], min(ratios, key=lambda r: r["noise_to_signal"])
             if r0 > 2:
                 out += [f"At the study's B = {sc['batch']} the noise is {r0:.1f} times the largest signal, so "
-                        "every step is mostly noise; DP-Flat's parts change where the model sits and what it learns "
-                        f"from public data, not this ratio. B = {best['batch']} would bring it to {best['noise_to_signal']:.1f} at "
+                        "every step is mostly noise (over the run the signal adds up step by step and the noise only "
+                        f"as the square root of the steps, {sc['steps'] ** 0.5:.0f} times less at {sc['steps']} "
+                        "steps: what a higher learning rate lets DP-SGD use). DP-Flat's parts change where the model "
+                        f"sits and what it learns from public data, not this ratio. B = {best['batch']} would bring it to {best['noise_to_signal']:.1f} at "
                         f"{best['batch'] // sc['batch']} times the compute per step (sigma grows more slowly than B "
                         "at these sampling rates).", ""]
     out += ["## Chosen runs", "",
