@@ -115,7 +115,6 @@ def train_run(task_name: str, method: str, eps: float | None, seed: int, lr: flo
         out.update({k: rec[k] for k in ("epsilon", "noise_multiplier", "train_loss") if k in rec})
         out.update({k: rec[k] for k in ("kept_layers", "num_layers") if k in rec})
     out["train_seconds"] = time.perf_counter() - t0
-    out["trainable_params"] = sum(p.numel() for p in params)
     base.model.eval()
     d = evaluate_classification(base.model, tok, task, examples=dev, bf16=True)
     t = evaluate_classification(base.model, tok, task, split="test", limit=sc["test"], bf16=True)
@@ -125,21 +124,23 @@ def train_run(task_name: str, method: str, eps: float | None, seed: int, lr: flo
 
 
 def lora_size(sc: dict) -> int:
-    """d, the number of trainable LoRA parameters of the study's recipe (q and v projections), from the model's
-    config: what the noise of a privatised gradient spreads over."""
-    import json
+    """d, the study's trainable LoRA parameters: what the noise of a privatised gradient spreads over. Counted by
+    attaching the study's LoRA (the one the runs train) to the model built on the meta device: no weights load."""
+    import torch
+    import transformers
 
+    from patchlm.adapters.lora import LoraKind
     from patchlm.models.checkpoint import resolve_checkpoint
 
-    assert sc["lora"]["targets"] == "qv", sc["lora"]["targets"]
-    c = json.loads((resolve_checkpoint(sc["model"]) / "config.json").read_text())
-    h, heads = c["hidden_size"], c["num_attention_heads"]
-    hd = c.get("head_dim") or h // heads
-    q_out, v_out = heads * hd, c.get("num_key_value_heads", heads) * hd
-    return c["num_hidden_layers"] * sc["lora"]["r"] * ((h + q_out) + (h + v_out))
+    config = transformers.AutoConfig.from_pretrained(resolve_checkpoint(sc["model"]))
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    kind = LoraKind()
+    kind.attach(model, dict(sc["lora"]), None, seed=0)
+    return sum(p.numel() for p in kind.trainable_parameters(model))
 
 
-def noise_ratios(sc: dict, n: int, eps: float, scales=(1, 4, 16, 64)) -> list[dict]:
+def noise_ratios(sc: dict, n: int, d: int, eps: float, scales=(1, 4, 16, 64)) -> list[dict]:
     """The accountant's noise multiplier sigma for the study's steps at each expected batch B, and sigma sqrt(d) / B:
     the privatised mean gradient's noise norm over the largest norm its signal can have (C, the clipping norm).
     Above 1, every step is mostly noise, whatever the optimizer does with it."""
@@ -147,7 +148,6 @@ def noise_ratios(sc: dict, n: int, eps: float, scales=(1, 4, 16, 64)) -> list[di
 
     from patchlm.federated.privacy import default_delta
 
-    d = lora_size(sc)
     out = []
     for b in (sc["batch"] * k for k in scales):
         sigma = get_noise_multiplier(target_epsilon=eps, target_delta=default_delta(n), sample_rate=min(1.0, b / n),
@@ -187,7 +187,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def page(summary: list[dict], rows: list[dict], missing: list[str], sc: dict) -> str:
+def page(summary: list[dict], rows: list[dict], runs: list[dict], missing: list[str], sc: dict) -> str:
     k = len(sc["grid"]["lr"]) * len(sc["grid"]["clip"])
     out = ["DP-Flat against DP-SGD and non-private LoRA, centralised (one private training set, one RDP "
            "accountant). " + (f"**Partial**: {len(missing)} of the study's rows are still to run "
@@ -227,7 +227,7 @@ def page(summary: list[dict], rows: list[dict], missing: list[str], sc: dict) ->
                 f"about sigma C sqrt(d) / B against at most C for the signal. The accountant's sigma for the study's "
                 f"{sc['steps']} steps at epsilon 3, by expected batch B (the study runs B = {sc['batch']}):", ""]
         for task, n in sizes.items():
-            ratios = noise_ratios(sc, n, 3.0)
+            ratios = noise_ratios(sc, n, d, 3.0)
             out += [f"{task} (n = {n:,}):", "",
                     md_table(ratios, ["batch", "epochs", "noise_multiplier", "noise_to_signal"]), ""]
             r0, best = ratios[0]["noise_to_signal"], min(ratios, key=lambda r: r["noise_to_signal"])
@@ -236,12 +236,15 @@ def page(summary: list[dict], rows: list[dict], missing: list[str], sc: dict) ->
                         "every step is mostly noise (over the run the signal adds up step by step and the noise only "
                         f"as the square root of the steps, {sc['steps'] ** 0.5:.0f} times less at {sc['steps']} "
                         "steps: what a higher learning rate lets DP-SGD use). DP-Flat's parts change where the model "
-                        f"sits and what it learns from public data, not this ratio. B = {best['batch']} would bring it to {best['noise_to_signal']:.1f} at "
-                        f"{best['batch'] // sc['batch']} times the compute per step (sigma grows more slowly than B "
-                        "at these sampling rates).", ""]
+                        f"sits and what it learns from public data, not this ratio. B = {best['batch']} would bring "
+                        f"it to {best['noise_to_signal']:.1f} at {best['batch'] // sc['batch']} times the compute "
+                        "per step (sigma grows more slowly than B at these sampling rates).", ""]
     out += ["## Chosen runs", "",
             md_table(rows, ["task", "method", "epsilon_target", "seed", "lr", "clip", "noise_multiplier",
                             "epsilon", "dev_accuracy", "test_accuracy", "train_seconds"]), ""]
+    out += ["## Every grid point (the rows of complete grids)", "",
+            md_table(runs, ["task", "method", "epsilon_target", "seed", "lr", "clip", "train_loss", "dev_accuracy",
+                            "test_accuracy", "test_macro_f1"]), ""]
     if missing:
         out += ["## Rows still to run", "", ", ".join(missing), ""]
     return "\n".join(out)
@@ -258,7 +261,7 @@ def main() -> None:
     tasks, seeds = (TASKS[:1], SEEDS[:1]) if a.quick else (TASKS, SEEDS)
     cache = RowCache("dpflat", sc["tag"], committed=True)
     pats = [p for p in a.rows.split(",") if p]
-    rows, missing = [], []
+    rows, grid_runs, missing = [], [], []
     for task, seed, method in itertools.product(tasks, seeds, METHODS):
         for eps in ([None] if METHODS[method] is None else EPSILONS):
             runs = []
@@ -273,15 +276,17 @@ def main() -> None:
                     runs.append(hit)
             if len(runs) == len(grid(sc, method)):
                 rows.append(chosen(runs))
+                grid_runs += runs
             else:
                 missing.append(run_key(task, method, eps, seed, 0, 0).rsplit("/", 1)[0])
     summary = summarise(rows)
-    text = page(summary, rows, missing, sc) if rows else ""
+    text = page(summary, rows, grid_runs, missing, sc) if rows else ""
     if a.quick:
         print(text)
     elif rows:
         write_results("dpflat", rows, text, extra={"summary": summary, "partial": bool(missing),
-                                                    "missing_rows": missing, "scale": sc})
+                                                    "missing_rows": missing, "scale": sc},
+                      cmd="python bench/dpflat.py")  # the rows' command, also when --page-only or --rows writes it
     else:
         log("no row measured yet: no page written")
 

@@ -252,6 +252,7 @@ def run(args) -> list[dict]:
             get_kind(m.kind).detach(base().model)
 
     rows.append(row("merge-ties", merge_row, needs=zoo.TASKS))
+
     def moe_row(mode, trained, shared="base"):
         cfg = MoeConfig(gate_mode=mode, top_k=args.top_k, router_steps=args.router_steps, shared=shared,
                         batch_size=args.batch_size, max_length=args.max_length, bf16=True, dtype="float32")

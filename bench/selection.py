@@ -25,6 +25,7 @@ import math
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -265,10 +266,7 @@ def majority_share(pool: str, sc: dict, indices: list[int]) -> float | None:
     task, _ = pool_task(pool, sc)
     if task.kind != "classification" or not indices:
         return None
-    counts: dict = {}
-    for i in indices:
-        counts[task.train[i]["label"]] = counts.get(task.train[i]["label"], 0) + 1
-    return max(counts.values()) / len(indices)
+    return Counter(task.train[i]["label"] for i in indices).most_common(1)[0][1] / len(indices)
 
 
 def table_rows(cache: RowCache, sc: dict) -> list[dict]:
@@ -317,9 +315,10 @@ def goals(rows: list[dict]) -> list[str]:
             ok = r["noise_rate"] <= r["pool_noise_rate"] / 2
             out.append(f"- noise, {pool}, {s}: subset noise {r['noise_rate']:.3f} vs pool {r['pool_noise_rate']:.3f}"
                        f" -> goal (at most half) {'met' if ok else 'NOT met'}")
-    shed_noise = [(p, r["noise_rate"]) for (p, s), r in sel.items() if s.startswith("shed") and r["noise_rate"]]
+    noisy = {k: r["noise_rate"] for k, r in sel.items() if r["noise_rate"] is not None}
+    shed_noise = [(p, x) for (p, s), x in noisy.items() if s.startswith("shed")]
     if shed_noise:
-        knn = [f"{p} {r['noise_rate']:.3f}" for (p, s), r in sel.items() if s == "knn-shapley" and r["noise_rate"]]
+        knn = [f"{p} {x:.3f}" for (p, s), x in noisy.items() if s == "knn-shapley"]
         out.append("- Why SHED's subsets keep the pool's noise: QOCS and QWCS take or leave whole clusters and take a "
                    "cluster's members without looking at their labels, while the noisy pools flip labels "
                    "independently of the text; so every cluster holds about the pool's share of flipped labels, and "
@@ -412,7 +411,8 @@ def main() -> None:
     if a.quick:
         print(text)
         return
-    write_results("select", rows, text, extra={"partial": bool(pending), "pending": [key(j) for j in pending]})
+    write_results("select", rows, text, extra={"partial": bool(pending), "pending": [key(j) for j in pending]},
+                  cmd="python bench/selection.py")  # the rows' command, also when --page or --rows writes it
 
 
 if __name__ == "__main__":
