@@ -113,7 +113,7 @@ def train_run(task_name: str, method: str, eps: float | None, seed: int, lr: flo
         rec = dp_train(base.model, params, feats, pad, steps=sc["steps"], batch_size=sc["batch"], lr=lr, dp=dp,
                        seed=seed, bf16=True, lora_modules=mods, public_feats=public, log=None)
         out.update({k: rec[k] for k in ("epsilon", "noise_multiplier", "train_loss") if k in rec})
-        out.update({k: rec[k] for k in ("kept_layers", "num_layers") if k in rec})
+        out.update({k: rec[k] for k in ("kept_layers", "num_layers", "layer_sharpness_change") if k in rec})
     out["train_seconds"] = time.perf_counter() - t0
     base.model.eval()
     d = evaluate_classification(base.model, tok, task, examples=dev, bf16=True)

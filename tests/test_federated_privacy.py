@@ -133,6 +133,8 @@ def test_dp_flat_keeps_chosen_layers_and_stays_private(tiny, toy_task):
                    dp=DPConfig(noise_multiplier=1.0, flat=True, flat_keep=0.5, teacher_steps=2), seed=0,
                    lora_modules=mods, public_feats=feats[:8])
     assert rec["flat"] and len(rec["kept_layers"]) == 2 and rec["num_layers"] == 4
+    scores = rec["layer_sharpness_change"]  # the kept layers are the two whose removal sharpens the loss most
+    assert len(scores) == 4 and set(rec["kept_layers"]) == set(sorted(scores, key=lambda k: -scores[k])[:2])
     for name, m in mods.items():
         if _layer_of(name) in rec["kept_layers"]:
             assert m.lora_B.abs().max() > 0

@@ -88,9 +88,9 @@ def _layer_of(name: str) -> str:
 
 
 def flatness_layer_choice(model, modules: dict[str, torch.nn.Module], batch, keep: float, seed: int,
-                          amp, rho: float = 0.5, draws: int = 2) -> list[str]:
+                          amp, rho: float = 0.5, draws: int = 2, scores: dict[str, float] | None = None) -> list[str]:
     """Layers to keep: those whose adapter's removal makes the (public-data) loss sharpest. `amp()` gives the
-    autocast context."""
+    autocast context. `scores`, when given, receives each layer's sharpness change on removal (the ranking key)."""
     layers: dict[str, list[str]] = {}
     for n in modules:
         layers.setdefault(_layer_of(n), []).append(n)
@@ -110,6 +110,8 @@ def flatness_layer_choice(model, modules: dict[str, torch.nn.Module], batch, kee
         with torch.no_grad():
             for b, v in saved:
                 b.copy_(v)
+    if scores is not None:
+        scores.update(hurt)
     k = max(1, round(keep * len(layers)))
     return sorted(sorted(hurt, key=lambda lay: -hurt[lay])[:k])
 
@@ -264,8 +266,10 @@ def dp_train(model, params: list[torch.nn.Parameter], feats: list[dict], pad_id:
         kept = layers
         if dp.has("layers"):
             pub_batch = to_device(collate(public_feats[:batch_size], pad_id), device)
+            hurt: dict[str, float] = {}
             kept = flatness_layer_choice(model, lora_modules, pub_batch, dp.flat_keep, seed,
-                                         lambda: autocast(device, bf16))
+                                         lambda: autocast(device, bf16), scores=hurt)
+            record["layer_sharpness_change"] = hurt
         # reset the adapter to its initial state; freeze dropped layers (B stays 0, no noise spent on them)
         with torch.no_grad():
             for p, (init, _) in zip(params, teacher_state, strict=True):
