@@ -187,7 +187,30 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def page(summary: list[dict], rows: list[dict], runs: list[dict], missing: list[str], sc: dict) -> str:
+def ablation(rows: list[dict], every: list[dict]) -> list[dict]:
+    """Every method's run at the grid point that flat-all chose (same task, epsilon, seed, lr and clip), with its
+    change against DP-SGD at that same point: the parts compared at equal hyperparameters, partial grids included."""
+    out = []
+    for fa in (r for r in rows if r["method"] == "flat-all"):
+        at = {r["method"]: r for r in every if (r["task"], r["epsilon_target"], r["seed"], r["lr"], r["clip"])
+              == (fa["task"], fa["epsilon_target"], fa["seed"], fa["lr"], fa["clip"])}
+        ref = at.get("dp-sgd")
+        for m in METHODS:
+            if m in at:
+                r = at[m]
+                out.append({"task": r["task"], "epsilon_target": r["epsilon_target"], "seed": r["seed"],
+                            "lr": r["lr"], "clip": r["clip"], "method": m, "parts": METHODS[m],
+                            "kept_layers": len(r["kept_layers"]) if "kept_layers" in r else None,
+                            "dev_accuracy": r["dev_accuracy"], "test_accuracy": r["test_accuracy"],
+                            "test_macro_f1": r["test_macro_f1"],
+                            "vs_dp_sgd": None if ref is None else r["test_accuracy"] - ref["test_accuracy"]})
+    return out
+
+
+def page(summary: list[dict], rows: list[dict], runs: list[dict], missing: list[str], sc: dict,
+         every: list[dict] | None = None) -> str:
+    """The study's page; `every`: every cached run, partial grids included (for the ablation at one point)."""
+    abl = ablation(rows, every or [])
     k = len(sc["grid"]["lr"]) * len(sc["grid"]["clip"])
     out = ["DP-Flat against DP-SGD and non-private LoRA, centralised (one private training set, one RDP "
            "accountant). " + (f"**Partial**: {len(missing)} of the study's rows are still to run "
@@ -242,6 +265,27 @@ def page(summary: list[dict], rows: list[dict], runs: list[dict], missing: list[
     out += ["## Chosen runs", "",
             md_table(rows, ["task", "method", "epsilon_target", "seed", "lr", "clip", "noise_multiplier",
                             "epsilon", "dev_accuracy", "test_accuracy", "train_seconds"]), ""]
+    if abl:
+        out += ["## Each part at flat-all's chosen grid point", "",
+                "The parts compared at equal hyperparameters: every run at the (lr, clip) that flat-all chose on "
+                "dev data, partial grids included (a part alone may not have its whole grid yet; its own "
+                "dev-chosen point could differ). vs_dp_sgd: test accuracy minus DP-SGD's at the same point. With "
+                f"{sc['test']} test examples a binomial standard error is about "
+                f"{100 * (0.8 * 0.2 / sc['test']) ** 0.5:.1f} points, so a difference under about 4 points is not "
+                "resolved by one seed.", "",
+                md_table(abl, ["task", "epsilon_target", "seed", "lr", "clip", "method", "parts", "kept_layers",
+                               "dev_accuracy", "test_accuracy", "test_macro_f1", "vs_dp_sgd"]), ""]
+        scored = [r for r in every or [] if r.get("layer_sharpness_change")]
+        if scored:
+            r = scored[0]
+            h = r["layer_sharpness_change"]
+            order = sorted(h, key=lambda lay: int(lay.rsplit(".", 1)[-1]) if lay.rsplit(".", 1)[-1].isdigit()
+                           else 0)
+            out += ["The flatness choice's score per layer (sharpness change on the public batch when the "
+                    f"layer's adapter is removed; the {len(r['kept_layers'])} highest are kept), from "
+                    f"{r['task']} {r['method']} lr {r['lr']:g}:", "",
+                    md_table([{"layer": lay, "sharpness_change": h[lay], "kept": lay in r["kept_layers"]}
+                              for lay in order], ["layer", "sharpness_change", "kept"]), ""]
     out += ["## Every grid point (the rows of complete grids)", "",
             md_table(runs, ["task", "method", "epsilon_target", "seed", "lr", "clip", "train_loss", "dev_accuracy",
                             "test_accuracy", "test_macro_f1"]), ""]
@@ -261,7 +305,7 @@ def main() -> None:
     tasks, seeds = (TASKS[:1], SEEDS[:1]) if a.quick else (TASKS, SEEDS)
     cache = RowCache("dpflat", sc["tag"], committed=True)
     pats = [p for p in a.rows.split(",") if p]
-    rows, grid_runs, missing = [], [], []
+    rows, grid_runs, every, missing = [], [], [], []
     for task, seed, method in itertools.product(tasks, seeds, METHODS):
         for eps in ([None] if METHODS[method] is None else EPSILONS):
             runs = []
@@ -274,13 +318,14 @@ def main() -> None:
                                     train_run(t, m, e, s, lr, c, sc))
                 if hit is not None:
                     runs.append(hit)
+                    every.append(hit)
             if len(runs) == len(grid(sc, method)):
                 rows.append(chosen(runs))
                 grid_runs += runs
             else:
                 missing.append(run_key(task, method, eps, seed, 0, 0).rsplit("/", 1)[0])
     summary = summarise(rows)
-    text = page(summary, rows, grid_runs, missing, sc) if rows else ""
+    text = page(summary, rows, grid_runs, missing, sc, every) if rows else ""
     if a.quick:
         print(text)
     elif rows:
