@@ -70,12 +70,13 @@ def _sharpness(model, params: list[torch.nn.Parameter], batch, rho: float, draws
             noises = []
             for p in params:
                 scale = rho * (float(p.detach().float().abs().mean()) + 1e-8)
-                e = torch.randn(p.shape, generator=gen) * scale
-                p.add_(e.to(p.dtype))
+                # drawn on the CPU generator, so the choice is the same on any device
+                e = (torch.randn(p.shape, generator=gen) * scale).to(device=p.device, dtype=p.dtype)
+                p.add_(e)
                 noises.append(e)
             tot += float(per_example_loss(model, batch).mean())
             for p, e in zip(params, noises, strict=True):
-                p.sub_(e.to(p.dtype))
+                p.sub_(e)
     return tot / draws - base
 
 
