@@ -187,6 +187,28 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def choice_sensitivity(summary: list[dict], rows: list[dict], runs: list[dict], sc: dict) -> list[str]:
+    """How firmly dev data chose flat-all's grid point: its dev margin in examples, and the share of the DP-SGD gap
+    each of its grid points closes on test (a diagnosis of the choice, not a result: picking by test is not allowed)."""
+    by = {(s["task"], s["method"], s["epsilon_target"]): s for s in summary}
+    out = []
+    for r in (x for x in rows if x["method"] == "flat-all"):
+        lo, hi = by.get((r["task"], "dp-sgd", r["epsilon_target"])), by.get((r["task"], "nonprivate", None))
+        if not lo or not hi or hi["test_accuracy"] == lo["test_accuracy"]:
+            continue
+        pts = [x for x in runs if (x["task"], x["method"], x["epsilon_target"], x["seed"])
+               == (r["task"], "flat-all", r["epsilon_target"], r["seed"])]
+        others = [x["dev_accuracy"] for x in pts if (x["lr"], x["clip"]) != (r["lr"], r["clip"])]
+        margin = round((r["dev_accuracy"] - max(others)) * sc["dev"]) if others else None
+        gap = hi["test_accuracy"] - lo["test_accuracy"]
+        closes = ", ".join(f"lr {x['lr']:g} clip {x['clip']:g}: {(x['test_accuracy'] - lo['test_accuracy']) / gap:.2f}"
+                           for x in pts)
+        out.append(f"{r['task']} epsilon {r['epsilon_target']:g} seed {r['seed']}: dev chose lr {r['lr']:g} clip "
+                   f"{r['clip']:g} by {margin} of {sc['dev']} dev examples over the runner-up; the gap each grid "
+                   f"point closes on test (diagnosis only) is {closes}.")
+    return ["How firm the choice is:", "", *[f"- {x}" for x in out], ""] if out else []
+
+
 def ablation(rows: list[dict], every: list[dict]) -> list[dict]:
     """Every method's run at the grid point that flat-all chose (same task, epsilon, seed, lr and clip), with its
     change against DP-SGD at that same point: the parts compared at equal hyperparameters, partial grids included."""
@@ -226,6 +248,7 @@ def page(summary: list[dict], rows: list[dict], runs: list[dict], missing: list[
             "epsilon 3: " + ("; ".join(f"{s['task']} {s['gap_closed']:.2f} "
                                        f"({'met' if s['gap_closed'] >= 0.5 else 'not met'})" for s in hits)
                              if hits else "not measured yet") + ".", ""]
+    out += choice_sensitivity(summary, rows, runs, sc)
     out += ["## Setup", "",
             f"Model {sc['model']}; LoRA r {sc['lora']['r']}, alpha {sc['lora']['alpha']} on "
             f"{sc['lora']['targets']}; {sc['steps']} Poisson-sampled steps of expected batch {sc['batch']} "
