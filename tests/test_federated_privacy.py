@@ -123,6 +123,29 @@ def test_dp_config_errors_name_the_field():
     assert FedConfig().dp_config() == DPConfig()
 
 
+def test_flatness_choice_sees_the_perturbations_under_bf16(toy_task):
+    """Regression: autocast caches its bf16 copies of the float32 adapter until its context exits, so scoring all
+    perturbed losses in one context gave every layer a sharpness change of exactly 0 under bf16 (and the choice
+    fell back to the first layers in module order). Each loss now has its own context: bf16 ranks as float32."""
+    from patchlm.federated.privacy import DPConfig, dp_train
+    from patchlm.models import load_base
+
+    recs = {}
+    for bf16 in (False, True):
+        base = load_base("tiny-random-llama")
+        params, mods = attach_lora(base)
+        feats = toy_features(base, toy_task)
+        torch.manual_seed(0)
+        recs[bf16] = dp_train(base.model, params, feats, base.tokenizer.pad_token_id, steps=2, batch_size=8,
+                              lr=1e-2, dp=DPConfig(noise_multiplier=1.0, flat=True, flat_parts="layers",
+                                                   teacher_steps=5), seed=0, lora_modules=mods,
+                              public_feats=feats[:8], bf16=bf16)
+    s16, s32 = recs[True]["layer_sharpness_change"], recs[False]["layer_sharpness_change"]
+    assert len(set(s16.values())) == len(s16) == 4  # distinct scores, not a tie of zeros
+    assert recs[True]["kept_layers"] == recs[False]["kept_layers"]
+    assert sorted(s16, key=s16.get) == sorted(s32, key=s32.get)
+
+
 def test_dp_flat_keeps_chosen_layers_and_stays_private(tiny, toy_task):
     from patchlm.federated.privacy import DPConfig, _layer_of, dp_train
 

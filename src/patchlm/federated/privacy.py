@@ -62,9 +62,17 @@ def total_epsilon(history: list[tuple[float, float, int]], delta: float) -> floa
 # ---------------------------------------------------------------- DP-Flat helpers
 def _sharpness(model, params: list[torch.nn.Parameter], batch, rho: float, draws: int, gen: torch.Generator,
                amp) -> float:
-    """E[L(w + eps)] - L(w) with eps ~ N(0, (rho |w|)^2) on the given adapter tensors (no grad)."""
-    with torch.no_grad(), amp():
-        base = float(per_example_loss(model, batch).mean())
+    """E[L(w + eps)] - L(w) with eps ~ N(0, (rho |w|)^2) on the given adapter tensors (no grad).
+
+    Each loss runs in its own autocast context: autocast caches its bf16 copies of the float32 weights until the
+    context exits, so losses taken in one context would all see the first weights (every score 0 under bf16)."""
+
+    def loss() -> float:
+        with amp():
+            return float(per_example_loss(model, batch).mean())
+
+    with torch.no_grad():
+        base = loss()
         tot = 0.0
         for _ in range(draws):
             noises = []
@@ -74,7 +82,7 @@ def _sharpness(model, params: list[torch.nn.Parameter], batch, rho: float, draws
                 e = (torch.randn(p.shape, generator=gen) * scale).to(device=p.device, dtype=p.dtype)
                 p.add_(e)
                 noises.append(e)
-            tot += float(per_example_loss(model, batch).mean())
+            tot += loss()
             for p, e in zip(params, noises, strict=True):
                 p.sub_(e)
     return tot / draws - base
