@@ -299,6 +299,13 @@ def page(summary: list[dict], rows: list[dict], runs: list[dict], missing: list[
                 "of a few points.", "",
                 md_table(abl, ["task", "epsilon_target", "seed", "lr", "clip", "method", "parts", "kept_layers",
                                "dev_accuracy", "test_accuracy", "test_macro_f1", "vs_dp_sgd"]), ""]
+        groups: dict[tuple, list[str]] = {}
+        for a in abl:
+            if a["method"] != "dp-sgd":
+                groups.setdefault((a["task"], a["epsilon_target"], a["seed"]), []).append(
+                    f"{a['method']} {100 * a['vs_dp_sgd']:+.1f}")
+        out += [f"Points against DP-SGD, {t} epsilon {e:g} seed {sd}: " + ", ".join(v) + "." for (t, e, sd), v
+                in groups.items()] + [""]
         pts = {(a["task"], a["epsilon_target"], a["seed"], a["lr"], a["clip"]) for a in abl}
         scored = sorted((r for r in every or [] if r.get("layer_sharpness_change")),  # the ablation's point first
                         key=lambda r: (r["task"], r["epsilon_target"], r["seed"], r["lr"], r["clip"]) not in pts)
@@ -309,7 +316,11 @@ def page(summary: list[dict], rows: list[dict], runs: list[dict], missing: list[
                            else 0)
             out += ["The flatness choice's score per layer (sharpness change on the public batch when the "
                     f"layer's adapter is removed; the {len(r['kept_layers'])} highest are kept), from "
-                    f"{r['task']} {r['method']} lr {r['lr']:g}:", "",
+                    f"{r['task']} {r['method']} lr {r['lr']:g} clip {r['clip']:g}. The scores run from "
+                    f"{min(h.values()):.4f} to {max(h.values()):.4f} ({sum(v < 0 for v in h.values())} of {len(h)} "
+                    "negative: removing those layers' adapters made the loss flatter). Each is a difference of "
+                    "two-draw Monte-Carlo estimates on one public batch (the same draws for every layer, a paired "
+                    "comparison); how much of the ranking is estimate noise is not measured yet.", "",
                     md_table([{"layer": lay, "sharpness_change": h[lay], "kept": lay in r["kept_layers"]}
                               for lay in order], ["layer", "sharpness_change", "kept"]), ""]
     out += ["## Every grid point (the rows of complete grids)", "",
