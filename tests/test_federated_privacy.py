@@ -146,6 +146,32 @@ def test_flatness_choice_sees_the_perturbations_under_bf16(toy_task):
     assert sorted(s16, key=s16.get) == sorted(s32, key=s32.get)
 
 
+def test_flatness_scores_are_paired_per_draw_estimates_whose_mean_is_the_choice_key(tiny, toy_task):
+    from contextlib import nullcontext
+
+    from patchlm.data.features import collate
+    from patchlm.federated.privacy import flatness_layer_choice, flatness_scores
+
+    params, mods = attach_lora(tiny)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in mods.values():
+            m.lora_B.normal_(0, 0.5)  # a trained-looking adapter: removing a layer's part changes the loss
+    before = [p.detach().clone() for p in params]
+    batch = collate(toy_features(tiny, toy_task)[:8], tiny.tokenizer.pad_token_id)
+    per = flatness_scores(tiny.model, mods, batch, seed=1, amp=nullcontext, draws=4)
+    assert sorted(per) == [f"model.layers.{i}" for i in range(4)] and all(len(v) == 4 for v in per.values())
+    assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))  # every move undone exactly
+    assert len({x for v in per.values() for x in v}) == 16  # each draw its own estimate
+    two = flatness_scores(tiny.model, mods, batch, seed=1, amp=nullcontext, draws=2)
+    for lay, v in two.items():  # the same seed gives the same first draws: a run with more draws extends it
+        assert v == pytest.approx(per[lay][:2], abs=1e-12)
+    key: dict[str, float] = {}
+    kept = flatness_layer_choice(tiny.model, mods, batch, 0.5, seed=1, amp=nullcontext, draws=4, scores=key)
+    assert key == pytest.approx({lay: sum(v) / 4 for lay, v in per.items()}, abs=1e-12)
+    assert kept == sorted(sorted(key, key=lambda lay: -key[lay])[:2])
+
+
 def test_dp_flat_keeps_chosen_layers_and_stays_private(tiny, toy_task):
     from patchlm.federated.privacy import DPConfig, _layer_of, dp_train
 
@@ -166,6 +192,22 @@ def test_dp_flat_keeps_chosen_layers_and_stays_private(tiny, toy_task):
     assert 0 < rec["epsilon"] < float("inf")
     with pytest.raises(ConfigError, match="public data"):
         dp_train(tiny.model, params, feats, 0, steps=1, batch_size=8, lr=1e-2, dp=DPConfig(flat=True))
+
+
+def test_random_layer_choice_is_the_control_with_as_many_layers(tiny, toy_task):
+    from patchlm.federated.privacy import DPConfig, random_layer_choice
+
+    layers = [f"model.layers.{i}" for i in range(30)]
+    a = random_layer_choice(layers, 0.5, seed=3)
+    assert len(a) == 15 and set(a) <= set(layers) and a == sorted(a)
+    assert a == random_layer_choice(list(reversed(layers)), 0.5, seed=3)  # a function of the seed, not the order
+    assert a != random_layer_choice(layers, 0.5, seed=4)
+    assert len(random_layer_choice(layers, 0.01, seed=0)) == 1
+    rand, _ = _dp_run(tiny, toy_task, "layers", flat_choice="random")
+    assert len(rand["kept_layers"]) == 2 and "layer_sharpness_change" not in rand  # no flatness scores computed
+    with pytest.raises(ConfigError, match="flat_choice 'flatnes' is unknown; did you mean flatness") as e:
+        DPConfig(flat_choice="flatnes")
+    assert e.value.field == "flat_choice"
 
 
 def test_dirichlet_partition_hand_checks():

@@ -24,6 +24,7 @@ RUN_TIMEOUT = 7200.0  # seconds a local `patchlm federate` deployment may run in
 
 
 FLAT_PARTS = ("minmax", "layers", "distill")  # DP-Flat's three parts (federated/privacy.py's docstring)
+FLAT_CHOICES = ("flatness", "random")  # how the layers part picks the layers it keeps
 
 
 @dataclass
@@ -40,6 +41,9 @@ class DPConfig:
     flat_warm: float = field(default=0.5, metadata={
         "help": "DP-Flat: fraction of the steps (the early ones) that take the min-max step"})
     flat_keep: float = field(default=0.5, metadata={"help": "DP-Flat: fraction of layers the flatness choice keeps"})
+    flat_choice: str = field(default="flatness", metadata={
+        "help": "DP-Flat: how the layers part picks the layers it keeps: flatness (the paper's, on public data) | "
+                "random (a control: as many layers, drawn from the seed)"})
     flat_lambda: float = field(default=0.01, metadata={
         "help": "DP-Flat: distillation weight toward the public teacher"})
     teacher_steps: int = field(default=10, metadata={"help": "DP-Flat: non-private teacher steps on public data"})
@@ -63,6 +67,9 @@ class DPConfig:
             raise ConfigError(f"delta must be in (0, 1), got {self.delta}", field="delta")
         if not 0 < self.flat_keep <= 1:
             raise ConfigError(f"flat_keep must be in (0, 1], got {self.flat_keep}", field="flat_keep")
+        if self.flat_choice not in FLAT_CHOICES:
+            raise ConfigError(f"flat_choice {self.flat_choice!r} is unknown; "
+                              f"{did_you_mean(str(self.flat_choice), FLAT_CHOICES)}", field="flat_choice")
         if not 0 <= self.flat_warm <= 1:
             raise ConfigError(f"flat_warm must be in [0, 1], got {self.flat_warm}", field="flat_warm")
         if self.teacher_steps < 0:

@@ -41,7 +41,8 @@ from patchlm.train.engine import (
 )
 from patchlm.train.optim import StepRule, make_optimizer
 
-__all__ = ["DPAdamW", "DPConfig", "default_delta", "dp_train", "flatness_layer_choice", "total_epsilon"]
+__all__ = ["DPAdamW", "DPConfig", "default_delta", "dp_train", "flatness_layer_choice", "flatness_scores", "keep_count",
+           "random_layer_choice", "total_epsilon", "train_public_teacher"]
 
 
 def default_delta(n: int) -> float:
@@ -60,9 +61,9 @@ def total_epsilon(history: list[tuple[float, float, int]], delta: float) -> floa
 
 
 # ---------------------------------------------------------------- DP-Flat helpers
-def _sharpness(model, params: list[torch.nn.Parameter], batch, rho: float, draws: int, gen: torch.Generator,
-               amp) -> float:
-    """E[L(w + eps)] - L(w) with eps ~ N(0, (rho |w|)^2) on the given adapter tensors (no grad).
+def _sharpness_draws(model, params: list[torch.nn.Parameter], batch, rho: float, draws: int, gen: torch.Generator,
+                     amp) -> list[float]:
+    """L(w + e_j) - L(w) for each draw j, e_j ~ N(0, (rho |w|)^2) on the given adapter tensors (no grad).
 
     Each loss runs in its own autocast context: autocast caches its bf16 copies of the float32 weights until the
     context exits, so losses taken in one context would all see the first weights (every score 0 under bf16)."""
@@ -71,21 +72,19 @@ def _sharpness(model, params: list[torch.nn.Parameter], batch, rho: float, draws
         with amp():
             return float(per_example_loss(model, batch).mean())
 
+    out = []
     with torch.no_grad():
         base = loss()
-        tot = 0.0
+        orig = [p.detach().clone() for p in params]  # restored by copy: (w + e) - e is not w in floating point
         for _ in range(draws):
-            noises = []
-            for p in params:
-                scale = rho * (float(p.detach().float().abs().mean()) + 1e-8)
+            for p, w in zip(params, orig, strict=True):
+                scale = rho * (float(w.float().abs().mean()) + 1e-8)
                 # drawn on the CPU generator, so the choice is the same on any device
-                e = (torch.randn(p.shape, generator=gen) * scale).to(device=p.device, dtype=p.dtype)
-                p.add_(e)
-                noises.append(e)
-            tot += loss()
-            for p, e in zip(params, noises, strict=True):
-                p.sub_(e)
-    return tot / draws - base
+                p.add_((torch.randn(p.shape, generator=gen) * scale).to(device=p.device, dtype=p.dtype))
+            out.append(loss() - base)
+            for p, w in zip(params, orig, strict=True):
+                p.copy_(w)
+    return out
 
 
 def _layer_of(name: str) -> str:
@@ -96,33 +95,59 @@ def _layer_of(name: str) -> str:
     return name
 
 
-def flatness_layer_choice(model, modules: dict[str, torch.nn.Module], batch, keep: float, seed: int,
-                          amp, rho: float = 0.5, draws: int = 2, scores: dict[str, float] | None = None) -> list[str]:
-    """Layers to keep: those whose adapter's removal makes the (public-data) loss sharpest. `amp()` gives the
-    autocast context. `scores`, when given, receives each layer's sharpness change on removal (the ranking key)."""
+def _layers(modules: dict[str, torch.nn.Module]) -> dict[str, list[str]]:
+    """Layer name -> the names of its adapted modules."""
     layers: dict[str, list[str]] = {}
     for n in modules:
         layers.setdefault(_layer_of(n), []).append(n)
-    if len(layers) <= 1:
-        return sorted(layers)
+    return layers
+
+
+def flatness_scores(model, modules: dict[str, torch.nn.Module], batch, seed: int, amp, rho: float = 0.5,
+                    draws: int = 2) -> dict[str, list[float]]:
+    """Per layer and per draw j, how much sharper the loss on `batch` gets along draw j when the layer's adapter is
+    removed: (L'(w + e_j) - L'(w)) - (L(w + e_j) - L(w)), L' the loss without the layer's adapter (its lora_B
+    zeroed, then restored). The draws e_j come from `seed` and are the same for every layer (a paired comparison),
+    so a layer's draws are independent estimates of its score, and their spread measures the estimate's noise.
+    `amp()` gives the autocast context."""
+    layers = _layers(modules)
     params = [p for m in modules.values() for p in (m.lora_A, m.lora_B)]
-    gen = torch.Generator().manual_seed(seed)
-    ref = _sharpness(model, params, batch, rho, draws, gen, amp)
-    hurt = {}
+    ref = _sharpness_draws(model, params, batch, rho, draws, torch.Generator().manual_seed(seed), amp)
+    out = {}
     for layer, names in layers.items():
         saved = [(modules[n].lora_B, modules[n].lora_B.detach().clone()) for n in names]
         with torch.no_grad():
             for b, _ in saved:
                 b.zero_()
-        gen = torch.Generator().manual_seed(seed)  # same draws for every layer: a paired comparison
-        hurt[layer] = _sharpness(model, params, batch, rho, draws, gen, amp) - ref
+        per = _sharpness_draws(model, params, batch, rho, draws, torch.Generator().manual_seed(seed), amp)
+        out[layer] = [a - r for a, r in zip(per, ref, strict=True)]
         with torch.no_grad():
             for b, v in saved:
                 b.copy_(v)
+    return out
+
+
+def flatness_layer_choice(model, modules: dict[str, torch.nn.Module], batch, keep: float, seed: int,
+                          amp, rho: float = 0.5, draws: int = 2, scores: dict[str, float] | None = None) -> list[str]:
+    """Layers to keep: those whose adapter's removal makes the (public-data) loss sharpest, by the mean over draws
+    of flatness_scores. `scores`, when given, receives each layer's mean (the ranking key)."""
+    layers = _layers(modules)
+    if len(layers) <= 1:
+        return sorted(layers)
+    hurt = {lay: sum(v) / len(v) for lay, v in flatness_scores(model, modules, batch, seed, amp, rho, draws).items()}
     if scores is not None:
         scores.update(hurt)
-    k = max(1, round(keep * len(layers)))
-    return sorted(sorted(hurt, key=lambda lay: -hurt[lay])[:k])
+    return sorted(sorted(hurt, key=lambda lay: -hurt[lay])[:keep_count(len(layers), keep)])
+
+
+def keep_count(num_layers: int, keep: float) -> int:
+    """How many of `num_layers` layers the layers part keeps at fraction `keep` (at least one)."""
+    return max(1, round(keep * num_layers))
+
+
+def random_layer_choice(layers: list[str], keep: float, seed: int) -> list[str]:
+    """The layers part's control: as many layers as the flatness choice keeps, drawn uniformly from `seed`."""
+    return sorted(random.Random(seed).sample(sorted(layers), keep_count(len(layers), keep)))
 
 
 # ---------------------------------------------------------------- the DP step rule
@@ -269,11 +294,13 @@ def dp_train(model, params: list[torch.nn.Parameter], feats: list[dict], pad_id:
         if not public_feats or not lora_modules:
             raise ConfigError("DP-Flat's layers and distill parts need public data (public_feats) and the LoRA "
                               "modules", field="dp_flat")
-        teacher_state = _train_teacher(model, params, public_feats, pad_id, dp.teacher_steps, batch_size, lr,
+        teacher_state = train_public_teacher(model, params, public_feats, pad_id, dp.teacher_steps, batch_size, lr,
                                        seed, bf16)
         layers = sorted({_layer_of(x) for x in lora_modules})
         kept = layers
-        if dp.has("layers"):
+        if dp.has("layers") and dp.flat_choice == "random":
+            kept = random_layer_choice(layers, dp.flat_keep, seed)
+        elif dp.has("layers"):
             pub_batch = to_device(collate(public_feats[:batch_size], pad_id), device)
             hurt: dict[str, float] = {}
             kept = flatness_layer_choice(model, lora_modules, pub_batch, dp.flat_keep, seed,
@@ -314,7 +341,7 @@ def dp_train(model, params: list[torch.nn.Parameter], feats: list[dict], pad_id:
     return record
 
 
-def _train_teacher(model, params, public_feats, pad_id, steps, batch_size, lr, seed, bf16):
+def train_public_teacher(model, params, public_feats, pad_id, steps, batch_size, lr, seed, bf16):
     """Train the adapter non-privately on public data (AdamW at torch's default weight decay, no clipping);
     return [(initial value, teacher value)] per param."""
     init = [p.detach().clone() for p in params]
