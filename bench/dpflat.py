@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import functools
 import itertools
 import math
 import statistics
@@ -39,14 +40,19 @@ TASKS = ["rotten_tomatoes", "sms_spam"]
 METHODS: dict[str, str | None] = {"nonprivate": None, "dp-sgd": "", "flat-minmax": "minmax",
                                   "flat-layers": "layers", "flat-distill": "distill",
                                   "flat-all": "minmax,layers,distill"}
+# controls of the layers part, run only at the grid point that DP-SGD chose (per task, epsilon and seed):
+# name -> (DP-Flat parts, DPConfig overrides, what the page calls it)
+CONTROLS: dict[str, tuple[str, dict, str]] = {
+    "flat-layers-random": ("layers", {"flat_choice": "random"}, "layers, random choice"),
+    "flat-layers-keep0.75": ("layers", {"flat_keep": 0.75}, "layers, keep 0.75")}
 EPSILONS = [3.0, 8.0]
 SEEDS = [0, 1, 2]
 FULL = {"model": "smollm2-135m", "steps": 100, "batch": 32, "max_length": 128, "test": 400, "public": 256,
         "dev": 200, "teacher_steps": 30, "lora": {"r": 8, "alpha": 16, "targets": "qv", "dropout": 0.0},
-        "grid": {"lr": [5e-4, 2e-3], "clip": [0.1, 1.0]}, "tag": "full"}
+        "grid": {"lr": [5e-4, 2e-3], "clip": [0.1, 1.0]}, "choice": {"draws": 8, "batches": 4}, "tag": "full"}
 QUICK = {"model": "tiny-random-llama", "steps": 3, "batch": 8, "max_length": 64, "test": 16, "public": 16,
          "dev": 16, "teacher_steps": 2, "lora": {"r": 4, "alpha": 8, "targets": "qv", "dropout": 0.0},
-         "grid": {"lr": [1e-3], "clip": [1.0]}, "tag": "quick"}
+         "grid": {"lr": [1e-3], "clip": [1.0]}, "choice": {"draws": 4, "batches": 2}, "tag": "quick"}
 
 
 def log(msg: str) -> None:
@@ -57,6 +63,13 @@ def grid(sc: dict, method: str) -> list[tuple[float, float]]:
     """(lr, clip) candidates of a row: the non-private row has no clipping to search."""
     clips = [math.inf] if METHODS[method] is None else sc["grid"]["clip"]
     return list(itertools.product(sc["grid"]["lr"], clips))
+
+
+def recipe(method: str) -> tuple[str | None, dict]:
+    """A method's DP-Flat parts ("" = DP-SGD, None = non-private) and its DPConfig overrides."""
+    if method in CONTROLS:
+        return CONTROLS[method][0], CONTROLS[method][1]
+    return METHODS[method], {}
 
 
 def run_key(task: str, method: str, eps: float | None, seed: int, lr: float, clip: float) -> str:
@@ -96,7 +109,9 @@ def train_run(task_name: str, method: str, eps: float | None, seed: int, lr: flo
     t0 = time.perf_counter()
     out: dict = {"task": task_name, "method": method, "epsilon_target": eps, "seed": seed, "lr": lr, "clip": clip,
                  "steps": sc["steps"], "sample_rate": q, "delta": delta, "train_examples": n}
-    parts = METHODS[method]
+    parts, overrides = recipe(method)
+    if overrides:
+        out["dp_overrides"] = overrides
     if parts is None:  # the same Poisson batches and AdamW, no clipping, no noise
         losses: list[float] = []
         train_loop(base.model, make_optimizer("adamw", params, step_config(lr)),
@@ -109,7 +124,7 @@ def train_run(task_name: str, method: str, eps: float | None, seed: int, lr: flo
         noise = get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=q, steps=sc["steps"],
                                      accountant="rdp")
         dp = DPConfig(noise_multiplier=noise, max_grad_norm=clip, delta=delta, flat=bool(parts),
-                      flat_parts=parts or DPConfig.flat_parts, teacher_steps=sc["teacher_steps"])
+                      flat_parts=parts or DPConfig.flat_parts, teacher_steps=sc["teacher_steps"], **overrides)
         rec = dp_train(base.model, params, feats, pad, steps=sc["steps"], batch_size=sc["batch"], lr=lr, dp=dp,
                        seed=seed, bf16=True, lora_modules=mods, public_feats=public, log=None)
         out.update({k: rec[k] for k in ("epsilon", "noise_multiplier", "train_loss") if k in rec})
@@ -121,6 +136,116 @@ def train_run(task_name: str, method: str, eps: float | None, seed: int, lr: flo
     out.update({"dev_accuracy": d["accuracy"], "test_accuracy": t["accuracy"], "test_macro_f1": t["macro_f1"],
                 "test_examples": t["n"]})
     return out
+
+
+def flat_keep() -> float:
+    """The fraction of layers the layers part keeps (DPConfig's default, which the study's rows use)."""
+    from patchlm.federated.config import DPConfig
+
+    return DPConfig.flat_keep
+
+
+def choice_key(task: str, seed: int, lr: float) -> str:
+    return f"choice/{task}/s{seed}/lr{lr:g}"
+
+
+def choice_run(task_name: str, seed: int, lr: float, sc: dict) -> dict:
+    """How much of the flatness choice is estimate noise: the teacher that dp_train trains for (task, seed, lr), then
+    the layers' flatness scores per draw on the public batch that dp_train scores (batch 0, with the study's
+    `draws`), and with 2 draws (as dp_train) on the next public batches of the same size. dp_train's own choice
+    is the mean of batch 0's first two draws; the other draw pairs are independent repeats of it (estimate noise
+    alone), the other batches repeat it on other public data (data noise)."""
+    import torch
+
+    from patchlm.adapters.inject import wrapped_modules
+    from patchlm.adapters.lora import LoraKind, LoraLinear
+    from patchlm.data import load_task
+    from patchlm.data.features import build_features, collate, pad_id
+    from patchlm.federated.privacy import flatness_scores, train_public_teacher
+    from patchlm.models import load_base
+    from patchlm.train.engine import autocast
+
+    torch.manual_seed(seed)  # the state train_run leaves before dp_train
+    base = load_base(sc["model"])
+    task = load_task(task_name)
+    kind = LoraKind()
+    kind.attach(base.model, dict(sc["lora"]), None, seed=seed)
+    params = kind.trainable_parameters(base.model)
+    mods = wrapped_modules(base.model, LoraLinear)
+    public = build_features(task, "validation", base.tokenizer, "classification", sc["max_length"],
+                            limit=sc["public"])
+    pad, b = pad_id(base.tokenizer), sc["batch"]
+    t0 = time.perf_counter()
+    train_public_teacher(base.model, params, public, pad, sc["teacher_steps"], b, lr, seed, True)
+    teacher_seconds = time.perf_counter() - t0
+    device = next(base.model.parameters()).device
+
+    def scores(k: int, draws: int) -> dict[str, list[float]]:
+        return flatness_scores(base.model, mods, collate(public[k * b:(k + 1) * b], pad), seed,
+                               lambda: autocast(device, True), draws=draws)
+
+    c = sc["choice"]
+    t0 = time.perf_counter()
+    out = {"task": task_name, "seed": seed, "lr": lr, "teacher_steps": sc["teacher_steps"], "batch": b,
+           "draws": c["draws"], "scores": [scores(0, c["draws"])]}
+    out["scores"] += [scores(k, 2) for k in range(1, c["batches"])]
+    out.update({"teacher_seconds": teacher_seconds, "score_seconds": time.perf_counter() - t0})
+    return out
+
+
+def choice_stability(row: dict, keep: float, run: dict | None) -> tuple[list[str], list[dict]]:
+    """The page's account of one choice_run row: the per-layer scores with their standard errors, and how often
+    the choice (dp_train's: the top `keep` of the mean of two draws) agrees with itself when repeated with other
+    draws or on other public batches, against two random choices. `run`: the flat-layers run at the same
+    (task, seed, lr), whose recorded scores batch 0's first two draws reproduce."""
+    from scipy.stats import spearmanr
+
+    from patchlm.federated.privacy import keep_count
+
+    first, others = row["scores"][0], row["scores"][1:]
+    layers = sorted(first, key=lambda lay: int(lay.rsplit(".", 1)[-1]))
+    n, d = len(layers), len(first[layers[0]])
+    k = keep_count(n, keep)
+
+    def mean(v: list[float]) -> float:
+        return sum(v) / len(v)
+
+    def choice(vec: dict[str, float]) -> set[str]:
+        return set(sorted(vec, key=lambda lay: -vec[lay])[:k])
+
+    def agree(vecs: list[dict[str, float]]) -> tuple[float, float]:
+        """Mean over pairs: kept layers in common, Spearman correlation of the scores."""
+        pairs = list(itertools.combinations(vecs, 2))
+        common = mean([len(choice(a) & choice(b)) for a, b in pairs])
+        rho = mean([float(spearmanr([a[x] for x in layers], [b[x] for x in layers]).statistic) for a, b in pairs])
+        return common, rho
+
+    pair_vecs = [{x: mean(first[x][j:j + 2]) for x in layers} for j in range(0, d - 1, 2)]  # dp_train's estimate
+    batch_vecs = [pair_vecs[0]] + [{x: mean(o[x]) for x in layers} for o in others]
+    full = {x: mean(first[x]) for x in layers}
+    se = {x: statistics.stdev(first[x]) / d ** 0.5 for x in layers}
+    table = [{"layer": x, f"mean_{d}_draws": full[x], "std_error": se[x], "t": full[x] / se[x] if se[x] else None,
+              "first_2_draws": pair_vecs[0][x], "kept_by_run": (x in run["kept_layers"]) if run else None,
+              f"kept_by_{d}_draws": x in choice(full)} for x in layers]
+    sure = sum(abs(full[x]) > 2 * se[x] for x in layers)
+    pc, pr = agree(pair_vecs)
+    bc, br = agree(batch_vecs)
+    lines = [f"{row['task']} seed {row['seed']} (teacher at lr {row['lr']:g}, {row['teacher_steps']} steps on the "
+             f"public data), keeping {k} of {n} layers; two random choices share {k * k / n:.1f} layers on average:",
+             "",
+             f"- estimate noise: the {len(pair_vecs)} disjoint pairs of batch 0's {d} draws (each pair is "
+             f"dp_train's estimate) share {pc:.1f} of their {k} kept layers on average (Spearman {pr:.2f} between "
+             "their scores);",
+             f"- data noise: the choices on {len(batch_vecs)} public batches of {row['batch']} (2 draws each) share "
+             f"{bc:.1f} (Spearman {br:.2f});",
+             f"- with all {d} draws, {sure} of {n} layers' scores are more than 2 standard errors from 0; the "
+             f"{d}-draw choice shares {len(choice(full) & choice(pair_vecs[0]))} layers with the 2-draw one."]
+    if run and run.get("layer_sharpness_change"):
+        diff = max(abs(run["layer_sharpness_change"][x] - pair_vecs[0][x]) for x in layers)
+        same = set(run["kept_layers"]) == choice(pair_vecs[0])
+        lines.append(f"- reproduction: batch 0's first two draws give the flat-layers run's scores within {diff:.1g} "
+                     f"({'the same' if same else 'a different'} kept set).")
+    return [*lines, ""], table
 
 
 def lora_size(sc: dict) -> int:
@@ -217,11 +342,12 @@ def ablation(rows: list[dict], every: list[dict]) -> list[dict]:
     for ref in (r for r in rows if r["method"] == "dp-sgd"):
         at = {r["method"]: r for r in every if (r["task"], r["epsilon_target"], r["seed"], r["lr"], r["clip"])
               == (ref["task"], ref["epsilon_target"], ref["seed"], ref["lr"], ref["clip"])}
-        for m in METHODS:
+        for m in [*METHODS, *CONTROLS]:
             if m in at:
                 r = at[m]
                 out.append({"task": r["task"], "epsilon_target": r["epsilon_target"], "seed": r["seed"],
-                            "lr": r["lr"], "clip": r["clip"], "method": m, "parts": METHODS[m],
+                            "lr": r["lr"], "clip": r["clip"], "method": m,
+                            "parts": CONTROLS[m][2] if m in CONTROLS else METHODS[m],
                             "kept_layers": len(r["kept_layers"]) if "kept_layers" in r else None,
                             "dev_accuracy": r["dev_accuracy"], "test_accuracy": r["test_accuracy"],
                             "test_macro_f1": r["test_macro_f1"],
@@ -230,8 +356,9 @@ def ablation(rows: list[dict], every: list[dict]) -> list[dict]:
 
 
 def page(summary: list[dict], rows: list[dict], runs: list[dict], missing: list[str], sc: dict,
-         every: list[dict] | None = None) -> str:
-    """The study's page; `every`: every cached run, partial grids included (for the ablation at one point)."""
+         every: list[dict] | None = None, choices: list[dict] | None = None) -> str:
+    """The study's page; `every`: every cached run, partial grids included (for the ablation at one point);
+    `choices`: the choice_run rows."""
     abl = ablation(rows, every or [])
     k = len(sc["grid"]["lr"]) * len(sc["grid"]["clip"])
     out = ["DP-Flat against DP-SGD and non-private LoRA, centralised (one private training set, one RDP "
@@ -323,6 +450,18 @@ def page(summary: list[dict], rows: list[dict], runs: list[dict], missing: list[
                     "comparison); how much of the ranking is estimate noise is not measured yet.", "",
                     md_table([{"layer": lay, "sharpness_change": h[lay], "kept": lay in r["kept_layers"]}
                               for lay in order], ["layer", "sharpness_change", "kept"]), ""]
+    if choices:
+        out += ["## How stable the flatness choice is", "",
+                "The layers part keeps the layers whose adapter's removal sharpens the public loss most, each "
+                "layer's score a paired Monte-Carlo estimate (dp_train: 2 draws on one public batch). Here the same "
+                "teacher's scores are drawn again, with more draws and on other public batches "
+                "(`python bench/dpflat.py --rows 'choice/*'`; no private data, no privacy spent). t: a layer's "
+                "mean over the draws divided by its standard error.", ""]
+        for c in choices:
+            run = next((r for r in every or [] if r["method"] == "flat-layers" and (r["task"], r["seed"], r["lr"])
+                        == (c["task"], c["seed"], c["lr"]) and r.get("layer_sharpness_change")), None)
+            lines, table = choice_stability(c, flat_keep(), run)
+            out += [*lines, md_table(table, list(table[0])), ""]
     out += ["## Every grid point (the rows of complete grids)", "",
             md_table(runs, ["task", "method", "epsilon_target", "seed", "lr", "clip", "train_loss", "dev_accuracy",
                             "test_accuracy", "test_macro_f1"]), ""]
@@ -342,17 +481,25 @@ def main() -> None:
     tasks, seeds = (TASKS[:1], SEEDS[:1]) if a.quick else (TASKS, SEEDS)
     cache = RowCache("dpflat", sc["tag"], committed=True)
     pats = [p for p in a.rows.split(",") if p]
+
+    def wanted(key: str) -> bool:
+        return not a.page_only and (not pats or any(fnmatch.fnmatch(key, p) for p in pats))
+
+    def fetch(key: str, fn) -> dict | None:
+        """The cached row of `key`, measured now if it is wanted and missing."""
+        hit = cache.get(key)
+        if hit is None and wanted(key):
+            log(key)
+            hit = cache.run(key, fn)
+        return hit
+
     rows, grid_runs, every, missing = [], [], [], []
     for task, seed, method in itertools.product(tasks, seeds, METHODS):
         for eps in ([None] if METHODS[method] is None else EPSILONS):
             runs = []
             for lr, clip in grid(sc, method):
-                key = run_key(task, method, eps, seed, lr, clip)
-                hit = cache.get(key)
-                if hit is None and not a.page_only and (not pats or any(fnmatch.fnmatch(key, p) for p in pats)):
-                    log(key)
-                    hit = cache.run(key, lambda t=task, m=method, e=eps, s=seed, lr=lr, c=clip:
-                                    train_run(t, m, e, s, lr, c, sc))
+                hit = fetch(run_key(task, method, eps, seed, lr, clip),
+                            functools.partial(train_run, task, method, eps, seed, lr, clip, sc))
                 if hit is not None:
                     runs.append(hit)
                     every.append(hit)
@@ -361,8 +508,26 @@ def main() -> None:
                 grid_runs += runs
             else:
                 missing.append(run_key(task, method, eps, seed, 0, 0).rsplit("/", 1)[0])
+    # the layers part's controls, and the stability of its choice, at the grid point DP-SGD chose
+    choices = []
+    for ref in [r for r in rows if r["method"] == "dp-sgd"]:
+        t, e, s, lr, clip = ref["task"], ref["epsilon_target"], ref["seed"], ref["lr"], ref["clip"]
+        for m in CONTROLS:
+            key = run_key(t, m, e, s, lr, clip)
+            hit = fetch(key, functools.partial(train_run, t, m, e, s, lr, clip, sc))
+            if hit is not None:
+                every.append(hit)
+            else:
+                missing.append(key)
+        if e == EPSILONS[0]:  # the choice uses public data only: one per (task, seed, lr)
+            key = choice_key(t, s, lr)
+            hit = fetch(key, functools.partial(choice_run, t, s, lr, sc))
+            if hit is not None:
+                choices.append(hit)
+            else:
+                missing.append(key)
     summary = summarise(rows)
-    text = page(summary, rows, grid_runs, missing, sc, every) if rows else ""
+    text = page(summary, rows, grid_runs, missing, sc, every, choices) if rows else ""
     if a.quick:
         print(text)
     elif rows:
