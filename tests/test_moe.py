@@ -43,6 +43,26 @@ def experts_of(src, n, prompts=True):
     return [Expert(source=src, positive_prompts=PROMPTS[i % 3] if prompts else None) for i in range(n)]
 
 
+def test_expert_hits_count_the_experts_a_forward_reads(tiny):
+    from patchlm.moe.upcycle import ExpertHits, param_counts
+
+    up = upcycle(TINY, experts_of(TINY, 4), MoeConfig(gate_mode="random", top_k=1), base=tiny)
+    c = up.model.config
+    per_layer = 3 * c.hidden_size * c.intermediate_size
+    with ExpertHits(up.model) as hits, torch.no_grad():
+        up.model(input_ids=sample_ids()[:1, :1])  # one token: top_k = 1 expert per layer
+        up.model(input_ids=sample_ids())           # 16 tokens
+    assert not hits._handles and len(hits.calls) == 2 * c.num_hidden_layers
+    assert hits.hit_fraction(tokens=1) == 0.25
+    counts = param_counts(up.model)
+    assert hits.touched_params(tokens=1) == counts["active_params"]  # one token reads exactly its top-k experts
+    # by hand: total minus, per call, the experts that no token hit
+    want = sum(counts["total_params"] - (n - h) * per_layer * c.num_hidden_layers for t, h, n in hits.calls
+               if t == 16) / c.num_hidden_layers
+    assert hits.touched_params(tokens=16) == round(want) and hits.hit_fraction(tokens=16) > 0.25
+    assert hits.touched_params(tokens=3) is None
+
+
 # ---------------------------------------------------------------- function preservation
 @pytest.mark.parametrize("mode", ["hidden", "cheap_embed", "random", "uniform_random", "hidden_avg"])
 @pytest.mark.parametrize("k", [1, 2])

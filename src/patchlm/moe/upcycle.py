@@ -366,6 +366,52 @@ def param_counts(model: torch.nn.Module) -> dict:
     return {"total_params": total, "active_params": total - inactive}
 
 
+class ExpertHits:
+    """Within `with ExpertHits(model) as hits:`, each call of a fused experts module (transformers 5's
+    `experts(hidden_states, top_k_index, top_k_weights)`) records its token count and how many distinct experts its
+    tokens were routed to. An expert that receives no token costs nothing: its weights are not read. So a forward's
+    weight traffic is the touched parameters (every expert hit by at least one token), not the active ones (top_k
+    per token): at batch 1 decoding touches top_k experts per layer, a long prefill or a batch touches them all."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.calls: list[tuple[int, int, int]] = []  # (tokens, distinct experts hit, experts)
+        self._handles: list = []
+
+    def __enter__(self) -> ExpertHits:
+        def hook(mod, args):
+            top = args[1] if len(args) > 1 else None
+            if isinstance(top, torch.Tensor):
+                n = int(mod.gate_up_proj.shape[0])
+                hit = int(torch.unique(top[(top >= 0) & (top < n)]).numel())
+                self.calls.append((int(args[0].reshape(-1, args[0].shape[-1]).shape[0]), hit, n))
+
+        for m in self.model.modules():
+            gu, dn = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
+            if isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3:
+                self._handles.append(m.register_forward_pre_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def hit_fraction(self, tokens: int | None = None) -> float | None:
+        """Mean share of the experts hit per experts call (only calls of `tokens` tokens, when given)."""
+        sel = [(h, n) for t, h, n in self.calls if tokens is None or t == tokens]
+        return sum(h / n for h, n in sel) / len(sel) if sel else None
+
+    def touched_params(self, tokens: int | None = None) -> int | None:
+        """Parameters a forward reads: all but the experts no token was routed to (mean over the recorded calls)."""
+        frac = self.hit_fraction(tokens)
+        if frac is None:
+            return None
+        c = self.model.config
+        experts = c.num_local_experts * 3 * c.hidden_size * c.intermediate_size * c.num_hidden_layers
+        return round(param_counts(self.model)["total_params"] - (1 - frac) * experts)
+
+
 def write_mixtral(model: torch.nn.Module, tokenizer, out: str | Path, force: bool = False,
                   extra: dict[str, str] | None = None) -> Path:
     """Write a Mixtral with the fused keys of transformers 5 (its save_pretrained writes the legacy per-expert
