@@ -329,3 +329,20 @@ def test_rademacher_directions_are_signs_seeded_and_balanced():
     assert abs(float((a[:, 0] * a[:, 1]).mean())) < 4 / math.sqrt(1000)
     with pytest.raises(ConfigError, match="zo_distribution"):
         make_optimizer("zo-sgd", [torch.nn.Parameter(torch.zeros(3))], _cfg(zo_distribution="uniform"))
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_accumulate_equals_adding_each_direction_in_turn(distribution):
+    from patchlm.train.zo import Directions
+
+    params = [torch.randn(5, 7), torch.randn(13)]
+    dirs = Directions(["a", "b"], params, seed=3, sparsity=0.5, sparse_mode="random", distribution=distribution)
+    coeffs = [(0, 0, 0.5), (7, 1, -1.25), (2, 0, 3.0)]
+    for i, p in enumerate(params):
+        for dtype in (torch.float64, torch.float32):
+            want = torch.zeros(p.shape, dtype=dtype)
+            for step, query, c in coeffs:
+                want.add_(dirs.z(i, step, query).to(dtype), alpha=c)
+            got = dirs.accumulate(i, coeffs, torch.zeros(p.shape, dtype=dtype))
+            assert got.dtype == dtype and torch.equal(got, want)
+        assert int((dirs.accumulate(i, coeffs, torch.zeros(p.shape)) != 0).sum()) <= round(0.5 * p.numel())

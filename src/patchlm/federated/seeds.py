@@ -167,11 +167,8 @@ def replay(theta0: dict[str, torch.Tensor], base_seed: int, terms: Iterable[Term
     terms = list(terms)
     out = {}
     for i, n in enumerate(names):
-        acc = torch.zeros(base[i].shape, dtype=torch.float64)
-        for key, query, c in terms:
-            ci = float(c) if isinstance(c, (int, float)) else float(c[i])
-            if ci:
-                acc.add_(dirs.z(i, key, query), alpha=ci)
+        coeffs = [(key, query, float(c) if isinstance(c, (int, float)) else float(c[i])) for key, query, c in terms]
+        acc = dirs.accumulate(i, [t for t in coeffs if t[2]], torch.zeros(base[i].shape, dtype=torch.float64))
         out[n] = acc.add_(base[i]).float()
     return out
 

@@ -133,6 +133,28 @@ class Directions:
             z.mul_(self.masks[i])
         return z
 
+    def accumulate(self, i: int, coeffs: list[tuple[int, int, float]], acc: torch.Tensor) -> torch.Tensor:
+        """acc += sum_j c_j z_i(step_j, query_j) on the CPU, in acc's dtype: the same values as adding each z(i, ...)
+        in turn (fp32 draws, widened exactly), with one generator and the draw buffers reused across the terms
+        (a replay's inner loop, where a fresh generator and tensor per term cost as much as the draws)."""
+        p = self.params[i]
+        g = torch.Generator()
+        buf = torch.empty(p.shape, dtype=torch.float32)
+        wide = buf if acc.dtype == torch.float32 else torch.empty(p.shape, dtype=acc.dtype)
+        mask = None if self.masks[i] is None else self.masks[i].cpu()
+        for step, query, c in coeffs:
+            g.manual_seed(_seed(self.seed, step, query, i))
+            if self.distribution == "rademacher":
+                buf.copy_(rademacher(tuple(p.shape), g))
+            else:
+                torch.randn(p.shape, generator=g, out=buf)
+            if mask is not None:
+                buf.mul_(mask)
+            if wide is not buf:
+                wide.copy_(buf)  # a separate widening pass: faster than a mixed-dtype add, the same values
+            acc.add_(wide, alpha=c)
+        return acc
+
     def combo(self, i: int, coeffs: list[tuple[int, int, float]]) -> torch.Tensor:
         """sum_j c_j z_i(step_j, query_j) for coeffs [(step, query, c)]."""
         out = None
