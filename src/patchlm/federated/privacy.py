@@ -16,7 +16,10 @@ privatised gradients or uses public data:
    how much sharper the loss gets when that layer's adapter is removed; the layers whose removal hurts flatness
    least are dropped (their adapters stay zero and get no noise).
 3. distillation toward a non-private copy: loss + lambda * ||P - P_teacher||^2 with the teacher trained on public
-   data only; its gradient is added after privatisation (it never touches private data).
+   data only; its gradient is added after privatisation (it never touches private data). The paper writes the
+   unsquared norm, and its official code adds lambda ||P - P_teacher|| to every example's loss, so that term's
+   gradient (of norm lambda whatever the distance) is clipped and noised with the data's; ours is squared (a pull
+   that grows with the distance) and exact (public, so it needs no noise).
 """
 
 from __future__ import annotations
