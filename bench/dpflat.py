@@ -40,11 +40,13 @@ TASKS = ["rotten_tomatoes", "sms_spam"]
 METHODS: dict[str, str | None] = {"nonprivate": None, "dp-sgd": "", "flat-minmax": "minmax",
                                   "flat-layers": "layers", "flat-distill": "distill",
                                   "flat-all": "minmax,layers,distill"}
-# controls of the layers part, run only at the grid point that DP-SGD chose (per task, epsilon and seed):
+# controls of the layers part (and DP-Flat without it), run only at the grid point that DP-SGD chose (per task,
+# epsilon and seed):
 # name -> (DP-Flat parts, DPConfig overrides, what the page calls it)
 CONTROLS: dict[str, tuple[str, dict, str]] = {
     "flat-layers-random": ("layers", {"flat_choice": "random"}, "layers, random choice"),
-    "flat-layers-keep0.75": ("layers", {"flat_keep": 0.75}, "layers, keep 0.75")}
+    "flat-layers-keep0.75": ("layers", {"flat_keep": 0.75}, "layers, keep 0.75"),
+    "flat-minmax-distill": ("minmax,distill", {}, "minmax,distill (all but layers)")}
 EPSILONS = [3.0, 8.0]
 SEEDS = [0, 1, 2]
 FULL = {"model": "smollm2-135m", "steps": 100, "batch": 32, "max_length": 128, "test": 400, "public": 256,
