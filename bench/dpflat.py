@@ -375,8 +375,11 @@ def page(summary: list[dict], rows: list[dict], runs: list[dict], missing: list[
     out += ["## Goal", "",
             "DP-Flat (all three parts) closes at least half of the gap between DP-SGD and non-private training at "
             "epsilon 3: " + ("; ".join(f"{s['task']} {s['gap_closed']:.2f} "
-                                       f"({'met' if s['gap_closed'] >= 0.5 else 'not met'})" for s in hits)
-                             if hits else "not measured yet") + ".", ""]
+                                       f"({'met' if s['gap_closed'] >= 0.5 else 'not met'}, mean of {s['seeds']} of "
+                                       f"{len(SEEDS)} seeds)" for s in hits)
+                             if hits else "not measured yet")
+            + ("; not measured yet on " + ", ".join(t for t in TASKS if t not in {s["task"] for s in hits})
+               if hits and len(hits) < len(TASKS) else "") + ".", ""]
     out += choice_sensitivity(summary, rows, runs, sc)
     out += ["## Setup", "",
             f"Model {sc['model']}; LoRA r {sc['lora']['r']}, alpha {sc['lora']['alpha']} on "
