@@ -147,16 +147,18 @@ def flat_keep() -> float:
     return DPConfig.flat_keep
 
 
-def choice_key(task: str, seed: int, lr: float) -> str:
-    return f"choice/{task}/s{seed}/lr{lr:g}"
+def choice_key(task: str, seed: int, lr: float, numerics: bool = False) -> str:
+    return f"choice/{task}/s{seed}/lr{lr:g}" + ("/numerics" if numerics else "")
 
 
-def choice_run(task_name: str, seed: int, lr: float, sc: dict) -> dict:
+def choice_run(task_name: str, seed: int, lr: float, sc: dict, numerics: bool = False) -> dict:
     """How much of the flatness choice is estimate noise: the teacher that dp_train trains for (task, seed, lr), then
     the layers' flatness scores per draw on the public batch that dp_train scores (batch 0, with the study's
     `draws`), and with 2 draws (as dp_train) on the next public batches of the same size. dp_train's own choice
     is the mean of batch 0's first two draws; the other draw pairs are independent repeats of it (estimate noise
-    alone), the other batches repeat it on other public data (data noise)."""
+    alone), the other batches repeat it on other public data (data noise). With `numerics`, instead: dp_train's
+    estimate again under bf16 (does a second process reproduce it?) and with the same draws in float32 (how much of
+    a score is bf16 rounding: the scores are loss differences of a few 1e-3)."""
     import torch
 
     from patchlm.adapters.inject import wrapped_modules
@@ -182,15 +184,19 @@ def choice_run(task_name: str, seed: int, lr: float, sc: dict) -> dict:
     teacher_seconds = time.perf_counter() - t0
     device = next(base.model.parameters()).device
 
-    def scores(k: int, draws: int) -> dict[str, list[float]]:
+    def scores(k: int, draws: int, bf16: bool = True) -> dict[str, list[float]]:
         return flatness_scores(base.model, mods, collate(public[k * b:(k + 1) * b], pad), seed,
-                               lambda: autocast(device, True), draws=draws)
+                               lambda: autocast(device, bf16), draws=draws)
 
     c = sc["choice"]
     t0 = time.perf_counter()
     out = {"task": task_name, "seed": seed, "lr": lr, "teacher_steps": sc["teacher_steps"], "batch": b,
-           "draws": c["draws"], "scores": [scores(0, c["draws"])]}
-    out["scores"] += [scores(k, 2) for k in range(1, c["batches"])]
+           "draws": c["draws"]}
+    if numerics:  # dp_train's estimate again (batch 0, 2 draws) under bf16, then with the same draws in float32
+        out["scores_bf16"] = scores(0, 2)
+        out["scores_fp32"] = scores(0, 2, bf16=False)
+    else:
+        out["scores"] = [scores(0, c["draws"])] + [scores(k, 2) for k in range(1, c["batches"])]
     out.update({"teacher_seconds": teacher_seconds, "score_seconds": time.perf_counter() - t0})
     return out
 
@@ -248,6 +254,44 @@ def choice_stability(row: dict, keep: float, run: dict | None) -> tuple[list[str
         lines.append(f"- reproduction: batch 0's first two draws give the flat-layers run's scores within {diff:.1g} "
                      f"({'the same' if same else 'a different'} kept set).")
     return [*lines, ""], table
+
+
+def choice_numerics(row: dict, keep: float, first: dict | None, run: dict | None) -> list[str]:
+    """The page's account of a numerics row: dp_train's estimate scored again in a second process under bf16
+    (against the choice row's first two draws and the flat-layers run's record) and in float32 with the same draws."""
+    from scipy.stats import spearmanr
+
+    from patchlm.federated.privacy import keep_count
+
+    def mean(v: list[float]) -> float:
+        return sum(v) / len(v)
+
+    b16 = {x: mean(v) for x, v in row["scores_bf16"].items()}
+    f32 = {x: mean(v) for x, v in row["scores_fp32"].items()}
+    layers = sorted(b16)
+    k = keep_count(len(layers), keep)
+
+    def choice(vec: dict[str, float]) -> set[str]:
+        return set(sorted(vec, key=lambda lay: -vec[lay])[:k])
+
+    def compare(a: dict[str, float], b: dict[str, float]) -> str:
+        rho = float(spearmanr([a[x] for x in layers], [b[x] for x in layers]).statistic)
+        diff = max(abs(a[x] - b[x]) for x in layers)
+        return f"max difference {diff:.2g}, Spearman {rho:.2f}, {len(choice(a) & choice(b))} of {k} kept layers shared"
+
+    out = [f"Numerics, {row['task']} seed {row['seed']} (the same teacher trained again, batch 0, the same 2 draws; "
+           f"the scores' spread over layers is {statistics.pstdev(b16.values()):.2g}):", ""]
+    if first:
+        pair = {x: mean(v[:2]) for x, v in first["scores"][0].items()}
+        out.append(f"- bf16 here against the choice row's first two draws (a second computation, the same code): "
+                   f"{compare(b16, pair)};")
+    if run and run.get("layer_sharpness_change"):
+        out.append(f"- bf16 here against the flat-layers run's record (dp_train's choice inside the DP run; a "
+                   f"record older than the perturbation's undoing by copy was undone by subtraction, which leaves "
+                   f"the weights off by about 1e-7): "
+                   f"{compare(b16, run['layer_sharpness_change'])};")
+    out += [f"- float32 against bf16 (the same draws): {compare(f32, b16)}.", ""]
+    return out
 
 
 def lora_size(sc: dict) -> int:
@@ -465,6 +509,11 @@ def page(summary: list[dict], rows: list[dict], runs: list[dict], missing: list[
         for c in choices:
             run = next((r for r in every or [] if r["method"] == "flat-layers" and (r["task"], r["seed"], r["lr"])
                         == (c["task"], c["seed"], c["lr"]) and r.get("layer_sharpness_change")), None)
+            if "scores_fp32" in c:
+                first = next((x for x in choices if "scores" in x and (x["task"], x["seed"], x["lr"])
+                              == (c["task"], c["seed"], c["lr"])), None)
+                out += choice_numerics(c, flat_keep(), first, run)
+                continue
             lines, table = choice_stability(c, flat_keep(), run)
             out += [*lines, md_table(table, list(table[0])), ""]
     out += ["## Every grid point (the rows of complete grids)", "",
@@ -525,12 +574,13 @@ def main() -> None:
             else:
                 missing.append(key)
         if e == EPSILONS[0]:  # the choice uses public data only: one per (task, seed, lr)
-            key = choice_key(t, s, lr)
-            hit = fetch(key, functools.partial(choice_run, t, s, lr, sc))
-            if hit is not None:
-                choices.append(hit)
-            else:
-                missing.append(key)
+            for num in (False, True):
+                key = choice_key(t, s, lr, num)
+                hit = fetch(key, functools.partial(choice_run, t, s, lr, sc, num))
+                if hit is not None:
+                    choices.append(hit)
+                else:
+                    missing.append(key)
     summary = summarise(rows)
     text = page(summary, rows, grid_runs, missing, sc, every, choices) if rows else ""
     if a.quick:
