@@ -496,7 +496,8 @@ def page(summary: list[dict], rows: list[dict], runs: list[dict], missing: list[
                     f"{min(h.values()):.4f} to {max(h.values()):.4f} ({sum(v < 0 for v in h.values())} of {len(h)} "
                     "negative: removing those layers' adapters made the loss flatter). Each is a difference of "
                     "two-draw Monte-Carlo estimates on one public batch (the same draws for every layer, a paired "
-                    "comparison); how much of the ranking is estimate noise is not measured yet.", "",
+                    "comparison); how much of the ranking is estimate noise: "
+                    + ("the next section." if choices else "not measured yet."), "",
                     md_table([{"layer": lay, "sharpness_change": h[lay], "kept": lay in r["kept_layers"]}
                               for lay in order], ["layer", "sharpness_change", "kept"]), ""]
     if choices:
