@@ -26,6 +26,7 @@ import argparse
 import fnmatch
 import functools
 import itertools
+import json
 import math
 import statistics
 import sys
@@ -147,18 +148,24 @@ def flat_keep() -> float:
     return DPConfig.flat_keep
 
 
-def choice_key(task: str, seed: int, lr: float, numerics: bool = False) -> str:
-    return f"choice/{task}/s{seed}/lr{lr:g}" + ("/numerics" if numerics else "")
+# the choice rows: bf16 = the stability study with scores under bf16 autocast (as dp_train scored before its
+# float32 fix), numerics = bf16 against float32 on the same draws, fp32 = the stability study as dp_train scores now
+CHOICE_MODES = {"bf16": "", "numerics": "/numerics", "fp32": "/fp32"}
 
 
-def choice_run(task_name: str, seed: int, lr: float, sc: dict, numerics: bool = False) -> dict:
+def choice_key(task: str, seed: int, lr: float, mode: str = "bf16") -> str:
+    return f"choice/{task}/s{seed}/lr{lr:g}" + CHOICE_MODES[mode]
+
+
+def choice_run(task_name: str, seed: int, lr: float, sc: dict, mode: str = "bf16") -> dict:
     """How much of the flatness choice is estimate noise: the teacher that dp_train trains for (task, seed, lr), then
     the layers' flatness scores per draw on the public batch that dp_train scores (batch 0, with the study's
-    `draws`), and with 2 draws (as dp_train) on the next public batches of the same size. dp_train's own choice
-    is the mean of batch 0's first two draws; the other draw pairs are independent repeats of it (estimate noise
-    alone), the other batches repeat it on other public data (data noise). With `numerics`, instead: dp_train's
-    estimate again under bf16 (does a second process reproduce it?) and with the same draws in float32 (how much of
-    a score is bf16 rounding: the scores are loss differences of a few 1e-3)."""
+    `draws`), and with 2 draws (as dp_train) on the next public batches of the same size, under bf16 autocast
+    (mode bf16) or in float32 (mode fp32, as dp_train scores since its fix). dp_train's own choice is the mean of
+    batch 0's first two draws; the other draw pairs are independent repeats of it (estimate noise alone), the other
+    batches repeat it on other public data (data noise). Mode numerics, instead: the 2-draw estimate again under
+    bf16 (does a second computation reproduce it?) and with the same draws in float32 (how much of a score is bf16
+    rounding: the scores are loss differences of a few 1e-3)."""
     import torch
 
     from patchlm.adapters.inject import wrapped_modules
@@ -191,12 +198,13 @@ def choice_run(task_name: str, seed: int, lr: float, sc: dict, numerics: bool = 
     c = sc["choice"]
     t0 = time.perf_counter()
     out = {"task": task_name, "seed": seed, "lr": lr, "teacher_steps": sc["teacher_steps"], "batch": b,
-           "draws": c["draws"]}
-    if numerics:  # dp_train's estimate again (batch 0, 2 draws) under bf16, then with the same draws in float32
+           "draws": c["draws"], "mode": mode}
+    if mode == "numerics":  # the 2-draw estimate again (batch 0) under bf16, then with the same draws in float32
         out["scores_bf16"] = scores(0, 2)
         out["scores_fp32"] = scores(0, 2, bf16=False)
     else:
-        out["scores"] = [scores(0, c["draws"])] + [scores(k, 2) for k in range(1, c["batches"])]
+        bf16 = mode == "bf16"
+        out["scores"] = [scores(0, c["draws"], bf16)] + [scores(k, 2, bf16) for k in range(1, c["batches"])]
     out.update({"teacher_seconds": teacher_seconds, "score_seconds": time.perf_counter() - t0})
     return out
 
@@ -238,8 +246,11 @@ def choice_stability(row: dict, keep: float, run: dict | None) -> tuple[list[str
     sure = sum(abs(full[x]) > 2 * se[x] for x in layers)
     pc, pr = agree(pair_vecs)
     bc, br = agree(batch_vecs)
-    lines = [f"{row['task']} seed {row['seed']} (teacher at lr {row['lr']:g}, {row['teacher_steps']} steps on the "
-             f"public data), keeping {k} of {n} layers; two random choices share {k * k / n:.1f} layers on average:",
+    dtype = ("in float32, as dp_train scores them" if row.get("mode") == "fp32" else
+             "under bf16 autocast, as dp_train scored them before its float32 fix")
+    lines = [f"{row['task']} seed {row['seed']}, scores {dtype} (teacher at lr {row['lr']:g}, "
+             f"{row['teacher_steps']} steps on the public data), keeping {k} of {n} layers; two random choices share "
+             f"{k * k / n:.1f} layers on average:",
              "",
              f"- estimate noise: the {len(pair_vecs)} disjoint pairs of batch 0's {d} draws (each pair is "
              f"dp_train's estimate) share {pc:.1f} of their {k} kept layers on average (Spearman {pr:.2f} between "
@@ -248,7 +259,8 @@ def choice_stability(row: dict, keep: float, run: dict | None) -> tuple[list[str
              f"{bc:.1f} (Spearman {br:.2f});",
              f"- with all {d} draws, {sure} of {n} layers' scores are more than 2 standard errors from 0; the "
              f"{d}-draw choice shares {len(choice(full) & choice(pair_vecs[0]))} layers with the 2-draw one."]
-    if run and run.get("layer_sharpness_change"):
+    if run and run.get("layer_sharpness_change") and (run.get("flat_score_dtype") == "float32") == \
+            (row.get("mode") == "fp32"):
         diff = max(abs(run["layer_sharpness_change"][x] - pair_vecs[0][x]) for x in layers)
         same = set(run["kept_layers"]) == choice(pair_vecs[0])
         lines.append(f"- reproduction: batch 0's first two draws give the flat-layers run's scores within {diff:.1g} "
@@ -402,9 +414,10 @@ def ablation(rows: list[dict], every: list[dict]) -> list[dict]:
 
 
 def page(summary: list[dict], rows: list[dict], runs: list[dict], missing: list[str], sc: dict,
-         every: list[dict] | None = None, choices: list[dict] | None = None) -> str:
+         every: list[dict] | None = None, choices: list[dict] | None = None,
+         archived: list[dict] | None = None) -> str:
     """The study's page; `every`: every cached run, partial grids included (for the ablation at one point);
-    `choices`: the choice_run rows."""
+    `choices`: the choice_run rows; `archived`: the runs whose layer choice was scored under bf16 (before the fix)."""
     abl = ablation(rows, every or [])
     k = len(sc["grid"]["lr"]) * len(sc["grid"]["clip"])
     out = ["DP-Flat against DP-SGD and non-private LoRA, centralised (one private training set, one RDP "
@@ -423,7 +436,9 @@ def page(summary: list[dict], rows: list[dict], runs: list[dict], missing: list[
                                        f"{len(SEEDS)} seeds)" for s in hits)
                              if hits else "not measured yet")
             + ("; not measured yet on " + ", ".join(t for t in TASKS if t not in {s["task"] for s in hits})
-               if hits and len(hits) < len(TASKS) else "") + ".", ""]
+               if hits and len(hits) < len(TASKS) else "")
+            + (" with the float32 layer scores (the runs with the bf16-scored, numerically arbitrary choice are in "
+               "the last sections)" if archived and not hits else "") + ".", ""]
     out += choice_sensitivity(summary, rows, runs, sc)
     out += ["## Setup", "",
             f"Model {sc['model']}; LoRA r {sc['lora']['r']}, alpha {sc['lora']['alpha']} on "
@@ -508,15 +523,38 @@ def page(summary: list[dict], rows: list[dict], runs: list[dict], missing: list[
                 "(`python bench/dpflat.py --rows 'choice/*'`; no private data, no privacy spent). t: a layer's "
                 "mean over the draws divided by its standard error.", ""]
         for c in choices:
-            run = next((r for r in every or [] if r["method"] == "flat-layers" and (r["task"], r["seed"], r["lr"])
-                        == (c["task"], c["seed"], c["lr"]) and r.get("layer_sharpness_change")), None)
+            run = next((r for r in [*(every or []), *(archived or [])] if r["method"] == "flat-layers"
+                        and (r["task"], r["seed"], r["lr"]) == (c["task"], c["seed"], c["lr"])
+                        and r.get("layer_sharpness_change")), None)
             if "scores_fp32" in c:
-                first = next((x for x in choices if "scores" in x and (x["task"], x["seed"], x["lr"])
+                first = next((x for x in choices if "scores" in x and x.get("mode", "bf16") == "bf16"
+                              and (x["task"], x["seed"], x["lr"])
                               == (c["task"], c["seed"], c["lr"])), None)
                 out += choice_numerics(c, flat_keep(), first, run)
                 continue
             lines, table = choice_stability(c, flat_keep(), run)
             out += [*lines, md_table(table, list(table[0])), ""]
+    if archived:
+        out += ["## Runs whose layer choice was scored under bf16 (before the float32 fix)", "",
+                "Until this fix dp_train scored the layers under the training's bf16 autocast. The numerics row above "
+                "shows that those scores are set by bf16 rounding more than by the loss surface (a change of 1e-7 in "
+                "the weights reorders them), so in these runs the layers part kept a numerically arbitrary half of "
+                "the layers. They are kept here as measured (bench/rows/dpflat/full-bf16-scores/), out of the "
+                "study's grids: the layers rows are to run again with the float32 scores.", "",
+                md_table(archived, ["task", "method", "epsilon_target", "seed", "lr", "clip", "dev_accuracy",
+                                    "test_accuracy", "test_macro_f1"]), ""]
+        fa = [r for r in archived if r["method"] == "flat-all"]
+        by = {(s["task"], s["method"], s["epsilon_target"]): s for s in summary}
+        for t, e, sd in sorted({(r["task"], r["epsilon_target"], r["seed"]) for r in fa}):
+            g = [r for r in fa if (r["task"], r["epsilon_target"], r["seed"]) == (t, e, sd)]
+            lo, hi = by.get((t, "dp-sgd", e)), by.get((t, "nonprivate", None))
+            if len(g) == len(grid(sc, "flat-all")) and lo and hi and hi["test_accuracy"] != lo["test_accuracy"]:
+                c = chosen(g)
+                closed = (c["test_accuracy"] - lo["test_accuracy"]) / (hi["test_accuracy"] - lo["test_accuracy"])
+                out += [f"With these runs, flat-all on {t} at epsilon {e:g} (seed {sd}): dev chose lr {c['lr']:g} "
+                        f"clip {c['clip']:g}, test {c['test_accuracy']:.4g}, closing {closed:.2f} of DP-SGD's gap "
+                        "(DP-SGD's and the non-private row's means over their seeds): a figure of the arbitrary "
+                        "choice, not of the flatness-guided one.", ""]
     out += ["## Every grid point (the rows of complete grids)", "",
             md_table(runs, ["task", "method", "epsilon_target", "seed", "lr", "clip", "train_loss", "dev_accuracy",
                             "test_accuracy", "test_macro_f1"]), ""]
@@ -564,6 +602,8 @@ def main() -> None:
             else:
                 missing.append(run_key(task, method, eps, seed, 0, 0).rsplit("/", 1)[0])
     # the layers part's controls, and the stability of its choice, at the grid point DP-SGD chose
+    archive = RowCache("dpflat", f"{sc['tag']}-bf16-scores", committed=True)  # read only: runs before the fix
+    archived = [json.loads(f.read_text()) for f in sorted(archive.dir.glob("*.json"))]
     choices = []
     for ref in [r for r in rows if r["method"] == "dp-sgd"]:
         t, e, s, lr, clip = ref["task"], ref["epsilon_target"], ref["seed"], ref["lr"], ref["clip"]
@@ -575,15 +615,15 @@ def main() -> None:
             else:
                 missing.append(key)
         if e == EPSILONS[0]:  # the choice uses public data only: one per (task, seed, lr)
-            for num in (False, True):
-                key = choice_key(t, s, lr, num)
-                hit = fetch(key, functools.partial(choice_run, t, s, lr, sc, num))
+            for mode in CHOICE_MODES:
+                key = choice_key(t, s, lr, mode)
+                hit = fetch(key, functools.partial(choice_run, t, s, lr, sc, mode))
                 if hit is not None:
                     choices.append(hit)
                 else:
                     missing.append(key)
     summary = summarise(rows)
-    text = page(summary, rows, grid_runs, missing, sc, every, choices) if rows else ""
+    text = page(summary, rows, grid_runs, missing, sc, every, choices, archived) if rows else ""
     if a.quick:
         print(text)
     elif rows:

@@ -301,6 +301,7 @@ def test_dp_flat_on_the_engine_matches_the_old_loop(toy_task):
     # the record now also names the parts that ran (all three, the old loop's only mode)
     assert new_rec.pop("flat_parts") == "minmax,layers,distill"
     scores = new_rec.pop("layer_sharpness_change")  # and each layer's score of the flatness choice
+    assert new_rec.pop("flat_score_dtype") == "float32"  # taken in float32 (this run is float32 throughout)
     assert len(scores) == new_rec["num_layers"]
     assert set(new_rec["kept_layers"]) == set(sorted(scores, key=lambda k: -scores[k])[:len(new_rec["kept_layers"])])
     assert new_rec == old_rec and new_rec["flat"]

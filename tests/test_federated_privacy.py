@@ -146,6 +146,39 @@ def test_flatness_choice_sees_the_perturbations_under_bf16(toy_task):
     assert sorted(s16, key=s16.get) == sorted(s32, key=s32.get)
 
 
+def test_flatness_choice_is_scored_in_float32_under_bf16_training(toy_task):
+    """The layer scores are loss differences of a few 1e-3, at bf16's resolution: dp_train scores them in float32
+    even when it trains under bf16. Its record equals a float32 scoring of the same (bf16-trained) teacher and
+    differs from a bf16 scoring of it."""
+    from contextlib import nullcontext
+
+    from patchlm.data.features import collate
+    from patchlm.federated.privacy import DPConfig, dp_train, flatness_layer_choice, train_public_teacher
+    from patchlm.models import load_base
+    from patchlm.train.engine import autocast
+
+    def setup():
+        base = load_base("tiny-random-llama")
+        params, mods = attach_lora(base)
+        return base, params, mods, toy_features(base, toy_task)
+
+    base, params, mods, feats = setup()
+    torch.manual_seed(0)
+    rec = dp_train(base.model, params, feats, base.tokenizer.pad_token_id, steps=1, batch_size=8, lr=1e-2,
+                   dp=DPConfig(noise_multiplier=1.0, flat=True, flat_parts="layers", teacher_steps=5), seed=0,
+                   lora_modules=mods, public_feats=feats[:8], bf16=True)
+    assert rec["flat_score_dtype"] == "float32"
+    base, params, mods, feats = setup()  # the same teacher again, scored both ways
+    train_public_teacher(base.model, params, feats[:8], base.tokenizer.pad_token_id, 5, 8, 1e-2, 0, True)
+    batch = collate(feats[:8], base.tokenizer.pad_token_id)
+    f32: dict[str, float] = {}
+    b16: dict[str, float] = {}
+    flatness_layer_choice(base.model, mods, batch, 0.5, 0, nullcontext, scores=f32)
+    flatness_layer_choice(base.model, mods, batch, 0.5, 0, lambda: autocast("cpu", True), scores=b16)
+    assert rec["layer_sharpness_change"] == f32
+    assert b16 != f32
+
+
 def test_flatness_scores_are_paired_per_draw_estimates_whose_mean_is_the_choice_key(tiny, toy_task):
     from contextlib import nullcontext
 

@@ -14,7 +14,8 @@ privatised gradients or uses public data:
    current (non-private) ascent direction, which costs privacy; we do not.
 2. flatness-guided choice of layers: on *public* data, a teacher adapter is trained; for each layer we measure
    how much sharper the loss gets when that layer's adapter is removed; the layers whose removal hurts flatness
-   least are dropped (their adapters stay zero and get no noise).
+   least are dropped (their adapters stay zero and get no noise). The scores are taken in float32 even when
+   training runs under bf16 autocast (bf16 rounding is as large as the differences they measure).
 3. distillation toward a non-private copy: loss + lambda * ||P - P_teacher||^2 with the teacher trained on public
    data only; its gradient is added after privatisation (it never touches private data). The paper writes the
    unsquared norm, and its official code adds lambda ||P - P_teacher|| to every example's loss, so that term's
@@ -306,9 +307,12 @@ def dp_train(model, params: list[torch.nn.Parameter], feats: list[dict], pad_id:
         elif dp.has("layers"):
             pub_batch = to_device(collate(public_feats[:batch_size], pad_id), device)
             hurt: dict[str, float] = {}
+            # scored in float32 whatever the training precision: the scores are loss differences of a few 1e-3, at
+            # bf16's resolution, so under bf16 a change of 1e-7 in the weights reorders them (bench/dpflat.py's
+            # numerics row: Spearman 0.12 between two such bf16 scorings, 0.29 between bf16 and float32)
             kept = flatness_layer_choice(model, lora_modules, pub_batch, dp.flat_keep, seed,
-                                         lambda: autocast(device, bf16), scores=hurt)
-            record["layer_sharpness_change"] = hurt
+                                         lambda: autocast(device, False), scores=hurt)
+            record.update({"layer_sharpness_change": hurt, "flat_score_dtype": "float32"})
         # reset the adapter to its initial state; freeze dropped layers (B stays 0, no noise spent on them)
         with torch.no_grad():
             for p, (init, _) in zip(params, teacher_state, strict=True):
