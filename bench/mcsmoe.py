@@ -47,7 +47,29 @@ ROWS: dict[str, dict] = {
     "noalign-g1": {"groups": 1, "align": False},
     "uniform-g1": {"groups": 1, "merge_weights": "uniform"},
     "prune-g1": {"groups": 1, "method": "prune"},
+    # the MoE with every expert's neurons shuffled first (the same function): upcycled experts share the base's
+    # neuron order, so alignment has nothing to undo on them; here it has (experts trained from different inits)
+    "m-smoe-g2-permuted": {"groups": 2},
+    "noalign-g2-permuted": {"groups": 2, "align": False},
 }
+PERMUTED = {"m-smoe-g2-permuted", "noalign-g2-permuted"}
+
+
+def shuffle_experts(model, seed: int = 0) -> None:
+    """Reorder every expert's neurons by a random permutation (gate and up rows, down columns together): each
+    expert, and so the MoE, computes the same function; only the neuron order differs between experts."""
+    import torch
+
+    from patchlm.moe.mcsmoe import expert_weights, moe_layers, permute_expert
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for b in moe_layers(model):
+            for e in range(b.experts.gate_up_proj.shape[0]):
+                gu, d = expert_weights(b, e)
+                gu, d = permute_expert(gu, d, torch.randperm(d.shape[1], generator=g))
+                b.experts.gate_up_proj[e] = gu
+                b.experts.down_proj[e] = d
 
 
 def log(msg: str) -> None:
@@ -144,6 +166,8 @@ def measure(name: str, sc: dict, moe_dir: Path) -> dict:
 
     cfg = row_config(name, sc)
     model, tok = load_moe(moe_dir)
+    if name in PERMUTED:
+        shuffle_experts(model)
     t0 = time.perf_counter()
     r = compress(model, tok, TASKS, cfg, log=log)
     seconds = time.perf_counter() - t0
@@ -198,6 +222,10 @@ def page(rows: list[dict], missing: list[str], sc: dict, moe_info: dict | None) 
             return f"{by[a]['mean_accuracy']:.3f} vs {by[b]['mean_accuracy']:.3f}"
         return "not measured yet"
 
+    def moved(a: str) -> str:
+        al = (by.get(a) or {}).get("alignment")
+        return f"{al['moved']:,} of {al['neurons']:,}" if al else "(not measured yet)"
+
     return f"""{status}MC-SMoE (Merge, then Compress) on a {sc['model']} MoE of 4 experts: {len(TASKS)} upcycled
 LoRA specialists ({', '.join(TASKS)}) and the base as a generalist expert, top-2, gate mode hidden plus
 {sc['router_steps']} router-only steps. Accuracy: label log-likelihood on the first {sc['limit']} test examples of
@@ -214,7 +242,10 @@ their factored cost.
 - Usage-weighted + aligned merging vs uniform merging at 2 experts: {cmp('m-smoe-g2', 'uniform-g2')};
   vs pruning the least used: {cmp('m-smoe-g2', 'prune-g2')}; with vs without alignment: {cmp('m-smoe-g2',
   'noalign-g2')}. At 1 expert: {cmp('m-smoe-g1', 'uniform-g1')} (uniform), {cmp('m-smoe-g1', 'prune-g1')} (prune),
-  {cmp('m-smoe-g1', 'noalign-g1')} (no alignment).
+  {cmp('m-smoe-g1', 'noalign-g1')} (no alignment). Alignment moved {moved('m-smoe-g2')} of the upcycled experts'
+  neurons: they share the base's neuron order. With every expert's neurons shuffled first (the same MoE function),
+  with vs without alignment: {cmp('m-smoe-g2-permuted', 'noalign-g2-permuted')} (alignment moved
+  {moved('m-smoe-g2-permuted')}).
 - MC-SMoE (2 experts, rank {row_config('mc-smoe-g2', sc).low_rank}, sparsity 0.8) without vs with
   {row_config('mc-smoe-g2-recover', sc).recover} recovery steps: {cmp('mc-smoe-g2', 'mc-smoe-g2-recover')}.
 - Alignment is function-preserving: tests/test_mcsmoe.py permutes every expert to expert 0 by weight matching and
