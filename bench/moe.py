@@ -121,17 +121,19 @@ def with_ratios(row: dict, model, base_model, vocab: int, args) -> dict:
         best = {"m": [0.0, 0.0], "b": [0.0, 0.0]}
         for m in (model, base_model):
             _prefill(m, ids)  # warm-up
-        hits = ExpertHits(model)  # the experts each of the model's forwards reads (an MoE's; None otherwise)
         for _ in range(args.reps):
             for who, m in (("m", model), ("b", base_model)):
                 if who == "m":
-                    with MemoryProbe() as mem, hits:
+                    with MemoryProbe() as mem:
                         r = _rates(m, ids, args)
                     extra = max(extra, mem.peak_bytes - mem.start_bytes)
                 else:
                     r = _rates(m, ids, args)
                 best[who] = [x if y != y else max(x, y) for x, y in zip(best[who], r)]  # y != y: NaN
-        # a decoding step runs b tokens; the prefill b x prompt_len
+        # the experts each forward reads (an MoE's; None otherwise), counted in one more, untimed pass: the counting
+        # hooks stay out of the timed reps. A decoding step runs b tokens, the prefill b x prompt_len.
+        with ExpertHits(model) as hits:
+            _rates(model, ids, args)
         row[f"prefill_b{b}_touched"] = hits.touched_params(tokens=b * args.prompt_len)
         row[f"decode_b{b}_touched"] = hits.touched_params(tokens=b)
         row[f"prefill_b{b}_x"] = best["m"][0] / best["b"][0]
