@@ -209,32 +209,42 @@ def choice_run(task_name: str, seed: int, lr: float, sc: dict, mode: str = "bf16
     return out
 
 
+def _kept(scores: dict[str, float], keep: float) -> set[str]:
+    """The layers the layers part keeps for these scores (dp_train's ranking)."""
+    from patchlm.federated.privacy import top_layers
+
+    return set(top_layers(scores, keep))
+
+
+def _spearman(a: dict[str, float], b: dict[str, float]) -> float:
+    """Spearman correlation of two layer -> score maps over their layers."""
+    from scipy.stats import spearmanr
+
+    layers = sorted(a)
+    return float(spearmanr([a[x] for x in layers], [b[x] for x in layers]).statistic)
+
+
 def choice_stability(row: dict, keep: float, run: dict | None) -> tuple[list[str], list[dict]]:
     """The page's account of one choice_run row: the per-layer scores with their standard errors, and how often
     the choice (dp_train's: the top `keep` of the mean of two draws) agrees with itself when repeated with other
     draws or on other public batches, against two random choices. `run`: the flat-layers run at the same
     (task, seed, lr), whose recorded scores batch 0's first two draws reproduce."""
-    from scipy.stats import spearmanr
-
     from patchlm.federated.privacy import keep_count
 
     first, others = row["scores"][0], row["scores"][1:]
     layers = sorted(first, key=lambda lay: int(lay.rsplit(".", 1)[-1]))
     n, d = len(layers), len(first[layers[0]])
     k = keep_count(n, keep)
-
-    def mean(v: list[float]) -> float:
-        return sum(v) / len(v)
+    mean = statistics.fmean
 
     def choice(vec: dict[str, float]) -> set[str]:
-        return set(sorted(vec, key=lambda lay: -vec[lay])[:k])
+        return _kept(vec, keep)
 
     def agree(vecs: list[dict[str, float]]) -> tuple[float, float]:
         """Mean over pairs: kept layers in common, Spearman correlation of the scores."""
         pairs = list(itertools.combinations(vecs, 2))
-        common = mean([len(choice(a) & choice(b)) for a, b in pairs])
-        rho = mean([float(spearmanr([a[x] for x in layers], [b[x] for x in layers]).statistic) for a, b in pairs])
-        return common, rho
+        return (mean([len(choice(a) & choice(b)) for a, b in pairs]),
+                mean([_spearman(a, b) for a, b in pairs]))
 
     pair_vecs = [{x: mean(first[x][j:j + 2]) for x in layers} for j in range(0, d - 1, 2)]  # dp_train's estimate
     batch_vecs = [pair_vecs[0]] + [{x: mean(o[x]) for x in layers} for o in others]
@@ -271,25 +281,17 @@ def choice_stability(row: dict, keep: float, run: dict | None) -> tuple[list[str
 def choice_numerics(row: dict, keep: float, first: dict | None, run: dict | None) -> list[str]:
     """The page's account of a numerics row: dp_train's estimate scored again in a second process under bf16
     (against the choice row's first two draws and the flat-layers run's record) and in float32 with the same draws."""
-    from scipy.stats import spearmanr
-
     from patchlm.federated.privacy import keep_count
 
-    def mean(v: list[float]) -> float:
-        return sum(v) / len(v)
-
+    mean = statistics.fmean
     b16 = {x: mean(v) for x, v in row["scores_bf16"].items()}
     f32 = {x: mean(v) for x, v in row["scores_fp32"].items()}
-    layers = sorted(b16)
-    k = keep_count(len(layers), keep)
-
-    def choice(vec: dict[str, float]) -> set[str]:
-        return set(sorted(vec, key=lambda lay: -vec[lay])[:k])
+    k = keep_count(len(b16), keep)
 
     def compare(a: dict[str, float], b: dict[str, float]) -> str:
-        rho = float(spearmanr([a[x] for x in layers], [b[x] for x in layers]).statistic)
-        diff = max(abs(a[x] - b[x]) for x in layers)
-        return f"max difference {diff:.2g}, Spearman {rho:.2f}, {len(choice(a) & choice(b))} of {k} kept layers shared"
+        diff = max(abs(a[x] - b[x]) for x in a)
+        return (f"max difference {diff:.2g}, Spearman {_spearman(a, b):.2f}, "
+                f"{len(_kept(a, keep) & _kept(b, keep))} of {k} kept layers shared")
 
     out = [f"Numerics, {row['task']} seed {row['seed']} (the same teacher trained again, batch 0, the same 2 draws; "
            f"the scores' spread over layers is {statistics.pstdev(b16.values()):.2g}):", ""]

@@ -46,7 +46,7 @@ from patchlm.train.engine import (
 from patchlm.train.optim import StepRule, make_optimizer
 
 __all__ = ["DPAdamW", "DPConfig", "default_delta", "dp_train", "flatness_layer_choice", "flatness_scores", "keep_count",
-           "random_layer_choice", "total_epsilon", "train_public_teacher"]
+           "random_layer_choice", "top_layers", "total_epsilon", "train_public_teacher"]
 
 
 def default_delta(n: int) -> float:
@@ -141,7 +141,12 @@ def flatness_layer_choice(model, modules: dict[str, torch.nn.Module], batch, kee
     hurt = {lay: sum(v) / len(v) for lay, v in flatness_scores(model, modules, batch, seed, amp, rho, draws).items()}
     if scores is not None:
         scores.update(hurt)
-    return sorted(sorted(hurt, key=lambda lay: -hurt[lay])[:keep_count(len(layers), keep)])
+    return top_layers(hurt, keep)
+
+
+def top_layers(scores: dict[str, float], keep: float) -> list[str]:
+    """The keep_count(len(scores), keep) layers of highest score, in name order (the layers part's ranking)."""
+    return sorted(sorted(scores, key=lambda lay: -scores[lay])[:keep_count(len(scores), keep)])
 
 
 def keep_count(num_layers: int, keep: float) -> int:

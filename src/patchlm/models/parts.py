@@ -23,6 +23,12 @@ def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module | None, t
     return backbone, head
 
 
+def is_fused_experts(mod: torch.nn.Module) -> bool:
+    """A transformers-5 fused experts module: 3-D gate_up_proj and down_proj parameters."""
+    gu, dn = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
+    return isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3 and dn.dim() == 3
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a model without parameters)."""
     for p in model.parameters():

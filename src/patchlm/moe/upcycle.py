@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from patchlm.errors import BaseMismatchError, ConfigError, PatchFormatError
+from patchlm.models.parts import is_fused_experts
 from patchlm.moe.config import PROMPTED, MoeConfig
 from patchlm.moe.router import gate_vectors
 from patchlm.patch import Patch, get_kind, kind_can
@@ -360,10 +361,13 @@ def param_counts(model: torch.nn.Module) -> dict:
             seen.add(id(p))
             total += p.numel()
     c = model.config
-    E, k = c.num_local_experts, c.num_experts_per_tok
-    per_expert = 3 * c.hidden_size * c.intermediate_size
-    inactive = (E - k) * per_expert * c.num_hidden_layers
+    inactive = (c.num_local_experts - c.num_experts_per_tok) * _expert_size(c) * c.num_hidden_layers
     return {"total_params": total, "active_params": total - inactive}
+
+
+def _expert_size(config) -> int:
+    """Parameters of one SwiGLU expert (gate, up and down projections)."""
+    return 3 * config.hidden_size * config.intermediate_size
 
 
 class ExpertHits:
@@ -387,8 +391,7 @@ class ExpertHits:
                 self.calls.append((int(args[0].reshape(-1, args[0].shape[-1]).shape[0]), hit, n))
 
         for m in self.model.modules():
-            gu, dn = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
-            if isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3:
+            if is_fused_experts(m):
                 self._handles.append(m.register_forward_pre_hook(hook))
         return self
 
@@ -408,7 +411,7 @@ class ExpertHits:
         if frac is None:
             return None
         c = self.model.config
-        experts = c.num_local_experts * 3 * c.hidden_size * c.intermediate_size * c.num_hidden_layers
+        experts = c.num_local_experts * _expert_size(c) * c.num_hidden_layers
         return round(param_counts(self.model)["total_params"] - (1 - frac) * experts)
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchlm.errors import PatchFormatError, PatchlmError
+from patchlm.models.parts import is_fused_experts
 from patchlm.patch import PatchKind, register_kind
 from patchlm.quant.config import KEEP
 from patchlm.quant.gptq import Quantized, dequantize
@@ -120,12 +121,6 @@ class QuantExperts(nn.Module):
             y = F.linear(self.act_fn(gate) * up, self.down[e].weight().to(x.dtype))
             out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
         return out
-
-
-def is_fused_experts(mod: nn.Module) -> bool:
-    """A transformers-5 fused experts module: 3-D gate_up_proj and down_proj parameters."""
-    gu, dn = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
-    return isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3 and dn.dim() == 3
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from patchlm.errors import PatchlmError
-from patchlm.quant.kind import EXPERT_PARTS, is_fused_experts
+from patchlm.models.parts import is_fused_experts
+from patchlm.quant.kind import EXPERT_PARTS
 
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")  # router linears stay in 16 bits
 

@@ -122,16 +122,19 @@ class Directions:
     def z(self, i: int, step: int, query: int) -> torch.Tensor:
         """Direction of tensor i for (step, query): N(0, 1) or +-1 entries (zero outside the sparsity mask), fp32."""
         p = self.params[i]
-        g = torch.Generator().manual_seed(_seed(self.seed, step, query, i))
-        if self.distribution == "rademacher":
-            z = rademacher(tuple(p.shape), g)
-        else:
-            z = torch.randn(p.shape, generator=g, dtype=torch.float32)
+        z = self._draw(i, step, query, torch.Generator(), torch.empty(p.shape, dtype=torch.float32))
         if p.device.type != "cpu":
             z = z.to(p.device)
         if self.masks[i] is not None:
             z.mul_(self.masks[i])
         return z
+
+    def _draw(self, i: int, step: int, query: int, g: torch.Generator, out: torch.Tensor) -> torch.Tensor:
+        """The unmasked fp32 direction of tensor i for (step, query), drawn on the CPU generator g into `out`."""
+        g.manual_seed(_seed(self.seed, step, query, i))
+        if self.distribution == "rademacher":
+            return out.copy_(rademacher(tuple(out.shape), g))
+        return torch.randn(out.shape, generator=g, out=out)
 
     def accumulate(self, i: int, coeffs: list[tuple[int, int, float]], acc: torch.Tensor) -> torch.Tensor:
         """acc += sum_j c_j z_i(step_j, query_j) on the CPU, in acc's dtype: the same values as adding each z(i, ...)
@@ -143,11 +146,7 @@ class Directions:
         wide = buf if acc.dtype == torch.float32 else torch.empty(p.shape, dtype=acc.dtype)
         mask = None if self.masks[i] is None else self.masks[i].cpu()
         for step, query, c in coeffs:
-            g.manual_seed(_seed(self.seed, step, query, i))
-            if self.distribution == "rademacher":
-                buf.copy_(rademacher(tuple(p.shape), g))
-            else:
-                torch.randn(p.shape, generator=g, out=buf)
+            self._draw(i, step, query, g, buf)
             if mask is not None:
                 buf.mul_(mask)
             if wide is not buf:
