@@ -1,16 +1,19 @@
 """Quantization study: GPTQ and RTN at uniform 8/4/3/2 bits and structure-aware bit plans at equal average bits,
-on smollm2-135m (dense), with real packed weights.
+on smollm2-135m (dense) and on the zoo's upcycled MoE (bench/zoo.py: 4 experts, top-2), with real packed weights.
 
     python bench/quant.py            # the rows that are not cached yet (resumes from bench/.cache/quant/)
     python bench/quant.py --quick    # smoke run on tiny-random-llama (a minute)
     python bench/quant.py --rows 'gptq-4*,fp32'   # only the rows whose name matches
+    python bench/quant.py --rows 'moe/*'          # the MoE's rows (its name prefix is moe/)
 
 Every row quantizes the fp32 model (or the model with a task's LoRA baked in) with `patchlm.quant` and evaluates the
 quant patch reloaded from disk:
   * perplexity on held-out news_corpus text (test split: the first PPL_TEXTS texts, blocks of 256 tokens; the
     calibration windows come from its train split);
-  * accuracy on rotten_tomatoes, trec and bbc_news with the shared zoo LoRA patches (bench/foundation.py, 150 steps),
-    each baked into the weights before quantizing (`patchlm quant --patch`), on the first LIMIT test examples;
+  * accuracy on rotten_tomatoes, trec and bbc_news on the first LIMIT test examples: for the dense model with the
+    zoo's shared LoRA specialist of the task (bench/zoo.py, 150 steps) baked into the weights before quantizing
+    (`patchlm quant --patch`; with --acc, three more quantizations per row), for the MoE (whose experts are those
+    specialists) of the quantized MoE itself, in every MoE row;
   * file_bytes (the quant patch's tensors file), model_bytes (the file plus the unquantized rest in float16: what a
     saved quantized model weighs), resident tensor bytes after loading, peak RSS growth during the perplexity
     pass, quantization seconds and greedy decode tokens/s (batch 1, 32 new tokens).
@@ -26,46 +29,73 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import zoo
 from common import CACHE, RowCache, md_table, write_results
 
 TASKS = ["rotten_tomatoes", "trec", "bbc_news"]
-ZOO = CACHE / "foundation"
+MOE = "moe/"  # the name prefix of the MoE's rows
 FULL = dict(model="smollm2-135m", group=64, calib_samples=64, calib_length=256, ppl_texts=60, ppl_block=256,
-            limit=150, decode=32, budgets=[3.0, 2.5],
-            heuristics=["attn", "mlp", "first-k", "down-first", "outlier", "predictor", "random"])
+            limit=150, decode=32, budgets=[3.0, 2.5], zoo_steps=150,
+            heuristics=["attn", "mlp", "first-k", "down-first", "outlier", "predictor", "random"],
+            moe=dict(router_steps=30, bits=(4, 3, 2), budgets=[3.0, 2.5],
+                     heuristics=["attn", "frequency", "first-k", "outlier", "predictor", "random"]))
 QUICK = dict(model="tiny-random-llama", group=32, calib_samples=8, calib_length=64, ppl_texts=4, ppl_block=64,
-             limit=8, decode=4, budgets=[3.0], heuristics=["attn", "outlier", "random"])
+             limit=8, decode=4, budgets=[3.0], zoo_steps=4, heuristics=["attn", "outlier", "random"],
+             moe=dict(router_steps=2, bits=(4,), budgets=[3.0], heuristics=["frequency", "random"]))
+
+
+def uniform_name(b: float) -> str:
+    """The uniform row a budget compares against: 3 bits at 3.0, 2 bits below."""
+    return "uniform-3@3" if b == 3 else f"uniform-2@{b:g}"
 
 
 def rows_plan(p: dict) -> list[tuple[str, dict]]:
-    """(row name, QuantConfig fields or None for fp32) in the order they run."""
+    """(row name, QuantConfig fields; {} for the unquantized rows) in the order they run: the dense model's, then
+    the MoE's (prefixed moe/)."""
     out: list[tuple[str, dict]] = [("fp32", {}), ("bf16", {})]
     for bits in (4, 3, 8, 2):  # the goals' rows (4 and 3 bits) first
         for method in ("gptq", "rtn"):
             out.append((f"{method}-{bits}", {"method": method, "bits": bits}))
     for b in p["budgets"]:
-        out.append((f"uniform-3@{b:g}" if b == 3 else f"uniform-2@{b:g}", {"method": "gptq", "bits": 3 if b == 3
-                                                                           else 2}))
+        out.append((uniform_name(b), {"method": "gptq", "bits": 3 if b == 3 else 2}))
         for h in p["heuristics"]:
             out.append((f"{h}@{b:g}", {"method": "gptq", "plan": f"heuristic:{h}@{b:g}"}))
+    m = p["moe"]
+    out.append((MOE + "fp32", {}))
+    for bits in m["bits"]:
+        for method in ("gptq", "rtn"):
+            out.append((f"{MOE}{method}-{bits}", {"method": method, "bits": bits}))
+    for b in m["budgets"]:
+        out.append((MOE + uniform_name(b), {"method": "gptq", "bits": 3 if b == 3 else 2}))
+        for h in m["heuristics"]:
+            out.append((f"{MOE}{h}@{b:g}", {"method": "gptq", "plan": f"heuristic:{h}@{b:g}"}))
     return out
 
 
-def zoo_patch(task: str):
+def zoo_patch(p: dict, task: str):
+    """The zoo's shared LoRA specialist of a task (trained once when missing)."""
     from patchlm.patch import Patch
 
-    d = ZOO / f"patch-{task}-150" / "checkpoints" / "best"
-    return Patch.load(d) if (d / "patch.json").exists() else None
+    return Patch.load(zoo.specialist(task, p["zoo_steps"], p["model"], tag="quick" if p is QUICK else None))
 
 
-def quantize_to(p: dict, fields: dict, out: Path, patch=None) -> dict:
-    """Quantize (after baking `patch`) and save the quant patch at `out`; return its spec."""
+def model_ref(p: dict, name: str) -> str:
+    """What a row quantizes: the dense built-in, or the zoo's upcycled MoE checkpoint (built once when missing)."""
+    if not name.startswith(MOE):
+        return p["model"]
+    out, _ = zoo.upcycled_moe(p["zoo_steps"], p["moe"]["router_steps"], p["model"],
+                              tag="quick" if p is QUICK else None)
+    return str(out)
+
+
+def quantize_to(p: dict, ref: str, fields: dict, out: Path, patch=None) -> dict:
+    """Quantize model `ref` (after baking `patch`) and save the quant patch at `out`; return its spec."""
     from patchlm.cli.quant import bake_patches
     from patchlm.models import load_base
     from patchlm.patch import Patch
     from patchlm.quant import QuantConfig, quantize_model
 
-    base = load_base(p["model"])
+    base = load_base(ref)
     changed = bake_patches(base, [patch], [str(patch.path)]) if patch is not None else set()
     cfg = QuantConfig(group_size=p["group"], calib_samples=p["calib_samples"], calib_length=p["calib_length"],
                       **fields)
@@ -79,8 +109,8 @@ def tensor_bytes(model) -> int:
 
 
 def evaluate_row(p: dict, name: str, fields: dict, tag: str, acc: bool) -> dict:
-    """One row: quantize (unless fp32 / bf16), reload from disk, measure; accuracy rows (LoRA baked in, one
-    quantization per task) only with `acc`."""
+    """One row: quantize (unless fp32 / bf16), reload from disk, measure; the dense model's accuracy (LoRA baked in,
+    one quantization per task) only with `acc`, the MoE's always (the quantized MoE itself)."""
     import torch
 
     from patchlm.data import load_task
@@ -95,12 +125,14 @@ def evaluate_row(p: dict, name: str, fields: dict, tag: str, acc: bool) -> dict:
 
     d = CACHE / "quant" / tag / name
     row: dict = {"name": name}
+    moe = name.startswith(MOE)
+    ref = model_ref(p, name)
     t0 = time.perf_counter()
     if fields:
-        spec = quantize_to(p, fields, d / "patch")
+        spec = quantize_to(p, ref, fields, d / "patch")
         row.update(avg_bits=round(spec["avg_bits"], 4), rtn_fallback=len(spec["rtn_fallback"]),
                    quant_seconds=round(time.perf_counter() - t0, 1), plan=spec["plan"])
-    base = load_base(p["model"])
+    base = load_base(ref)
     units_params = sum(u.params for u in model_units(base.model))
     total_params = sum(t.numel() for t in base.model.state_dict().values())
     if getattr(base.model.config, "tie_word_embeddings", False):
@@ -113,7 +145,8 @@ def evaluate_row(p: dict, name: str, fields: dict, tag: str, acc: bool) -> dict:
         base.model.to(torch.bfloat16)
         row.update(avg_bits=16.0, file_bytes=2 * total_params, model_bytes=2 * total_params)
     else:
-        row.update(avg_bits=32.0, file_bytes=(Path(builtin_dir(p["model"])) / "model.safetensors").stat().st_size)
+        src = Path(ref) if moe else Path(builtin_dir(ref))
+        row.update(avg_bits=32.0, file_bytes=sum(f.stat().st_size for f in src.glob("*.safetensors")))
         row["model_bytes"] = row["file_bytes"]
     row["resident_bytes"] = tensor_bytes(base.model)
     news = load_task("news_corpus")
@@ -126,15 +159,16 @@ def evaluate_row(p: dict, name: str, fields: dict, tag: str, acc: bool) -> dict:
     with Timer() as t, torch.no_grad():
         base.model.generate(ids, max_new_tokens=p["decode"], min_new_tokens=p["decode"], do_sample=False)
     row["decode_tok_s"] = round(t.rate(p["decode"]), 2)
-    del base
     accs = {}
-    for task in TASKS if acc else []:
-        lp = zoo_patch(task) if p["model"] == "smollm2-135m" else None
-        if lp is None:
-            continue
-        b = load_base(p["model"])
+    for task in TASKS if moe else []:  # the MoE's experts are the task specialists: the quantized MoE itself
+        accs[task] = round(evaluate(base.model, base.tokenizer, load_task(task), split="test",
+                                    limit=p["limit"])["accuracy"], 4)
+    del base
+    for task in TASKS if acc and not moe else []:
+        lp = zoo_patch(p, task)
+        b = load_base(ref)
         if fields:
-            quantize_to(p, fields, d / f"patch-{task}", patch=lp)
+            quantize_to(p, ref, fields, d / f"patch-{task}", patch=lp)
             Patch.load(d / f"patch-{task}").apply(b)
         else:
             lp.apply(b)
@@ -149,43 +183,79 @@ def evaluate_row(p: dict, name: str, fields: dict, tag: str, acc: bool) -> dict:
     return row
 
 
+def budget_notes(by: dict, budgets: list[float], heuristics: list[str], pre: str = "") -> list[str]:
+    """At each average-bits budget: the uniform plan against the best structure-aware plan and the random one, on
+    perplexity and (where measured) mean accuracy."""
+    notes = []
+    for b in budgets:
+        uni = by.get(pre + uniform_name(b))
+        plans = [by[f"{pre}{h}@{b:g}"] for h in heuristics if h != "random" and f"{pre}{h}@{b:g}" in by]
+        rnd = by.get(f"{pre}random@{b:g}")
+        if not uni or not (plans or rnd):
+            continue
+        best = min(plans, key=lambda r: r["perplexity"]) if plans else None
+        acc = [r for r in plans if r.get("mean_accuracy") is not None]
+        best_acc = max(acc, key=lambda r: r["mean_accuracy"]) if acc and uni.get("mean_accuracy") is not None \
+            else None
+        notes.append(
+            f"- {b:g} bits on average, perplexity: uniform {uni['perplexity']:.1f}"
+            + (f"; best structure-aware plan so far {best['name']} {best['perplexity']:.1f} (beats uniform: "
+               f"{'yes' if best['perplexity'] < uni['perplexity'] else 'no'})" if best else "")
+            + (f"; random allocation {rnd['perplexity']:.1f}" if rnd else "")
+            + ("; scorer/heuristic rows vs random: " + ", ".join(
+                f"{r['name']} {'better' if r['perplexity'] < rnd['perplexity'] else 'worse'}" for r in plans)
+               if rnd and plans else "")
+            + (f"; mean accuracy: uniform {uni['mean_accuracy']:.3f}, best plan {best_acc['name']} "
+               f"{best_acc['mean_accuracy']:.3f} (beats uniform: "
+               f"{'yes' if best_acc['mean_accuracy'] > uni['mean_accuracy'] else 'no'})"
+               + (f", random {rnd['mean_accuracy']:.3f}" if rnd and rnd.get("mean_accuracy") is not None else "")
+               if best_acc else "")
+            + f" ({len(plans)} of {len([h for h in heuristics if h != 'random'])} plans measured).")
+    return notes
+
+
+def goal_notes(by: dict, fp: dict, group: int, pre: str = "") -> list[str]:
+    """The 4-bit and 3-bit goals' lines (perplexity and size against fp32)."""
+    notes = []
+    g4, g3, r3 = by.get(pre + "gptq-4"), by.get(pre + "gptq-3"), by.get(pre + "rtn-3")
+    if g4:
+        notes.append(f"- GPTQ 4-bit (group {group}): perplexity {g4['ppl_vs_fp32']:.3f}x fp32 (goal <= 1.05x: "
+                     f"{'met' if g4['ppl_vs_fp32'] <= 1.05 else 'not met'}); model {g4['size_vs_fp32']:.3f}x the "
+                     f"fp32 file (goal <= 0.35x: {'met' if g4['size_vs_fp32'] <= 0.35 else 'not met'}).")
+    if g3 and r3:
+        g, r = g3["perplexity"] - fp["perplexity"], r3["perplexity"] - fp["perplexity"]
+        closer = 1 - g / r if r > 0 else 0.0
+        notes.append(f"- 3 bits: GPTQ is {100 * closer:.0f}% closer to fp32 perplexity than RTN (goal >= 30%: "
+                     f"{'met' if closer >= 0.3 else 'not met'}).")
+    return notes
+
+
 def page(rows: list[dict], p: dict, missing: list[str]) -> str:
-    fp = next((r for r in rows if r["name"] == "fp32"), None)
-    for r in rows:
-        if fp:
+    dense = [r for r in rows if not r["name"].startswith(MOE)]
+    moe = [r for r in rows if r["name"].startswith(MOE)]
+    for part, pre in ((dense, ""), (moe, MOE)):
+        fp = next((r for r in part if r["name"] == pre + "fp32"), None)
+        for r in part if fp else []:
             r["ppl_vs_fp32"] = round(r["perplexity"] / fp["perplexity"], 4)
             r["size_vs_fp32"] = round(r["model_bytes"] / fp["model_bytes"], 4)
     cols = ["name", "avg_bits", "file_bytes", "model_bytes", "size_vs_fp32", "resident_bytes", "peak_delta_bytes",
             "perplexity", "ppl_vs_fp32", *[f"acc_{t}" for t in TASKS], "mean_accuracy", "quant_seconds",
             "decode_tok_s", "rtn_fallback"]
     by = {r["name"]: r for r in rows}
-    notes = []
-    if fp and "gptq-4" in by:
-        notes.append(f"- GPTQ 4-bit (group {p['group']}): perplexity {by['gptq-4']['ppl_vs_fp32']:.3f}x fp32 "
-                     f"(goal <= 1.05x: {'met' if by['gptq-4']['ppl_vs_fp32'] <= 1.05 else 'not met'}); model "
-                     f"{by['gptq-4']['size_vs_fp32']:.3f}x the fp32 file (goal <= 0.35x: "
-                     f"{'met' if by['gptq-4']['size_vs_fp32'] <= 0.35 else 'not met'}).")
-    if fp and "gptq-3" in by and "rtn-3" in by:
-        g, r = by["gptq-3"]["perplexity"] - fp["perplexity"], by["rtn-3"]["perplexity"] - fp["perplexity"]
-        closer = 1 - g / r if r > 0 else 0.0
-        notes.append(f"- 3 bits: GPTQ is {100 * closer:.0f}% closer to fp32 perplexity than RTN (goal >= 30%: "
-                     f"{'met' if closer >= 0.3 else 'not met'}).")
-    for b in p["budgets"]:
-        uni = by.get(f"uniform-3@{b:g}" if b == 3 else f"uniform-2@{b:g}")
-        plans = [by[f"{h}@{b:g}"] for h in p["heuristics"] if h != "random" and f"{h}@{b:g}" in by]
-        rnd = by.get(f"random@{b:g}")
-        if uni and (plans or rnd):
-            best = min(plans, key=lambda r: r["perplexity"]) if plans else None
-            notes.append(
-                f"- {b:g} bits on average, perplexity: uniform {uni['perplexity']:.1f}"
-                + (f"; best structure-aware plan so far {best['name']} {best['perplexity']:.1f} (beats uniform: "
-                   f"{'yes' if best['perplexity'] < uni['perplexity'] else 'no'})" if best else "")
-                + (f"; random allocation {rnd['perplexity']:.1f}" if rnd else "")
-                + ("; scorer/heuristic rows vs random: " + ", ".join(
-                    f"{r['name']} {'better' if r['perplexity'] < rnd['perplexity'] else 'worse'}" for r in plans)
-                   if rnd and plans else "")
-                + f" ({len(plans)} of {len([h for h in p['heuristics'] if h != 'random'])} plans measured; "
-                "accuracy rows need --acc).")
+    notes, moe_notes = [], []
+    if "fp32" in by:
+        notes += goal_notes(by, by["fp32"], p["group"])
+    notes += budget_notes(by, p["budgets"], p["heuristics"])
+    if notes:
+        notes[-1] += " Dense accuracy rows need --acc."
+    if MOE + "fp32" in by:
+        moe_notes += goal_notes(by, by[MOE + "fp32"], p["group"], MOE)
+    moe_notes += budget_notes(by, p["moe"]["budgets"], p["moe"]["heuristics"], MOE)
+    fallback = [r for r in moe if r.get("rtn_fallback")]
+    if fallback:
+        moe_notes.append("- Experts quantized by RTN for want of routed calibration tokens (fewer than "
+                         "expert_min_tokens): " + ", ".join(f"{r['name']} {r['rtn_fallback']}" for r in fallback)
+                         + ".")
     status = ("complete" if not missing else
               f"**partial**: {len(missing)} rows not measured yet ({', '.join(missing)}); rerun to add them")
     return "\n".join([
@@ -193,7 +263,7 @@ def page(rows: list[dict], p: dict, missing: list[str]) -> str:
         f"{p['calib_length']} tokens of news_corpus train; perplexity on {p['ppl_texts']} news_corpus test texts in "
         f"{p['ppl_block']}-token blocks; accuracy on the first {p['limit']} test examples with the zoo LoRA baked in "
         "before quantizing. Status: " + status + ".", "",
-        md_table(rows, cols), "", "## What the numbers show", "", *notes, "",
+        md_table(dense, cols), "", "## What the numbers show", "", *notes, "",
         "- file_bytes is the quant patch (packed codes, float16 scales, packed zeros); model_bytes adds the "
         "unquantized embeddings and norms at float16; resident_bytes is every tensor after loading (the tied "
         "embedding stays float32 in memory); peak_delta_bytes is the RSS growth while computing perplexity "
@@ -207,14 +277,22 @@ def page(rows: list[dict], p: dict, missing: list[str]) -> str:
         "- Pending (not measured in this session; each GPTQ row takes about 4-5 CPU minutes here, quantization "
         "~150 s + evaluation ~100 s, the predictor rows ~1 minute more): the remaining uniform rows, every heuristic "
         "and scorer at 3.0 and 2.5 bits, accuracy with the task LoRAs baked in (`--acc`: three more quantizations "
-        "per row, ~12 minutes a row, split by row), and the upcycled MoE (not wired into this script yet; the MoE path "
-        "is covered by tests/test_quant.py on a tiny upcycled Mixtral).",
+        "per row, ~12 minutes a row, split by row) and the MoE rows below.",
         "- decode_tok_s: the dequantize-on-the-fly linear unpacks every weight at every step (no float copy kept: "
         "that is the memory saving), so decoding is slower than fp32 on this CPU; torch's packed int4 CPU kernels "
         "are not used yet.",
         "- Cross-check: gptqmodel 7.7.0 downloads here only as a source tarball (it builds CUDA/C++ extensions); "
         "it was not installed in a side venv in this session, so the exported layout is tested against patchlm's "
         "own reader (tests/test_quant.py: logits equal to 1e-3 at 2/3/4/8 bits, per-module bits via `dynamic`).",
+        "", "## The upcycled MoE", "",
+        f"The zoo's MoE (bench/zoo.py `upcycled_moe`, the one bench/mcsmoe.py compresses): the three task specialists "
+        f"and the base as four experts of a top-2 Mixtral, gate mode hidden, {p['moe']['router_steps']} router-only "
+        "training steps, float32. The same calibration, perplexity and decode measurements as above; the experts are "
+        "quantized slice by slice with the Hessian of the calibration tokens routed to each (fewer than "
+        "expert_min_tokens: RTN, counted in rtn_fallback); the `frequency` plan raises the most used experts first. "
+        "Accuracy is the quantized MoE's own on each task (no patch to bake: its experts are the specialists).", "",
+        md_table(moe, cols) if moe else "(not measured yet: `python bench/quant.py --rows 'moe/*'`)", "",
+        *moe_notes,
     ])
 
 
@@ -231,7 +309,7 @@ def main() -> None:
     pats = [s.strip() for s in args.rows.split(",") if s.strip()]
     rows, missing = [], []
     for name, fields in rows_plan(p):
-        key = f"acc-{name}" if args.acc else name
+        key = f"acc-{name}" if args.acc and not name.startswith(MOE) else name  # MoE rows always have accuracy
         hit = cache.get(key) or (None if args.acc else cache.get(f"acc-{name}"))
         if hit is None and (args.page_only or not any(fnmatch.fnmatch(name, pt) for pt in pats)):
             missing.append(name)

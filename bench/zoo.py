@@ -81,6 +81,40 @@ def specialist(task_name: str, steps: int, base_ref: str = MODEL, tag: str | Non
         return train_member(task_name, task_name, False, steps, tag, base_ref=base_ref, log=log)
 
 
+def upcycled_moe(steps: int, router_steps: int, base_ref: str = MODEL, tag: str | None = None,
+                 log=print) -> tuple[Path, dict]:
+    """The one upcycled MoE every MoE study uses (bench/mcsmoe.py, bench/quant.py): four experts, the three task
+    specialists (specialist(), `steps` steps) and the base itself as a generalist expert (positive prompts of every
+    task), a top-2 Mixtral, gate mode hidden, then `router_steps` of router-only training on the mixed tasks; float32.
+    Built once under bench/.cache/zoo/<tag>/moe while holding $PATCHLM_BENCH_LOCK; returns (its checkpoint dir,
+    what was built: the router training's report and the patches)."""
+    import json
+
+    tag = tag or (f"s{steps}" if base_ref == MODEL else f"{base_ref}-s{steps}")
+    patches = [specialist(t, steps, base_ref, tag=tag, log=log) for t in TASKS]
+    out = CACHE / "zoo" / tag / f"moe-r{router_steps}"
+    info_f = out / "build.json"
+    with bench_lock():
+        if not (info_f.exists() and (out / "config.json").exists()):
+            from patchlm.models import load_base
+            from patchlm.moe import Expert, MoeConfig, save_upcycled, upcycle
+            from patchlm.moe.train import train_routers
+            from patchlm.moe.upcycle import task_prompts
+
+            log(f"zoo: upcycling the 4-expert MoE ({router_steps} router steps)")
+            cfg = MoeConfig(gate_mode="hidden", top_k=2, dtype="float32", router_steps=router_steps)
+            experts = [Expert(str(p), task=t) for p, t in zip(patches, TASKS)]
+            base = load_base(base_ref)
+            mixed = [q for t in TASKS for q in task_prompts(t, base.tokenizer, 3, cfg.max_length)]
+            experts.append(Expert(base_ref, positive_prompts=mixed))  # the generalist: prompts of every task
+            up = upcycle(base_ref, experts, cfg, base=base, log=log)
+            rep = train_routers(up.model, up.tokenizer, TASKS, cfg, log=log)
+            save_upcycled(up, out, force=True)
+            info_f.write_text(json.dumps({"moe": str(out), "router_training": rep,
+                                          "patches": [str(p) for p in patches]}, indent=1))
+    return out, json.loads(info_f.read_text())
+
+
 def build(steps: int, tag: str, harmful: bool = True, log=print) -> dict[str, Path]:
     """member name -> patch dir, training what is missing."""
     members = {**GOOD, **(HARMFUL if harmful else {})}
