@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import functools
 import sys
 import time
 from pathlib import Path
@@ -35,12 +36,13 @@ from common import CACHE, RowCache, md_table, write_results
 TASKS = ["rotten_tomatoes", "trec", "bbc_news"]
 MOE = "moe/"  # the name prefix of the MoE's rows
 FULL = dict(model="smollm2-135m", group=64, calib_samples=64, calib_length=256, ppl_texts=60, ppl_block=256,
-            limit=150, decode=32, budgets=[3.0, 2.5], zoo_steps=150,
+            limit=150, decode=32, speed_prompt=128, speed_reps=3, budgets=[3.0, 2.5], zoo_steps=150,
             heuristics=["attn", "mlp", "first-k", "down-first", "outlier", "predictor", "random"],
             moe=dict(router_steps=30, bits=(4, 3, 2), budgets=[3.0, 2.5],
                      heuristics=["attn", "frequency", "first-k", "outlier", "predictor", "random"]))
 QUICK = dict(model="tiny-random-llama", group=32, calib_samples=8, calib_length=64, ppl_texts=4, ppl_block=64,
-             limit=8, decode=4, budgets=[3.0], zoo_steps=4, heuristics=["attn", "outlier", "random"],
+             limit=8, decode=4, speed_prompt=16, speed_reps=1, budgets=[3.0], zoo_steps=4,
+             heuristics=["attn", "outlier", "random"],
              moe=dict(router_steps=2, bits=(4,), budgets=[3.0], heuristics=["frequency", "random"]))
 
 
@@ -52,7 +54,7 @@ def uniform_name(b: float) -> str:
 def rows_plan(p: dict) -> list[tuple[str, dict]]:
     """(row name, QuantConfig fields; {} for the unquantized rows) in the order they run: the dense model's, then
     the MoE's (prefixed moe/)."""
-    out: list[tuple[str, dict]] = [("fp32", {}), ("bf16", {})]
+    out: list[tuple[str, dict]] = [("fp32", {}), ("bf16", {}), ("kernel-speed", {})]
     for bits in (4, 3, 8, 2):  # the goals' rows (4 and 3 bits) first
         for method in ("gptq", "rtn"):
             out.append((f"{method}-{bits}", {"method": method, "bits": bits}))
@@ -61,7 +63,7 @@ def rows_plan(p: dict) -> list[tuple[str, dict]]:
         for h in p["heuristics"]:
             out.append((f"{h}@{b:g}", {"method": "gptq", "plan": f"heuristic:{h}@{b:g}"}))
     m = p["moe"]
-    out.append((MOE + "fp32", {}))
+    out += [(MOE + "fp32", {}), (MOE + "kernel-speed", {})]
     for bits in m["bits"]:
         for method in ("gptq", "rtn"):
             out.append((f"{MOE}{method}-{bits}", {"method": method, "bits": bits}))
@@ -98,7 +100,7 @@ def quantize_to(p: dict, ref: str, fields: dict, out: Path, patch=None) -> dict:
     base = load_base(ref)
     changed = bake_patches(base, [patch], [str(patch.path)]) if patch is not None else set()
     cfg = QuantConfig(group_size=p["group"], calib_samples=p["calib_samples"], calib_length=p["calib_length"],
-                      **fields)
+                      kernel="dequant", **fields)  # quality is measured on the float32 path; speed on both
     spec, tensors = quantize_model(base.model, base.tokenizer, cfg, changed=changed)
     Patch(kind="quant", base=base.ref(), spec=spec, tensors=tensors).save(out, force=True)
     return spec
@@ -159,6 +161,14 @@ def evaluate_row(p: dict, name: str, fields: dict, tag: str, acc: bool) -> dict:
     with Timer() as t, torch.no_grad():
         base.model.generate(ids, max_new_tokens=p["decode"], min_new_tokens=p["decode"], do_sample=False)
     row["decode_tok_s"] = round(t.rate(p["decode"]), 2)
+    if fields:  # the same patch run by the auto kernel (torch's int4 matmul for its 4-bit units)
+        from patchlm.quant.kind import set_kernel
+
+        row["int4_kernel_units"] = set_kernel(base.model, "auto")["int4pack"]
+        with Timer() as t, torch.no_grad():
+            base.model.generate(ids, max_new_tokens=p["decode"], min_new_tokens=p["decode"], do_sample=False)
+        row["decode_tok_s_auto"] = round(t.rate(p["decode"]), 2)
+        set_kernel(base.model, "dequant")
     accs = {}
     for task in TASKS if moe else []:  # the MoE's experts are the task specialists: the quantized MoE itself
         accs[task] = round(evaluate(base.model, base.tokenizer, load_task(task), split="test",
@@ -230,7 +240,73 @@ def goal_notes(by: dict, fp: dict, group: int, pre: str = "") -> list[str]:
     return notes
 
 
+def kernel_speed(p: dict, moe: bool = False) -> dict:
+    """Prefill (batch 1 and 8) and greedy decode (batch 1) tokens/s of fp32, bf16 and one 4-bit quant patch (RTN,
+    group p["group"]: the kernels' speed does not depend on how the codes were chosen) run by the dequant kernel and
+    by the auto kernel, side by side in one process: the four alternate rep by rep and each keeps its best rep (a
+    busy shared CPU only slows a rep down). Ratios are to fp32."""
+    import torch
+
+    from patchlm.evaluate.probes import Timer
+    from patchlm.models import load_base
+    from patchlm.quant import QuantConfig, quantize_model
+    from patchlm.quant.kind import set_kernel
+
+    ref = model_ref(p, MOE if moe else "")
+    fp = load_base(ref)
+    bf = load_base(ref)
+    bf.model.to(torch.bfloat16)
+    q = load_base(ref)
+    quantize_model(q.model, q.tokenizer, QuantConfig(bits=4, method="rtn", group_size=p["group"], kernel="dequant"))
+    qa = load_base(ref)
+    quantize_model(qa.model, qa.tokenizer, QuantConfig(bits=4, method="rtn", group_size=p["group"], kernel="auto"))
+    models = {"fp32": fp.model, "bf16": bf.model, "q4-dequant": q.model, "q4-auto": qa.model}
+    units = set_kernel(qa.model, "auto")
+    g = torch.Generator().manual_seed(0)
+    vocab = fp.model.config.vocab_size
+    prompt = {1: torch.randint(5, vocab, (1, p["speed_prompt"]), generator=g),
+              8: torch.randint(5, vocab, (8, p["speed_prompt"]), generator=g)}
+    best: dict[str, dict[str, float]] = {k: {} for k in models}
+    for _ in range(p["speed_reps"]):
+        for name, m in models.items():
+            with torch.no_grad():
+                for b, ids in prompt.items():
+                    with Timer() as t:
+                        m(input_ids=ids, use_cache=False)
+                    key = f"prefill_b{b}_tok_s"
+                    best[name][key] = max(best[name].get(key, 0.0), t.rate(ids.numel()))
+                ids = prompt[1][:, :8]
+                with Timer() as t:
+                    m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=p["decode"],
+                               min_new_tokens=p["decode"], do_sample=False, pad_token_id=0)
+                best[name]["decode_tok_s"] = max(best[name].get("decode_tok_s", 0.0), t.rate(p["decode"]))
+    row = {"name": (MOE if moe else "") + "kernel-speed", "kind": "speed", "int4_kernel_units": units["int4pack"],
+           "dequant_units": units["dequant"], "torch_threads": torch.get_num_threads(), "reps": p["speed_reps"]}
+    for name, r in best.items():
+        for k, v in r.items():
+            row[f"{name}_{k}"] = round(v, 2)
+            row[f"{name}_{k.removesuffix('_tok_s')}_x"] = round(v / best["fp32"][k], 3)
+    row["resident_bytes"] = {k: tensor_bytes(m) for k, m in models.items()}
+    return row
+
+
+def kernel_notes(r: dict) -> list[str]:
+    if r is None:
+        return []
+    lines = [f"- `{r['name']}` (4-bit RTN, the {r['int4_kernel_units']} matrices the int4 kernel takes; "
+             f"{r['dequant_units']} left to dequant; best of {r['reps']} alternating reps, {r['torch_threads']} "
+             "torch threads), tokens/s and ratio to fp32:", "",
+             "| model | prefill b1 | prefill b8 | decode b1 | resident bytes |", "|---|---|---|---|---|"]
+    for m in ("fp32", "bf16", "q4-dequant", "q4-auto"):
+        cells = [f"{r[f'{m}_{k}_tok_s']:.1f} ({r[f'{m}_{k}_x']:.2f}x)" for k in ("prefill_b1", "prefill_b8",
+                                                                                  "decode")]
+        lines.append(f"| {m} | {' | '.join(cells)} | {r['resident_bytes'][m]:,} |")
+    return lines
+
+
 def page(rows: list[dict], p: dict, missing: list[str]) -> str:
+    speed = {r["name"]: r for r in rows if r.get("kind") == "speed"}
+    rows = [r for r in rows if r.get("kind") != "speed"]
     dense = [r for r in rows if not r["name"].startswith(MOE)]
     moe = [r for r in rows if r["name"].startswith(MOE)]
     for part, pre in ((dense, ""), (moe, MOE)):
@@ -240,7 +316,7 @@ def page(rows: list[dict], p: dict, missing: list[str]) -> str:
             r["size_vs_fp32"] = round(r["model_bytes"] / fp["model_bytes"], 4)
     cols = ["name", "avg_bits", "file_bytes", "model_bytes", "size_vs_fp32", "resident_bytes", "peak_delta_bytes",
             "perplexity", "ppl_vs_fp32", *[f"acc_{t}" for t in TASKS], "mean_accuracy", "quant_seconds",
-            "decode_tok_s", "rtn_fallback"]
+            "decode_tok_s", "decode_tok_s_auto", "rtn_fallback"]
     by = {r["name"]: r for r in rows}
     notes, moe_notes = [], []
     if "fp32" in by:
@@ -278,9 +354,13 @@ def page(rows: list[dict], p: dict, missing: list[str]) -> str:
         "~150 s + evaluation ~100 s, the predictor rows ~1 minute more): the remaining uniform rows, every heuristic "
         "and scorer at 3.0 and 2.5 bits, accuracy with the task LoRAs baked in (`--acc`: three more quantizations "
         "per row, ~12 minutes a row, split by row) and the MoE rows below.",
-        "- decode_tok_s: the dequantize-on-the-fly linear unpacks every weight at every step (no float copy kept: "
-        "that is the memory saving), so decoding is slower than fp32 on this CPU; torch's packed int4 CPU kernels "
-        "are not used yet.",
+        "- decode_tok_s: the quality columns run the float32 `dequant` kernel (every weight unpacked and "
+        "dequantized at every step: no float copy is kept, that is the memory saving), so decoding is slower than "
+        "fp32 on this CPU; decode_tok_s_auto is the same patch under the `auto` kernel (torch's packed int4 CPU "
+        "matmul for the 4-bit units it takes, bfloat16 inside; rows measured before it existed show -). The "
+        "kernels side by side:", "",
+        *(kernel_notes(speed.get("kernel-speed")) or ["(kernel-speed row not measured yet: "
+                                                      "`python bench/quant.py --rows kernel-speed`)"]), "",
         "- Cross-check: gptqmodel 7.7.0 downloads here only as a source tarball (it builds CUDA/C++ extensions); "
         "it was not installed in a side venv in this session, so the exported layout is tested against patchlm's "
         "own reader (tests/test_quant.py: logits equal to 1e-3 at 2/3/4/8 bits, per-module bits via `dynamic`).",
@@ -292,7 +372,7 @@ def page(rows: list[dict], p: dict, missing: list[str]) -> str:
         "expert_min_tokens: RTN, counted in rtn_fallback); the `frequency` plan raises the most used experts first. "
         "Accuracy is the quantized MoE's own on each task (no patch to bake: its experts are the specialists).", "",
         md_table(moe, cols) if moe else "(not measured yet: `python bench/quant.py --rows 'moe/*'`)", "",
-        *moe_notes,
+        *moe_notes, "", *kernel_notes(speed.get(MOE + "kernel-speed")),
     ])
 
 
@@ -309,12 +389,18 @@ def main() -> None:
     pats = [s.strip() for s in args.rows.split(",") if s.strip()]
     rows, missing = [], []
     for name, fields in rows_plan(p):
-        key = f"acc-{name}" if args.acc and not name.startswith(MOE) else name  # MoE rows always have accuracy
-        hit = cache.get(key) or (None if args.acc else cache.get(f"acc-{name}"))
+        speed = name.endswith("kernel-speed")
+        # MoE rows always have accuracy; dense rows with it are cached apart (acc-<name>)
+        key = f"acc-{name}" if args.acc and not speed and not name.startswith(MOE) else name
+        hit = cache.get(key) or (None if args.acc or speed else cache.get(f"acc-{name}"))
         if hit is None and (args.page_only or not any(fnmatch.fnmatch(name, pt) for pt in pats)):
             missing.append(name)
             continue
-        row = hit or cache.run(key, lambda name=name, fields=fields: evaluate_row(p, name, fields, tag, args.acc))
+        if speed:
+            fn = functools.partial(kernel_speed, p, moe=name.startswith(MOE))
+        else:
+            fn = functools.partial(evaluate_row, p, name, fields, tag, args.acc)
+        row = hit or cache.run(key, fn)
         rows.append(row)
         print(row, flush=True)
     write_results("quant", rows, page(rows, p, missing), extra={"partial": bool(missing), "missing": missing},

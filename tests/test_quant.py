@@ -139,6 +139,67 @@ def test_quantized_model_saves_loads_and_gives_the_same_logits(tiny, tmp_path):
         get_kind("quant").detach(b.model)
 
 
+def test_int4_kernel_runs_the_4bit_units_near_dequant_and_keeps_the_codes_exactly(tiny, tmp_path):
+    from patchlm.models import load_base
+    from patchlm.patch import get_kind
+    from patchlm.quant.kind import Int4PackMatrix, QuantLinear, set_kernel
+
+    # 4-bit at group 32 (the kernel's), the attention at 3 bits (dequantized): a mixed model
+    spec, tensors = quantize_model(tiny.model, tiny.tokenizer, QuantConfig(plan="all=4;attn=3", **SMALL))
+    assert spec["kernel"] == "auto"
+    lin = [m for m in tiny.model.modules() if isinstance(m, QuantLinear)]
+    kinds = {type(m.matrix).__name__ for m in lin}
+    assert kinds == {"Int4PackMatrix", "QuantMatrix"}
+    fast = logits(tiny.model)
+    state = get_kind("quant").state(tiny.model)  # the codes read back from torch's layout
+    assert set(state) == set(tensors) and all(torch.equal(state[k], tensors[k]) for k in tensors)
+    counts = set_kernel(tiny.model, "dequant")
+    assert counts["int4pack"] == 0 and counts["dequant"] == len(lin)
+    exact = logits(tiny.model)
+    # bfloat16 activations and scales inside the kernel: near, not equal
+    err = (fast - exact).abs().max()
+    assert 0 < err < 0.05 * exact.abs().max(), err
+    assert set_kernel(tiny.model, "auto")["int4pack"] == sum(isinstance(m.matrix, Int4PackMatrix) for m in lin) > 0
+    assert torch.equal(logits(tiny.model), fast)
+    # the saved patch loads with its kernel; one saved with kernel dequant runs float32
+    Patch(kind="quant", base=tiny.ref(), spec=spec, tensors=tensors).save(tmp_path / "q")
+    b = load_base(TINY)
+    Patch.load(tmp_path / "q").apply(b)
+    assert torch.equal(logits(b.model), fast)
+    Patch(kind="quant", base=tiny.ref(), spec={**spec, "kernel": "dequant"}, tensors=tensors).save(tmp_path / "d")
+    b = load_base(TINY)
+    Patch.load(tmp_path / "d").apply(b)
+    assert torch.allclose(logits(b.model), exact, atol=1e-5)
+
+
+def test_int4_layout_order_is_a_permutation_and_refusals_name_the_reason():
+    from patchlm.quant.kind import Int4PackMatrix, QuantMatrix, int4pack_refusal
+
+    g = torch.Generator().manual_seed(0)
+    for rows, cols in [(16, 32), (48, 96), (64, 576)]:
+        codes = torch.randint(0, 16, (rows, cols), generator=g)
+        ng = cols // 32
+        m = QuantMatrix((rows, cols), 4, 32, pack(codes, 4), torch.rand(rows, ng, generator=g) + 0.1,
+                        pack(torch.randint(0, 16, (rows, ng), generator=g), 4))
+        k = Int4PackMatrix(m)
+        assert torch.equal(k.codes(), codes.to(torch.uint8))
+        x = torch.randn(3, cols, generator=g)
+        ref = x @ m.weight().T
+        assert (k.matmul(x) - ref).abs().max() < 0.02 * ref.abs().max()
+    z = pack(torch.zeros(24, 1, dtype=torch.int64), 4)
+    three = QuantMatrix((16, 32), 3, 32, pack(torch.zeros(16, 32, dtype=torch.int64), 3), torch.ones(16, 1),
+                        pack(torch.zeros(16, 1, dtype=torch.int64), 3))
+    assert "4-bit" in int4pack_refusal(three)
+    odd = QuantMatrix((24, 32), 4, 32, pack(torch.zeros(24, 32, dtype=torch.int64), 4), torch.ones(24, 1), z)
+    assert "multiple of 16" in int4pack_refusal(odd)
+    whole = QuantMatrix((16, 48), 4, 0, pack(torch.zeros(16, 48, dtype=torch.int64), 4), torch.ones(16, 1),
+                        pack(torch.zeros(16, 1, dtype=torch.int64), 4))
+    assert "group size 0" in int4pack_refusal(whole)
+    perm = QuantMatrix((16, 64), 4, 32, pack(torch.zeros(16, 64, dtype=torch.int64), 4), torch.ones(16, 2),
+                       pack(torch.zeros(16, 2, dtype=torch.int64), 4), torch.arange(64, dtype=torch.int32) % 2)
+    assert "act-order" in int4pack_refusal(perm)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_patch_file_is_bits_over_16_of_bf16(tiny, tmp_path, bits):
     units = model_units(tiny.model)
@@ -388,7 +449,8 @@ def test_gptq_layout_packs_int32_words_and_reads_back_to_the_same_logits(tiny, t
     from patchlm.quant.export import export_gptq, read_gptq
 
     plan = f"all={bits}; attn=8/64; layer:3=16" if bits != 8 else "all=8"
-    spec, tensors = quantize_model(tiny.model, tiny.tokenizer, QuantConfig(plan=plan, act_order=act_order, **SMALL))
+    spec, tensors = quantize_model(tiny.model, tiny.tokenizer, QuantConfig(plan=plan, act_order=act_order,
+                                                                           kernel="dequant", **SMALL))
     want = logits(tiny.model)
     export_gptq(tiny, spec, tensors, tmp_path / "g")
     cfg = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]

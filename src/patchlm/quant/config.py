@@ -13,6 +13,7 @@ from patchlm.typed import check_fields
 BITS = (2, 3, 4, 8)          # what is implemented; 16 in a plan means "keep this module as it is"
 KEEP = 16
 METHODS = ("gptq", "rtn")
+KERNELS = ("auto", "dequant")
 
 
 @dataclass
@@ -45,6 +46,10 @@ class QuantConfig:
     high_bits: int = field(default=4, metadata={"help": "heuristic plans: the bits the chosen modules get"})
     predictor_steps: int = field(default=150, metadata={
         "help": "predictor scorer: training steps of each block's cos(in, out) predictor"})
+    kernel: str = field(default="auto", metadata={
+        "help": "how the loaded patch runs: auto (4-bit units with a group of 32/64/128/256 and no act-order through "
+                "torch's packed int4 CPU matmul, in bfloat16; the rest dequantized on the fly) | dequant (every "
+                "unit dequantized to float32 on the fly: the float32 reference, slower)"})
     seed: int = field(default=0, metadata={"help": "seed of calibration sampling, the random plan and the predictor"})
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward"})
 
@@ -53,6 +58,8 @@ class QuantConfig:
         if self.method not in METHODS:
             raise ConfigError(f"unknown quantization method {self.method!r}; choices: {', '.join(METHODS)}",
                               field="method")
+        if self.kernel not in KERNELS:
+            raise ConfigError(f"unknown kernel {self.kernel!r}; choices: {', '.join(KERNELS)}", field="kernel")
         if (self.bits is None) == (self.plan is None):
             raise ConfigError("give either bits (uniform) or a plan, exactly one of them", field="bits")
         if self.bits is not None and self.bits not in BITS:

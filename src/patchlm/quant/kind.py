@@ -8,9 +8,18 @@ fused transformers-5 MoE experts module) is stored as `U.qweight` (its [out, in]
 in before quantization) as `U.weight` (bfloat16). spec["units"] gives each unit's bits, group size and shape.
 So the patch file is the quantized size. Attaching replaces the modules; the original weights are dropped (that is
 the memory saving), so a quant patch cannot be detached: reload the base instead.
+
+How the units run (spec["kernel"], `QuantConfig.kernel`; `set_kernel` switches a loaded model): `dequant` unpacks
+and dequantizes each weight to float32 at every call; `auto` moves the 4-bit units that torch's packed int4 CPU
+matmul accepts (group 32/64/128/256, a multiple of 16 output rows, no act-order) into that kernel's own layout and
+runs them in bfloat16 (activations and scales rounded to bfloat16: logits move by about bfloat16's resolution
+against `dequant`), the rest as `dequant`. Either way a weight is held once, packed; the codes are recovered exactly
+from the kernel's layout when the patch is saved again.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +28,7 @@ from torch import nn
 from patchlm.errors import PatchFormatError, PatchlmError
 from patchlm.models.parts import is_fused_experts
 from patchlm.patch import PatchKind, register_kind
-from patchlm.quant.config import KEEP
+from patchlm.quant.config import KEEP, KERNELS
 from patchlm.quant.gptq import Quantized, dequantize
 from patchlm.quant.packing import pack, packed_nbytes, unpack
 
@@ -61,6 +70,10 @@ class QuantMatrix(nn.Module):
     def weight(self) -> torch.Tensor:
         return dequantize(self.codes(), self.scales, self.zeros(), self.group_size, self.g_idx)
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T, W dequantized now (float32, then x's dtype)."""
+        return F.linear(x, self.weight().to(x.dtype))
+
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.qweight": self.qweight, f"{prefix}.scales": self.scales, f"{prefix}.qzeros": self.qzeros}
         if self.g_idx is not None:
@@ -69,6 +82,88 @@ class QuantMatrix(nn.Module):
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors("x").values())
+
+
+INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4 CPU matmul takes
+
+
+def int4pack_refusal(m: nn.Module) -> str | None:
+    """Why torch's packed int4 CPU matmul cannot run matrix `m` (None: it can)."""
+    if not isinstance(m, QuantMatrix) or m.bits != 4:
+        return "not a 4-bit matrix"
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        return "this torch has no packed int4 CPU matmul"
+    if m.group_size not in INT4_GROUPS:
+        return f"group size {m.group_size} (the kernel takes {', '.join(map(str, INT4_GROUPS))})"
+    if m.shape[0] % 16:
+        return f"{m.shape[0]} output rows (the kernel needs a multiple of 16)"
+    if m.g_idx is not None and not torch.equal(m.g_idx.long(), torch.arange(m.shape[1]) // m.group_size):
+        return "act-order groups (g_idx is not contiguous)"
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _int4pack_order(rows: int, cols: int) -> torch.Tensor:
+    """For each nibble of torch's int4 CPU layout of a [rows, cols] matrix (byte by byte, low nibble first), the
+    row-major index of the code it holds: the layout is a permutation of the codes, read off by converting four
+    matrices whose codes are the bits of their own index, four at a time (checked to be a permutation)."""
+    n = rows * cols
+    idx = torch.arange(n, dtype=torch.int64)
+    order = torch.zeros(n, dtype=torch.int64)
+    for shift in range(0, max(n - 1, 1).bit_length(), 4):
+        probe = ((idx >> shift) & 15).to(torch.int32).view(rows, cols)
+        b = torch._convert_weight_to_int4pack_for_cpu(probe, 1).to(torch.int64).reshape(-1)
+        order |= torch.stack([b & 15, b >> 4], dim=1).reshape(-1) << shift
+    if not torch.equal(torch.sort(order).values, idx):
+        raise PatchFormatError("torch's int4 CPU layout is not a permutation of the codes here; use kernel dequant")
+    return order
+
+
+class Int4PackMatrix(nn.Module):
+    """A 4-bit matrix in torch's packed int4 CPU layout, multiplied by `torch._weight_int4pack_mm_for_cpu` in
+    bfloat16 (w = (q - 8) * scale + offset per group, offset = (8 - zero) * scale). Keeps the float16 scales and the
+    packed zeros, so the stored tensors (`tensors`) are the same bytes as the QuantMatrix it came from."""
+
+    def __init__(self, m: QuantMatrix):
+        super().__init__()
+        why = int4pack_refusal(m)
+        if why is not None:
+            raise ValueError(f"torch's int4 matmul cannot run this matrix: {why}")
+        self.shape, self.bits, self.group_size = m.shape, 4, m.group_size
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(m.codes().to(torch.int32), 1),
+                             persistent=False)
+        s, z = m.scales.float(), m.zeros().float()  # [out, groups]
+        sz = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous()  # [groups, out, 2]
+        self.register_buffer("scales_zeros", sz.to(torch.bfloat16), persistent=False)
+        self.register_buffer("scales", m.scales, persistent=False)
+        self.register_buffer("qzeros", m.qzeros, persistent=False)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        out, cols = self.shape
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, cols).to(torch.bfloat16).contiguous(), self.packed,
+                                              self.group_size, self.scales_zeros)
+        return y.view(*x.shape[:-1], out).to(x.dtype)
+
+    def codes(self) -> torch.Tensor:
+        out, cols = self.shape
+        b = self.packed.reshape(-1)
+        nib = torch.stack([b & 15, b >> 4], dim=1).reshape(-1)
+        codes = torch.empty(out * cols, dtype=torch.uint8)
+        codes[_int4pack_order(out, cols)] = nib
+        return codes.view(out, cols)
+
+    def zeros(self) -> torch.Tensor:
+        return unpack(self.qzeros, 4, self.scales.numel()).view(self.scales.shape)
+
+    def weight(self) -> torch.Tensor:
+        return dequantize(self.codes(), self.scales, self.zeros(), self.group_size)
+
+    def to_quant_matrix(self) -> QuantMatrix:
+        return QuantMatrix(self.shape, 4, self.group_size, pack(self.codes(), 4), self.scales, self.qzeros)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.qweight": pack(self.codes(), 4), f"{prefix}.scales": self.scales,
+                f"{prefix}.qzeros": self.qzeros}
 
 
 class DenseMatrix(nn.Module):
@@ -82,22 +177,26 @@ class DenseMatrix(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.w.float()
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w.to(x.dtype))
+
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.weight": self.w}
 
 
 class QuantLinear(nn.Module):
-    """y = x W^T + b with W dequantized from its packed codes at every call (no float copy is kept)."""
+    """y = x W^T + b with W packed: dequantized at every call, or run by torch's int4 kernel (no float copy is
+    kept)."""
 
-    def __init__(self, matrix: QuantMatrix, bias: torch.Tensor | None = None):
+    def __init__(self, matrix: nn.Module, bias: torch.Tensor | None = None):
         super().__init__()
         self.matrix = matrix
         self.out_features, self.in_features = matrix.shape
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.matrix.weight().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        y = self.matrix.matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class QuantExperts(nn.Module):
@@ -117,8 +216,8 @@ class QuantExperts(nn.Module):
                 continue
             tok, pos = torch.where(top_k_index == e)
             x = hidden_states[tok]
-            gate, up = F.linear(x, self.gate_up[e].weight().to(x.dtype)).chunk(2, dim=-1)
-            y = F.linear(self.act_fn(gate) * up, self.down[e].weight().to(x.dtype))
+            gate, up = self.gate_up[e].matmul(x).chunk(2, dim=-1)
+            y = self.down[e].matmul(self.act_fn(gate) * up)
             out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
         return out
 
@@ -143,8 +242,10 @@ def _unit_module(unit: str, info: dict, tensors: dict[str, torch.Tensor]) -> nn.
                        tensors.get(f"{unit}.g_idx"))
 
 
-def install(model: nn.Module, units: dict[str, dict], tensors: dict[str, torch.Tensor]) -> None:
-    """Replace the model's Linear and fused-experts modules by their quantized forms (units: spec["units"])."""
+def install(model: nn.Module, units: dict[str, dict], tensors: dict[str, torch.Tensor],
+            kernel: str = "dequant") -> None:
+    """Replace the model's Linear and fused-experts modules by their quantized forms (units: spec["units"]), run
+    by `kernel` (see the module docstring)."""
     experts: dict[str, dict[int, dict[str, str]]] = {}
     for unit, info in units.items():
         if info.get("expert") is not None:
@@ -180,6 +281,41 @@ def install(model: nn.Module, units: dict[str, dict], tensors: dict[str, torch.T
                                 DenseMatrix(getattr(mod, p)[e], dtype=None))
         parent, child = _parent(model, name)
         setattr(parent, child, QuantExperts(parts["gate_up_proj"], parts["down_proj"], mod.act_fn))
+    if kernel != "dequant":
+        set_kernel(model, kernel)
+
+
+def set_kernel(model: nn.Module, kernel: str) -> dict[str, int]:
+    """Run the model's quantized units by `kernel` ("auto" | "dequant", see the module docstring), converting the
+    matrices in place (exactly: the codes are the same); returns how many matrices each kernel runs."""
+    if kernel not in KERNELS:
+        raise PatchlmError(f"unknown kernel {kernel!r}; choices: {', '.join(KERNELS)}")
+
+    def convert(m: nn.Module) -> nn.Module:
+        if kernel == "dequant" and isinstance(m, Int4PackMatrix):
+            return m.to_quant_matrix()
+        if kernel == "auto" and isinstance(m, QuantMatrix) and int4pack_refusal(m) is None:
+            return Int4PackMatrix(m)
+        return m
+
+    counts = {"int4pack": 0, "dequant": 0}
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            mod.matrix = convert(mod.matrix)
+            mats = [mod.matrix]
+        elif isinstance(mod, QuantExperts):
+            for lst in (mod.gate_up, mod.down):
+                for i in range(len(lst)):
+                    lst[i] = convert(lst[i])
+            mats = [*mod.gate_up, *mod.down]
+        else:
+            continue
+        for m in mats:
+            if isinstance(m, Int4PackMatrix):
+                counts["int4pack"] += 1
+            elif isinstance(m, QuantMatrix):
+                counts["dequant"] += 1
+    return counts
 
 
 def _dense_linear(m: DenseMatrix, bias) -> nn.Linear:
@@ -211,7 +347,7 @@ class QuantKind(PatchKind):
             raise PatchFormatError("quant patch spec has no units")
         if is_quantized(model):
             raise PatchFormatError("this model is already quantized: a second quant patch cannot be stacked")
-        install(model, units, tensors)
+        install(model, units, tensors, kernel=spec.get("kernel", "dequant"))
         return dict(spec)
 
     def detach(self, model):

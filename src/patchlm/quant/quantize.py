@@ -21,7 +21,7 @@ from patchlm.errors import ConfigError, DataError
 from patchlm.models.parts import model_device
 from patchlm.quant.config import KEEP, QuantConfig
 from patchlm.quant.gptq import Hessian, HessianError, check_group, gptq, rtn
-from patchlm.quant.kind import QuantExperts, QuantMatrix, install, is_quantized
+from patchlm.quant.kind import QuantExperts, QuantMatrix, install, is_quantized, set_kernel
 from patchlm.quant.plans import Choice, Plan, allocate, average_bits, parse_heuristic, plan_from_rules, priority
 from patchlm.quant.plans import uniform_plan as _uniform
 from patchlm.quant.predictor import block_importance
@@ -248,8 +248,9 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantConfig, plan: Plan | N
             xs = [_run_layer(layer, x, kw[i]) for x, kw in zip(xs, kws)]
         log(f"layer {i + 1}/{len(layers)} quantized")
     avg = average_bits(plan, units)
+    set_kernel(model, cfg.kernel)  # calibration ran through the float32 dequantized units; now run as reloaded
     spec = {"method": cfg.method, "plan": info.get("plan", cfg.plan or f"all={cfg.bits}"), "avg_bits": avg,
-            "group_size": cfg.group_size, "act_order": cfg.act_order, "units": per_unit,
+            "group_size": cfg.group_size, "act_order": cfg.act_order, "kernel": cfg.kernel, "units": per_unit,
             "calibration": None if not gptq_needed else {"task": cfg.calib, "samples": cfg.calib_samples,
                                                          "length": cfg.calib_length, "seed": cfg.seed},
             "rtn_fallback": fallbacks, "seconds": round(time.perf_counter() - t0, 2),
