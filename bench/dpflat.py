@@ -131,7 +131,8 @@ def train_run(task_name: str, method: str, eps: float | None, seed: int, lr: flo
         rec = dp_train(base.model, params, feats, pad, steps=sc["steps"], batch_size=sc["batch"], lr=lr, dp=dp,
                        seed=seed, bf16=True, lora_modules=mods, public_feats=public, log=None)
         out.update({k: rec[k] for k in ("epsilon", "noise_multiplier", "train_loss") if k in rec})
-        out.update({k: rec[k] for k in ("kept_layers", "num_layers", "layer_sharpness_change") if k in rec})
+        out.update({k: rec[k] for k in ("kept_layers", "num_layers", "layer_sharpness_change", "flat_score_dtype")
+                    if k in rec})
     out["train_seconds"] = time.perf_counter() - t0
     base.model.eval()
     d = evaluate_classification(base.model, tok, task, examples=dev, bf16=True)
@@ -605,7 +606,8 @@ def main() -> None:
                 missing.append(run_key(task, method, eps, seed, 0, 0).rsplit("/", 1)[0])
     # the layers part's controls, and the stability of its choice, at the grid point DP-SGD chose
     archive = RowCache("dpflat", f"{sc['tag']}-bf16-scores", committed=True)  # read only: runs before the fix
-    archived = [json.loads(f.read_text()) for f in sorted(archive.dir.glob("*.json"))]
+    archived = [{"flat_score_dtype": "bfloat16", **json.loads(f.read_text())}
+                for f in sorted(archive.dir.glob("*.json"))]
     choices = []
     for ref in [r for r in rows if r["method"] == "dp-sgd"]:
         t, e, s, lr, clip = ref["task"], ref["epsilon_target"], ref["seed"], ref["lr"], ref["clip"]
@@ -624,6 +626,9 @@ def main() -> None:
                     choices.append(hit)
                 else:
                     missing.append(key)
+    for r in every:  # the study's runs score in float32 (dp_train does since the fix; the first ones did not say so)
+        if r.get("layer_sharpness_change"):
+            r.setdefault("flat_score_dtype", "float32")
     summary = summarise(rows)
     text = page(summary, rows, grid_runs, missing, sc, every, choices, archived) if rows else ""
     if a.quick:
