@@ -526,9 +526,11 @@ def page(summary: list[dict], rows: list[dict], runs: list[dict], missing: list[
                 "(`python bench/dpflat.py --rows 'choice/*'`; no private data, no privacy spent). t: a layer's "
                 "mean over the draws divided by its standard error.", ""]
         for c in choices:
+            # the flat-layers run whose choice was scored in this row's precision (numerics rows: the bf16 one)
+            want = "float32" if c.get("mode") == "fp32" else "bfloat16"
             run = next((r for r in [*(every or []), *(archived or [])] if r["method"] == "flat-layers"
                         and (r["task"], r["seed"], r["lr"]) == (c["task"], c["seed"], c["lr"])
-                        and r.get("layer_sharpness_change")), None)
+                        and r.get("layer_sharpness_change") and r.get("flat_score_dtype") == want), None)
             if "scores_fp32" in c:
                 first = next((x for x in choices if "scores" in x and x.get("mode", "bf16") == "bf16"
                               and (x["task"], x["seed"], x["lr"])
