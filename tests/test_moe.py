@@ -326,7 +326,7 @@ for cfg_path, out, seed in json.loads(sys.argv[1]):
 
 
 @pytest.mark.skipif(_mergekit_python() is None, reason="mergekit-moe not installed in bench/.cache/mergekit-venv "
-                    "(see bench/merging.py's docstring; it cannot be installed offline)")
+                    "(`make mergekit-venv` builds it)")
 def test_same_yaml_same_tensors_as_mergekit_moe(tiny, tmp_path):
     import os
     import shutil
