@@ -23,6 +23,7 @@ Group size 64: 128 does not divide smollm2's hidden size 576 (patchlm refuses a 
 from __future__ import annotations
 
 import argparse
+import copy
 import fnmatch
 import functools
 import sys
@@ -258,10 +259,9 @@ def kernel_speed(p: dict, moe: bool = False) -> dict:
     bf.model.to(torch.bfloat16)
     q = load_base(ref)
     quantize_model(q.model, q.tokenizer, QuantConfig(bits=4, method="rtn", group_size=p["group"], kernel="dequant"))
-    qa = load_base(ref)
-    quantize_model(qa.model, qa.tokenizer, QuantConfig(bits=4, method="rtn", group_size=p["group"], kernel="auto"))
-    models = {"fp32": fp.model, "bf16": bf.model, "q4-dequant": q.model, "q4-auto": qa.model}
-    units = set_kernel(qa.model, "auto")
+    qa = copy.deepcopy(q.model)  # the same codes, run by the other kernel
+    units = set_kernel(qa, "auto")
+    models = {"fp32": fp.model, "bf16": bf.model, "q4-dequant": q.model, "q4-auto": qa}
     g = torch.Generator().manual_seed(0)
     vocab = fp.model.config.vocab_size
     prompt = {1: torch.randint(5, vocab, (1, p["speed_prompt"]), generator=g),

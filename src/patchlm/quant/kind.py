@@ -105,8 +105,9 @@ def int4pack_refusal(m: nn.Module) -> str | None:
 @functools.lru_cache(maxsize=64)
 def _int4pack_order(rows: int, cols: int) -> torch.Tensor:
     """For each nibble of torch's int4 CPU layout of a [rows, cols] matrix (byte by byte, low nibble first), the
-    row-major index of the code it holds: the layout is a permutation of the codes, read off by converting four
-    matrices whose codes are the bits of their own index, four at a time (checked to be a permutation)."""
+    row-major index of the code it holds: the layout is a permutation of the codes, read off by converting one
+    probe matrix per four bits of the index, whose codes are those four bits of their own index (checked to be a
+    permutation)."""
     n = rows * cols
     idx = torch.arange(n, dtype=torch.int64)
     order = torch.zeros(n, dtype=torch.int64)
